@@ -1,0 +1,321 @@
+"""HTTP routes: the OpenAI-compatible chat API, feedback, and operator (admin) routes.
+
+Owns: request/response shapes, HTTP status codes and error bodies, operator authentication.
+
+Invariants:
+- Errors are JSON ``{"error": {"message", "type", "code"}}`` with a 4xx status for bad input
+  (400 invalid, 401/403 auth, 404 unknown id, 409 busy cycle, 422 not enough feedback,
+  429/503 busy with Retry-After); nothing is written for a refused request.
+- ``/admin/*`` needs the operator token (``Authorization: Bearer ...`` or ``X-Admin-Token``);
+  with no token configured every admin route answers 403.
+- The chat response ``id`` is the stored assistant message id; ``chatloop_adapter`` names the
+  version that produced it, in every stream chunk and in the final response.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from chatloop.adapters import AdapterError
+from chatloop.engine import EngineBusy, InvalidRequest
+from chatloop.loop import CycleBusy, NotEnoughFeedback
+from chatloop.service import Service
+from chatloop.store import NotFound, SqlRefused, StoreError
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.headers = status, message, type_, code, headers
+
+
+def _error(status: int, message: str, type_: str, code: str | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "code": code}},
+                        status_code=status, headers=headers)
+
+
+# ---- request bodies ------------------------------------------------------------------------------
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # OpenAI clients send fields we do not use
+
+    messages: list[dict[str, Any]]
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int | None = None
+    user: str | None = None
+    chatloop_conversation_id: str | None = None
+    chatloop_adapter: str | None = None
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message_id: str
+    rating: Literal[1, -1]
+    reason: str | None = None
+    comment: str | None = None
+    user: str | None = None
+
+
+class ComparisonRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message_a: str
+    message_b: str
+    choice: Literal["a", "b", "tie", "both_bad"]
+    user: str | None = None
+
+
+class RetrainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    algo: str = "dpo"
+    wait: bool = False
+
+
+class SqlRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sql: str
+    max_rows: int | None = Field(default=None, ge=1)
+
+
+def _user_id(raw: str | None, default: str = "api") -> str:
+    if raw is None or raw == "":
+        return default
+    if len(raw) > 128 or not raw.isprintable():
+        raise ApiError(400, "user must be a printable string of at most 128 characters")
+    return "api:" + raw
+
+
+# ---- the app -------------------------------------------------------------------------------------
+def create_app(service: Service, admin_token: str) -> FastAPI:
+    app = FastAPI(title="chatloop", version="0.1.0")
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return _error(exc.status, exc.message, exc.type, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError):
+        parts = []
+        for e in exc.errors():
+            loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{loc or 'body'}: {e.get('msg')}")
+        return _error(400, "invalid request: " + "; ".join(parts), "invalid_request_error")
+
+    def translate(exc: Exception) -> ApiError:
+        if isinstance(exc, ApiError):
+            return exc
+        if isinstance(exc, NotFound):
+            return ApiError(404, str(exc), "not_found_error")
+        if isinstance(exc, (InvalidRequest, StoreError, AdapterError)):
+            return ApiError(400, str(exc))
+        if isinstance(exc, EngineBusy):
+            return ApiError(503, str(exc), "server_busy", headers={"Retry-After": "2"})
+        raise exc
+
+    # ---- chat ----------------------------------------------------------------------------------
+    v1 = APIRouter(prefix="/v1")
+
+    @v1.get("/models")
+    def models():
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model",
+                                            "owned_by": "chatloop",
+                                            "chatloop_adapter": service.engine.active_version}]}
+
+    @v1.post("/chat/completions")
+    def chat_completions(body: ChatCompletionRequest):
+        try:
+            if body.n not in (None, 1):
+                raise InvalidRequest("n must be 1")
+            max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+            params = service.params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                                    max_tokens=max_tokens, repetition_penalty=body.repetition_penalty,
+                                    stop=body.stop, seed=body.seed)
+            user = _user_id(body.user)
+            turn = service.chat(body.messages, params, user_id=user,
+                                conversation_id=body.chatloop_conversation_id, source="api",
+                                adapter=body.chatloop_adapter)
+        except Exception as exc:
+            raise translate(exc) from None
+        created = int(time.time())
+        model = service.model_name
+        if not body.stream:
+            try:
+                c = turn.result()
+            except Exception as exc:
+                raise translate(exc) from None
+            return {
+                "id": turn.message_id, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                             "finish_reason": _finish(c.finish_reason)}],
+                "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                          "total_tokens": c.prompt_tokens + c.completion_tokens},
+                "chatloop_adapter": c.adapter_version,
+                "chatloop_conversation_id": turn.conversation_id,
+            }
+
+        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+            obj = {"id": turn.message_id, "object": "chat.completion.chunk", "created": created,
+                   "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                   "chatloop_adapter": turn.adapter_version,
+                   "chatloop_conversation_id": turn.conversation_id, **extra}
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        def events():
+            first = True
+            try:
+                for piece in turn:
+                    yield chunk({"role": "assistant", "content": piece} if first else {"content": piece})
+                    first = False
+            except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+                err = {"error": {"message": str(exc), "type": "invalid_request_error"}}
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+            c = turn.completion
+            if first:
+                yield chunk({"role": "assistant", "content": ""})
+            usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                     "total_tokens": c.prompt_tokens + c.completion_tokens}
+            yield chunk({}, _finish(c.finish_reason), usage=usage)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @v1.post("/feedback")
+    def feedback(body: FeedbackRequest):
+        try:
+            user = _user_id(body.user, default="") or None
+            fid = service.feedback(body.message_id, body.rating, user, body.reason, body.comment)
+        except Exception as exc:
+            raise translate(exc) from None
+        return {"id": fid, "message_id": body.message_id, "rating": body.rating}
+
+    @v1.post("/comparisons")
+    def comparisons(body: ComparisonRequest):
+        try:
+            user = _user_id(body.user, default="") or None
+            cid = service.compare(body.message_a, body.message_b, body.choice, user)
+        except Exception as exc:
+            raise translate(exc) from None
+        return {"id": cid, "choice": body.choice}
+
+    app.include_router(v1)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True, "active_adapter": service.engine.active_version}
+
+    # ---- operators -----------------------------------------------------------------------------
+    def require_operator(request: Request) -> None:
+        if not admin_token:
+            raise ApiError(403, "admin routes are disabled: no operator token is configured "
+                                "(set CHATLOOP_ADMIN_TOKEN)", "permission_error")
+        given = request.headers.get("x-admin-token", "")
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not given:
+            raise ApiError(401, "operator token required", "authentication_error")
+        if not hmac.compare_digest(given.encode(), admin_token.encode()):
+            raise ApiError(403, "wrong operator token", "permission_error")
+
+    admin = APIRouter(prefix="/admin", dependencies=[Depends(require_operator)])
+
+    @admin.get("/status")
+    def status():
+        return service.status()
+
+    @admin.post("/retrain", status_code=202)
+    def retrain(body: RetrainRequest | None = None):
+        body = body or RetrainRequest()
+        try:
+            if body.wait:
+                return service.retrainer.run_cycle(body.algo, trigger="api")
+            run_id = service.retrainer.start_cycle(body.algo, trigger="api")
+        except CycleBusy as exc:
+            raise ApiError(409, str(exc), "conflict_error") from None
+        except NotEnoughFeedback as exc:
+            raise ApiError(422, str(exc), "not_enough_feedback") from None
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"run_id": run_id, "status": "running"}
+
+    @admin.post("/cancel")
+    def cancel():
+        return {"cancelled": service.retrainer.cancel()}
+
+    @admin.get("/runs")
+    def runs(limit: int = 50):
+        return {"runs": service.store.list_runs(min(max(limit, 1), 500))}
+
+    @admin.get("/runs/{run_id}")
+    def run(run_id: int):
+        try:
+            r = service.store.get_run(run_id)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), "not_found_error") from None
+        cur = service.retrainer.current
+        r["progress"] = cur.as_dict() if cur and cur.run_id == run_id else None
+        return r
+
+    @admin.get("/adapters")
+    def adapters():
+        return {"active": service.engine.active_version, "adapters": service.registry.list()}
+
+    @admin.post("/adapters/{version}/activate")
+    def activate(version: str):
+        try:
+            previous = service.activate(version, actor="operator", reason="activated by an operator")
+        except AdapterError as exc:
+            raise ApiError(404 if "unknown" in str(exc) else 400, str(exc)) from None
+        return {"active": version, "previous": previous}
+
+    @admin.post("/rollback")
+    def rollback():
+        try:
+            previous, active = service.rollback()
+        except AdapterError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"active": active, "previous": previous}
+
+    @admin.post("/sql")
+    def sql(body: SqlRequest):
+        lim = service.settings.limits
+        try:
+            res = service.store.query_readonly(body.sql, min(body.max_rows or lim.sql_max_rows, lim.sql_max_rows),
+                                               lim.sql_timeout_s)
+        except SqlRefused as exc:
+            raise ApiError(400, str(exc), "sql_refused") from None
+        return {"columns": res.columns, "rows": [list(map(_jsonable, r)) for r in res.rows],
+                "truncated": res.truncated}
+
+    app.include_router(admin)
+    return app
+
+
+def _finish(reason: str) -> str:
+    return {"stop": "stop", "length": "length", "cancelled": "stop"}.get(reason, "stop")
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)

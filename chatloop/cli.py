@@ -1,0 +1,332 @@
+"""The ``chatloop`` command: the composition root that wires core, UI and jobs together.
+
+Commands:
+  serve                       start the service (UI + API on one port)
+  retrain --algo dpo          one retraining cycle (through the running service, else locally)
+  adapters list|activate|rollback
+  sql "SELECT ..."            read-only query of the feedback log
+
+Invariant: when a service runs on the data directory (``service.json``), commands talk to its
+HTTP API and never open the DuckDB file; only when none runs do they open it directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from typing import Any
+
+from chatloop.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("chatloop")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---- serve -------------------------------------------------------------------------------------
+def serve(settings: Settings) -> int:
+    import gradio as gr
+    import uvicorn
+
+    from chatloop.api import create_app
+    from chatloop.service import Service
+    from jobs.scheduler import build_scheduler
+    from ui.app import build_ui
+
+    token = settings.admin_token
+    if not token:
+        if _is_loopback(settings.host):
+            token = secrets.token_urlsafe(18)
+            log.warning("no operator token configured; local mode on %s: generated one for this run "
+                        "(it is in %s)", settings.host, settings.service_file)
+        else:
+            log.warning("no operator token configured: admin routes and the Admin tab are disabled "
+                        "(set CHATLOOP_ADMIN_TOKEN)")
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    t0 = time.perf_counter()
+    service = Service(settings).start()
+    log.info("model %s loaded in %.1f s on %s (%s); serving adapter %s", service.model_name,
+             service.load_s, service.loaded.device, service.loaded.dtype, service.engine.active_version)
+    app = create_app(service, token)
+    demo = build_ui(service, token)
+    app = gr.mount_gradio_app(app, demo, path="/")
+    scheduler = build_scheduler(settings, service.retrainer)
+    scheduler.start()
+
+    url = f"http://{settings.host}:{settings.port}"
+    info = {"url": url, "pid": os.getpid(), "admin_token": token, "started_at": time.time()}
+    settings.service_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(settings.service_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(info, fh)
+    print(f"chatloop ready in {time.perf_counter() - t0:.1f} s: {url}  (model {service.model_name}, "
+          f"adapter {service.engine.active_version})", flush=True)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    finally:
+        scheduler.shutdown(wait=False)
+        service.close()
+        try:
+            if json.loads(settings.service_file.read_text()).get("pid") == os.getpid():
+                settings.service_file.unlink()
+        except (OSError, ValueError):
+            pass
+    return 0
+
+
+# ---- talking to a running service -------------------------------------------------------------
+class Remote:
+    def __init__(self, url: str, token: str):
+        import httpx
+
+        self.client = httpx.Client(base_url=url, timeout=60,
+                                   headers={"Authorization": f"Bearer {token}"} if token else {})
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        r = self.client.request(method, path, **kw)
+        try:
+            body = r.json()
+        except ValueError:
+            body = {"error": {"message": r.text}}
+        if r.status_code >= 400:
+            raise SystemExit(f"error: {body.get('error', {}).get('message', body)}")
+        return body
+
+
+def find_service(settings: Settings, url: str | None) -> Remote | None:
+    """The running service on this data directory (or at --url), if any answers."""
+    import httpx
+
+    token = settings.admin_token
+    explicit = url is not None
+    if not explicit:
+        try:
+            info = json.loads(settings.service_file.read_text())
+        except (OSError, ValueError):
+            return None
+        url, token = info["url"], token or info.get("admin_token", "")
+    try:
+        httpx.get(url.rstrip("/") + "/healthz", timeout=5).raise_for_status()
+    except httpx.HTTPError:
+        if explicit:
+            raise SystemExit(f"error: no chatloop service answers at {url}")
+        return None  # a stale service.json: the service is gone
+    return Remote(url, token)
+
+
+class Local:
+    """Direct access to the data directory when no service runs."""
+
+    def __init__(self, settings: Settings):
+        from chatloop.adapters import AdapterRegistry
+        from chatloop.store import Store
+
+        self.settings = settings
+        self.store = Store(settings.db_path)
+        self.registry = AdapterRegistry(settings.adapters_dir)
+
+    def activate(self, version: str, actor: str, reason: str) -> str:
+        previous = self.registry.set_active(version)
+        self.store.record_activation(version, previous, actor, reason)
+        return previous
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total or None, desc="training", unit="step", file=sys.stderr)
+
+
+def retrain(settings: Settings, algo: str, url: str | None) -> int:
+    remote = find_service(settings, url)
+    if remote is not None:
+        started = remote.call("POST", "/admin/retrain", json={"algo": algo})
+        run_id = started["run_id"]
+        print(f"retraining run {run_id} started on the running service", file=sys.stderr)
+        bar = None
+        while True:
+            run = remote.call("GET", f"/admin/runs/{run_id}")
+            prog = run.get("progress") or {}
+            if prog.get("total"):
+                if bar is None:
+                    bar = _progress_bar(prog["total"])
+                bar.n = prog["step"]
+                if prog.get("last"):
+                    bar.set_postfix(loss=f"{prog['last'].get('loss', 0):.4f}")
+                bar.refresh()
+            if run["status"] != "running":
+                break
+            time.sleep(0.5)
+        if bar is not None:
+            bar.close()
+        return _report(run)
+
+    from chatloop.loop import NotEnoughFeedback, Retrainer
+    from chatloop.models import materialize
+
+    local = Local(settings)
+    source = materialize(settings.model, settings.models_dir)
+    retrainer = Retrainer(settings, local.store, local.registry, source.path,
+                          activate=local.activate, active_version=local.registry.active)
+    state = {"bar": None}
+
+    def on_progress(cur) -> None:
+        if cur.total and state["bar"] is None:
+            state["bar"] = _progress_bar(cur.total)
+        if state["bar"] is not None:
+            state["bar"].n = cur.step
+            if cur.last:
+                state["bar"].set_postfix(loss=f"{cur.last.get('loss', 0):.4f}")
+            state["bar"].refresh()
+
+    try:
+        run = retrainer.run_cycle(algo, trigger="cli", on_progress=on_progress)
+    except NotEnoughFeedback as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"error: retraining failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
+    return _report(run)
+
+
+def _report(run: dict[str, Any]) -> int:
+    status = run["status"]
+    if status == "refused":
+        print(f"error: {run.get('error')}", file=sys.stderr)
+        return 2
+    if status == "failed":
+        print(f"error: retraining failed: {run.get('error')}", file=sys.stderr)
+        return 1
+    print(f"run {run['id']}: {status} {run.get('candidate_version') or ''} — {run.get('verdict') or ''}")
+    return 0
+
+
+def adapters_cmd(settings: Settings, action: str, version: str | None, url: str | None) -> int:
+    remote = find_service(settings, url)
+    if action == "list":
+        if remote is not None:
+            data = remote.call("GET", "/admin/adapters")
+            active, items = data["active"], data["adapters"]
+        else:
+            local = Local(settings)
+            active, items = local.registry.active(), local.registry.list()
+        print(f"active: {active}")
+        for a in items:
+            mark = "*" if a["version"] == active else " "
+            print(f"{mark} {a['version']:>6}  parent={a.get('parent')}  algo={a.get('algo')}  "
+                  f"run={a.get('run_id')}  pairs={a.get('train_pairs')}  {a.get('verdict', '')}")
+        return 0
+    if action == "activate":
+        if not version:
+            raise SystemExit("error: adapters activate needs a VERSION (e.g. v2 or base)")
+        if remote is not None:
+            out = remote.call("POST", f"/admin/adapters/{version}/activate")
+        else:
+            out = {"active": version, "previous": Local(settings).activate(version, "operator", "cli")}
+        print(f"active: {out['active']} (was {out['previous']})")
+        return 0
+    if action == "rollback":
+        if remote is not None:
+            out = remote.call("POST", "/admin/rollback")
+        else:
+            local = Local(settings)
+            previous, target = local.registry.pop_active()
+            local.store.record_activation(target, previous, "rollback", "cli")
+            out = {"active": target, "previous": previous}
+        print(f"active: {out['active']} (was {out['previous']})")
+        return 0
+    raise SystemExit(f"error: unknown adapters action {action!r}")
+
+
+def sql_cmd(settings: Settings, query: str, url: str | None) -> int:
+    remote = find_service(settings, url)
+    if remote is not None:
+        res = remote.call("POST", "/admin/sql", json={"sql": query})
+        cols, rows, truncated = res["columns"], res["rows"], res["truncated"]
+    else:
+        from chatloop.store import SqlRefused
+
+        local = Local(settings)
+        try:
+            r = local.store.query_readonly(query, settings.limits.sql_max_rows, settings.limits.sql_timeout_s)
+        except SqlRefused as exc:
+            raise SystemExit(f"error: {exc}")
+        cols, rows, truncated = r.columns, r.rows, r.truncated
+    print("\t".join(cols))
+    for row in rows:
+        print("\t".join("" if v is None else str(v) for v in row))
+    if truncated:
+        print(f"(truncated to {len(rows)} rows)", file=sys.stderr)
+    return 0
+
+
+# ---- argument parsing ----------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chatloop", description=__doc__.split("\n\n")[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="data directory (default ./data or $CHATLOOP_DATA_DIR)")
+    common.add_argument("--config", help="TOML config file (default DATA_DIR/chatloop.toml)")
+    common.add_argument("--model", help="'default' (embedded SmolLM2-135M-Instruct), a HF id, a directory or a .gguf")
+    common.add_argument("--url", help="URL of a running service (default: the one on this data dir)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", parents=[common], help="start the chat service")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--device", help="auto | cpu | cuda")
+    s.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    r = sub.add_parser("retrain", parents=[common], help="run one retraining cycle")
+    r.add_argument("--algo", default="dpo", choices=["dpo"])
+    a = sub.add_parser("adapters", parents=[common], help="list, activate or roll back adapters")
+    a.add_argument("action", choices=["list", "activate", "rollback"])
+    a.add_argument("version", nargs="?")
+    q = sub.add_parser("sql", parents=[common], help="read-only SQL over the feedback log")
+    q.add_argument("query")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = {"data_dir": args.data_dir, "model": args.model,
+                 "host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                 "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None)}
+    try:
+        settings = load_settings(args.config, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.cmd == "serve":
+        return serve(settings)
+    if args.cmd == "retrain":
+        return retrain(settings, args.algo, args.url)
+    if args.cmd == "adapters":
+        return adapters_cmd(settings, args.action, args.version, args.url)
+    if args.cmd == "sql":
+        return sql_cmd(settings, args.query, args.url)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

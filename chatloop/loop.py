@@ -1,0 +1,228 @@
+"""One retraining cycle: snapshot -> train (child process) -> gate -> publish -> activate.
+
+Owns: the cycle's steps and their order, the one-cycle-at-a-time rule, cancellation, and the
+training-run record of every attempt (refused, failed, rejected or promoted).
+
+Invariants:
+- One cycle at a time per process, whatever triggered it: a second trigger raises CycleBusy.
+- The child process trains from files; it never opens the database. The adapter it writes is
+  published into the registry atomically (see ``adapters``) before anything activates it.
+- A failure at any step marks the run failed with the error and leaves serving untouched.
+- The reference/parent is the version active when the snapshot is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from chatloop import evaluate, prefs
+from chatloop.adapters import BASE_VERSION, AdapterRegistry
+from chatloop.config import Settings
+from chatloop.store import Store
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("dpo",)
+
+
+class CycleBusy(RuntimeError):
+    """A retraining cycle is already running."""
+
+
+class NotEnoughFeedback(ValueError):
+    """The log does not hold enough preference pairs to train on."""
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class CycleState:
+    run_id: int
+    algo: str
+    stage: str = "starting"  # snapshot | training | gate | publishing | done
+    step: int = 0
+    total: int = 0
+    last: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+Activate = Callable[[str, str, str], None]  # (version, actor, reason)
+
+
+class Retrainer:
+    def __init__(self, settings: Settings, store: Store, registry: AdapterRegistry,
+                 model_path: str, activate: Activate, active_version: Callable[[], str]):
+        self.settings = settings
+        self.store = store
+        self.registry = registry
+        self.model_path = model_path
+        self._activate = activate
+        self._active_version = active_version
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self.current: CycleState | None = None
+
+    # ---- triggers ----------------------------------------------------------------------------
+    def run_cycle(self, algo: str = "dpo", trigger: str = "cli",
+                  on_progress: Callable[[CycleState], None] | None = None) -> dict[str, Any]:
+        """Run one cycle to the end in this thread; returns the finished run record."""
+        run_id = self._begin(algo, trigger)
+        return self._run(run_id, algo, on_progress)
+
+    def start_cycle(self, algo: str = "dpo", trigger: str = "api") -> int:
+        """Start a cycle in a background thread; returns its run id at once."""
+        run_id = self._begin(algo, trigger)
+        threading.Thread(target=self._run_quietly, args=(run_id, algo), name=f"cycle-{run_id}",
+                         daemon=True).start()
+        return run_id
+
+    def cancel(self) -> bool:
+        if self.current is None:
+            return False
+        self._cancel.set()
+        return True
+
+    # ---- the cycle ---------------------------------------------------------------------------
+    def _begin(self, algo: str, trigger: str) -> int:
+        if algo not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {algo!r}; available: {', '.join(ALGORITHMS)}")
+        if not self._lock.acquire(blocking=False):
+            busy = self.current.run_id if self.current else "?"
+            raise CycleBusy(f"a retraining cycle is already running (run {busy}); try again when it ends")
+        try:
+            self._cancel.clear()
+            settings = dataclasses.asdict(self.settings.training)
+            run_id = self.store.start_run(algo, trigger, self._active_version(), settings)
+            self.current = CycleState(run_id=run_id, algo=algo)
+            return run_id
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _run_quietly(self, run_id: int, algo: str) -> None:
+        try:
+            self._run(run_id, algo, None)
+        except Exception as exc:  # recorded in the run; the service keeps serving
+            log.warning("retraining run %s ended: %s", run_id, exc)
+
+    def _stage(self, stage: str, on_progress) -> None:
+        assert self.current is not None
+        self.current.stage = stage
+        if on_progress:
+            on_progress(self.current)
+
+    def _run(self, run_id: int, algo: str, on_progress) -> dict[str, Any]:
+        t = self.settings.training
+        try:
+            parent = self._active_version()
+            self._stage("snapshot", on_progress)
+            pairset = prefs.build_pairs(self.store, t.max_pairs_per_user)
+            n = len(pairset.pairs)
+            if n < t.min_pairs:
+                msg = (f"not enough feedback to retrain: {n} preference pair(s), need at least "
+                       f"{t.min_pairs}. Pairs come from A/B choices and from a thumbs-up and a "
+                       f"thumbs-down on two replies to the same conversation.")
+                self.store.finish_run(run_id, "refused", n_pairs=n, error=msg)
+                raise NotEnoughFeedback(msg)
+            train, held = prefs.split_pairs(pairset.pairs, t.eval_fraction, t.min_eval_pairs)
+            job_dir = self.settings.runs_dir / f"run-{run_id}"
+            job_dir.mkdir(parents=True, exist_ok=True)
+            prefs.write_jsonl(job_dir / "train.jsonl", train)
+            prefs.write_jsonl(job_dir / "eval.jsonl", held)
+            parent_path = None if parent == BASE_VERSION else str(self.registry.path(parent))
+            job = {"algo": algo, "model_path": self.model_path,
+                   "models_dir": str(self.settings.models_dir), "parent_adapter": parent_path,
+                   "parent_version": parent, "device": self.settings.device,
+                   "dtype": self.settings.dtype, "torch_threads": self.settings.torch_threads,
+                   "settings": dataclasses.asdict(t)}
+            (job_dir / "job.json").write_text(json.dumps(job, indent=2))
+            self.store.update_run(run_id, snapshot_dir=str(job_dir), n_pairs=len(train),
+                                  n_eval_pairs=len(held), feedback_ids=pairset.feedback_ids,
+                                  comparison_ids=pairset.comparison_ids)
+
+            self._stage("training", on_progress)
+            metrics = self._train_in_child(job_dir, on_progress)
+
+            self._stage("gate", on_progress)
+            verdict = evaluate.gate(metrics)
+            self._stage("publishing", on_progress)
+            meta = {"parent": parent, "algo": algo, "run_id": run_id, "settings": job["settings"],
+                    "train_pairs": len(train), "eval_pairs": len(held),
+                    "feedback_ids": pairset.feedback_ids, "comparison_ids": pairset.comparison_ids,
+                    "metrics": {k: v for k, v in metrics.items() if k != "history"},
+                    "verdict": verdict.summary, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            version = self.registry.publish(job_dir / "adapter", meta)
+            self.store.record_adapter(version, parent, algo, run_id,
+                                      str(self.registry.path(version)), meta["metrics"])
+            if verdict.promote:
+                self._activate(version, "gate", verdict.summary)
+            status = "promoted" if verdict.promote else "rejected"
+            self.store.finish_run(run_id, status, candidate_version=version, metrics=metrics,
+                                  verdict=verdict.summary)
+            self._stage("done", on_progress)
+            return self.store.get_run(run_id)
+        except NotEnoughFeedback:
+            raise
+        except BaseException as exc:
+            self.store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self.current = None
+            self._lock.release()
+
+    def _train_in_child(self, job_dir: Path, on_progress) -> dict[str, Any]:
+        log_file = open(job_dir / "child.log", "w")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen([sys.executable, "-m", "chatloop.train.runner", str(job_dir)],
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        progress_file = job_dir / "progress.jsonl"
+        offset = 0
+        try:
+            while True:
+                rc = proc.poll()
+                if progress_file.exists():
+                    with open(progress_file) as fh:
+                        fh.seek(offset)
+                        for line in fh:
+                            if not line.endswith("\n"):
+                                break
+                            offset += len(line.encode())
+                            m = json.loads(line)
+                            assert self.current is not None
+                            self.current.step, self.current.total, self.current.last = m["step"], m["total"], m
+                            if on_progress:
+                                on_progress(self.current)
+                if rc is not None:
+                    break
+                if self._cancel.is_set():
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                    raise InterruptedError("retraining cancelled by an operator")
+                time.sleep(0.25)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log_file.close()
+        if rc != 0:
+            err = job_dir / "error.txt"
+            detail = err.read_text().splitlines()[0] if err.exists() else f"exit code {rc}"
+            raise TrainingFailed(f"training process failed: {detail}")
+        return json.loads((job_dir / "metrics.json").read_text())

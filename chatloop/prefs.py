@@ -1,0 +1,145 @@
+"""Feedback log -> training data: preference pairs, splits and snapshots.
+
+Owns: turning stored A/B choices and thumbs into (prompt, chosen, rejected) pairs, the
+per-user cap, the leak-free train/held-out split, and the snapshot files a training child reads.
+
+Invariants:
+- Only the latest vote of a user on a message (or on a pair of messages) counts.
+- A/B: 'a' or 'b' makes a pair; 'tie' and 'both_bad' are kept in the log but never paired.
+- Thumbs: within one context, every reply rated up (net over users) is paired with every reply
+  rated down. A reply with net zero is not used.
+- The split is by context: all pairs of one context fall on the same side, chosen by a hash of
+  the context, so a context never leaks from training into held-out evaluation and the split is
+  stable as the log grows.
+- A snapshot lists exactly which feedback and comparison rows produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from chatloop.store import Store
+
+
+@dataclass
+class Pair:
+    prompt: list[dict[str, str]]
+    chosen: str
+    rejected: str
+    source: str  # ab | thumbs
+    context_hash: str
+    user_id: str
+    feedback_ids: list[int] = field(default_factory=list)
+    comparison_ids: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PairSet:
+    pairs: list[Pair]
+    capped: int = 0  # pairs dropped by the per-user cap
+
+    @property
+    def feedback_ids(self) -> list[int]:
+        return sorted({i for p in self.pairs for i in p.feedback_ids})
+
+    @property
+    def comparison_ids(self) -> list[int]:
+        return sorted({i for p in self.pairs for i in p.comparison_ids})
+
+
+def pairs_from_comparisons(rows: Iterable[dict[str, Any]]) -> list[Pair]:
+    pairs = []
+    for r in rows:
+        if r["choice"] not in ("a", "b"):
+            continue
+        chosen, rejected = (r["reply_a"], r["reply_b"]) if r["choice"] == "a" else (r["reply_b"], r["reply_a"])
+        if chosen == rejected:
+            continue
+        pairs.append(Pair(prompt=r["context"], chosen=chosen, rejected=rejected, source="ab",
+                          context_hash=r["context_hash"], user_id=r["user_id"],
+                          comparison_ids=[r["comparison_id"]]))
+    return pairs
+
+
+def pairs_from_thumbs(rows: Iterable[dict[str, Any]]) -> list[Pair]:
+    by_message: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        m = by_message.setdefault(r["message_id"], {"net": 0, "ids": [], "row": r, "up_user": None})
+        m["net"] += r["rating"]
+        m["ids"].append(r["feedback_id"])
+        if r["rating"] > 0:
+            m["up_user"] = r["user_id"]
+    by_context: dict[str, dict[str, list]] = defaultdict(lambda: {"up": [], "down": []})
+    for m in by_message.values():
+        if m["net"] > 0:
+            by_context[m["row"]["context_hash"]]["up"].append(m)
+        elif m["net"] < 0:
+            by_context[m["row"]["context_hash"]]["down"].append(m)
+    pairs = []
+    for ctx, groups in by_context.items():
+        for up in groups["up"]:
+            for down in groups["down"]:
+                if up["row"]["reply"] == down["row"]["reply"]:
+                    continue
+                pairs.append(Pair(prompt=up["row"]["context"], chosen=up["row"]["reply"],
+                                  rejected=down["row"]["reply"], source="thumbs", context_hash=ctx,
+                                  user_id=up["up_user"], feedback_ids=sorted(up["ids"] + down["ids"])))
+    return pairs
+
+
+def cap_per_user(pairs: list[Pair], cap: int) -> tuple[list[Pair], int]:
+    """Keep at most ``cap`` pairs per user (the most recent ones); 0 means no cap."""
+    if cap <= 0:
+        return pairs, 0
+    counts: dict[str, int] = defaultdict(int)
+    kept = []
+    for p in reversed(pairs):  # pairs are in log order: keep the newest
+        if counts[p.user_id] < cap:
+            counts[p.user_id] += 1
+            kept.append(p)
+    kept.reverse()
+    return kept, len(pairs) - len(kept)
+
+
+def build_pairs(store: Store, max_pairs_per_user: int = 0) -> PairSet:
+    pairs = pairs_from_comparisons(store.latest_comparisons()) + pairs_from_thumbs(store.latest_thumbs())
+    pairs, capped = cap_per_user(pairs, max_pairs_per_user)
+    return PairSet(pairs=pairs, capped=capped)
+
+
+def is_held_out(context_hash: str, eval_fraction: float) -> bool:
+    """Stable, context-level assignment to the held-out side."""
+    bucket = int(hashlib.sha256(("split:" + context_hash).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < eval_fraction
+
+
+def split_pairs(pairs: list[Pair], eval_fraction: float, min_eval_pairs: int) -> tuple[list[Pair], list[Pair]]:
+    """Split by context. With too few pairs for a meaningful held-out set, everything trains."""
+    if eval_fraction <= 0 or len(pairs) * eval_fraction < min_eval_pairs:
+        return list(pairs), []
+    train = [p for p in pairs if not is_held_out(p.context_hash, eval_fraction)]
+    held = [p for p in pairs if is_held_out(p.context_hash, eval_fraction)]
+    if not train:  # a degenerate draw: never let the held-out side swallow everything
+        return list(pairs), []
+    return train, held
+
+
+def write_jsonl(path: Path, pairs: Iterable[Pair]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for p in pairs:
+            fh.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

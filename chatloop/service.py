@@ -1,0 +1,210 @@
+"""The running service's application layer: what the HTTP API and the UI both call.
+
+Owns: wiring settings, store, registry, engine and retrainer together; validating chat input;
+recording every reply with the version that produced it; feedback and comparisons; activation
+and rollback (engine first, then the registry pointer, then the log).
+
+Invariants:
+- A reply is recorded once, after it ends (finished, stopped or cancelled), with its message id
+  allocated when it starts, so streams can name it from the first chunk.
+- Activation goes engine -> registry -> store: if the engine refuses an adapter nothing else
+  changes, and the registry's pointer never names a version the engine could not load.
+- Nothing here knows about HTTP or Gradio.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from chatloop.adapters import AdapterRegistry
+from chatloop.config import Settings
+from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest, StreamHandle
+from chatloop.loop import Retrainer
+from chatloop.models import LoadedModel, load_model
+from chatloop.store import GenerationRecord, Store, new_id
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+
+
+def validate_messages(messages: Any, max_messages: int, max_chars: int) -> list[dict[str, str]]:
+    """Check a chat request's messages; returns clean {role, content} dicts or raises InvalidRequest."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list")
+    if len(messages) > max_messages:
+        raise InvalidRequest(f"too many messages: {len(messages)} (at most {max_messages})")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"messages[{i}] must be an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}")
+        if isinstance(content, list):  # OpenAI content parts: only text is supported
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise InvalidRequest(f"messages[{i}].content: only text parts are supported")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise InvalidRequest(f"messages[{i}].content must be a string")
+        if len(content) > max_chars:
+            raise InvalidRequest(f"messages[{i}] is too long: {len(content)} characters (at most {max_chars})")
+        if any(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in content):
+            raise InvalidRequest(f"messages[{i}] contains control characters")
+        if role == "user" and not content.strip():
+            raise InvalidRequest(f"messages[{i}] is empty")
+        clean.append({"role": role, "content": content})
+    if clean[-1]["role"] != "user":
+        raise InvalidRequest("the last message must be from the user")
+    return clean
+
+
+@dataclass
+class ChatTurn:
+    """A reply being generated: iterate for text deltas; ``message_id`` is known from the start."""
+
+    message_id: str
+    conversation_id: str
+    handle: StreamHandle
+    service: "Service"
+    context: list[dict[str, str]]
+    params: GenerationParams
+    completion: Completion | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self.handle
+        finally:
+            if not self.handle.done:
+                self.handle.cancel()  # the consumer went away: free the engine at the next step
+            self._record()
+
+    def result(self, timeout: float | None = None) -> Completion:
+        self.handle.result(timeout)
+        self._record()
+        assert self.completion is not None
+        return self.completion
+
+    @property
+    def adapter_version(self) -> str | None:
+        return self.handle.adapter_version
+
+    def _record(self) -> None:
+        if self.completion is not None:
+            return
+        try:
+            c = self.handle.result(timeout=120)  # a cancelled request ends at the next step
+        except Exception:
+            return  # nothing was generated (refused by the engine): nothing to record
+        self.service.store.record_exchange(self.conversation_id, GenerationRecord(
+            context=self.context, reply=c.text, model=self.service.model_name,
+            adapter_version=c.adapter_version, settings=self.params.as_dict(),
+            prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+            ttft_ms=c.ttft_ms, latency_ms=c.latency_ms, finish_reason=c.finish_reason,
+        ), message_id=self.message_id)
+        self.completion = c
+
+
+class Service:
+    def __init__(self, settings: Settings, loaded: LoadedModel | None = None):
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        self.loaded = loaded or load_model(settings.model, settings.models_dir, settings.device,
+                                           settings.dtype)
+        self.load_s = time.perf_counter() - t0
+        self.model_name = self.loaded.name
+        self.store = Store(settings.db_path)
+        failed = self.store.fail_running_runs("the service stopped while this run was in progress")
+        if failed:
+            log.warning("marked %d interrupted training run(s) failed", failed)
+        self.registry = AdapterRegistry(settings.adapters_dir)
+        self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
+                             settings.queue_size)
+        self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,
+                                   activate=self.activate, active_version=lambda: self.engine.active_version)
+
+    def start(self) -> "Service":
+        self.engine.start()
+        if self.engine.active_version != self.registry.active():
+            log.warning("registry names %s but the engine serves %s", self.registry.active(),
+                        self.engine.active_version)
+        return self
+
+    def close(self) -> None:
+        self.retrainer.cancel()
+        self.engine.stop()
+        self.store.close()
+
+    # ---- chat --------------------------------------------------------------------------------
+    def params(self, **given: Any) -> GenerationParams:
+        return GenerationParams.from_request(self.settings.generation, **given)
+
+    def chat(self, messages: Any, params: GenerationParams, user_id: str,
+             conversation_id: str | None = None, source: str = "api",
+             adapter: str | None = None) -> ChatTurn:
+        lim = self.settings.limits
+        context = validate_messages(messages, lim.max_messages, lim.max_message_chars)
+        if conversation_id is not None and self.store.conversation_owner(conversation_id) != user_id:
+            raise InvalidRequest("that conversation belongs to another user")
+        n_prompt = self.engine.count_tokens(context)
+        if n_prompt + params.max_tokens > lim.max_context_tokens:
+            raise InvalidRequest(
+                f"the conversation is {n_prompt} tokens; with max_tokens={params.max_tokens} it "
+                f"exceeds the {lim.max_context_tokens}-token context limit: start a new conversation "
+                f"or ask for fewer tokens")
+        handle = self.engine.submit(context, params, adapter=adapter)  # may raise EngineBusy
+        if conversation_id is None:
+            try:
+                conversation_id = self.store.new_conversation(user_id, source)
+            except BaseException:
+                handle.cancel()
+                raise
+        return ChatTurn(message_id=new_id("msg"), conversation_id=conversation_id, handle=handle,
+                        service=self, context=context, params=params)
+
+    # ---- feedback ----------------------------------------------------------------------------
+    def feedback(self, message_id: str, rating: int, user_id: str | None = None,
+                 reason: str | None = None, comment: str | None = None) -> int:
+        lim = self.settings.limits
+        if reason is not None and len(reason) > lim.max_reason_chars:
+            raise InvalidRequest(f"reason is too long (at most {lim.max_reason_chars} characters)")
+        if comment is not None and len(comment) > lim.max_comment_chars:
+            raise InvalidRequest(f"comment is too long (at most {lim.max_comment_chars} characters)")
+        owner = self.store.assistant_message(message_id)["user_id"]
+        return self.store.record_feedback(message_id, user_id or owner, rating, reason, comment)
+
+    def compare(self, message_a: str, message_b: str, choice: str, user_id: str | None = None) -> int:
+        owner = self.store.assistant_message(message_a)["user_id"]
+        return self.store.record_comparison(message_a, message_b, choice, user_id or owner)
+
+    # ---- adapters ----------------------------------------------------------------------------
+    def activate(self, version: str, actor: str = "operator", reason: str = "") -> str:
+        previous = self.engine.activate(version)
+        self.registry.set_active(version)
+        self.store.record_activation(version, previous, actor, reason)
+        log.info("activated %s (was %s) by %s", version, previous, actor)
+        return previous
+
+    def rollback(self, actor: str = "operator") -> tuple[str, str]:
+        target = self.registry.rollback_target()
+        previous = self.engine.activate(target)
+        self.registry.pop_active()
+        self.store.record_activation(target, previous, "rollback", f"rolled back by {actor}")
+        return previous, target
+
+    def status(self) -> dict[str, Any]:
+        cur = self.retrainer.current
+        return {
+            "model": self.model_name,
+            "device": str(self.loaded.device),
+            "dtype": str(self.loaded.dtype).replace("torch.", ""),
+            "active_adapter": self.engine.active_version,
+            "queue_depth": self.engine.queue_depth(),
+            "cycle": cur.as_dict() if cur else None,
+            "feedback_events": self.store.feedback_count(),
+        }

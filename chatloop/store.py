@@ -1,0 +1,488 @@
+"""The feedback log: one DuckDB file, its schema and migrations, and every read and write of it.
+
+Owns: the only connection to ``chatloop.duckdb`` in a process, the versioned schema
+(``schema_migrations``), typed record/query functions, and the read-only SQL console.
+
+Invariants:
+- One process owns the file; inside it all access goes through a ``Store``. Writes are
+  serialised by one lock; a write that spans rows (a reply and its generation record) is one
+  transaction, so a failure leaves nothing half-written.
+- Feedback and comparisons are append-only events: a changed vote is a new row and the latest
+  row per (user, message) counts. Nothing here deletes or rewrites user data.
+- The database is opened with external access disabled and its configuration locked, so SQL
+  (the console's included) can read no file, fetch no URL, load no extension; exports are written
+  by Python from query results.
+- Every assistant message has a ``generations`` row naming the adapter version ('base' when none).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import duckdb
+
+BASE_VERSION = "base"
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "initial schema",
+        """
+        CREATE TABLE users (
+            id VARCHAR PRIMARY KEY,
+            kind VARCHAR NOT NULL,            -- anonymous | api | import
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE conversations (
+            id VARCHAR PRIMARY KEY,
+            user_id VARCHAR NOT NULL,
+            source VARCHAR NOT NULL,          -- ui | api | compare | import
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE messages (
+            id VARCHAR PRIMARY KEY,
+            conversation_id VARCHAR NOT NULL,
+            role VARCHAR NOT NULL,            -- system | user | assistant
+            content VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE generations (
+            message_id VARCHAR PRIMARY KEY,   -- the assistant message
+            context JSON NOT NULL,            -- the chat messages the reply answers
+            context_hash VARCHAR NOT NULL,    -- groups replies to the same context
+            model VARCHAR NOT NULL,
+            adapter_version VARCHAR NOT NULL, -- 'base' or a registry version
+            settings JSON NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            ttft_ms DOUBLE,
+            latency_ms DOUBLE NOT NULL,
+            finish_reason VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE SEQUENCE feedback_seq;
+        CREATE TABLE feedback_events (
+            id BIGINT PRIMARY KEY DEFAULT nextval('feedback_seq'),
+            message_id VARCHAR NOT NULL,
+            user_id VARCHAR NOT NULL,
+            rating SMALLINT NOT NULL CHECK (rating IN (-1, 1)),
+            reason VARCHAR,
+            comment VARCHAR,
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE SEQUENCE comparison_seq;
+        CREATE TABLE comparisons (
+            id BIGINT PRIMARY KEY DEFAULT nextval('comparison_seq'),
+            message_a VARCHAR NOT NULL,
+            message_b VARCHAR NOT NULL,
+            choice VARCHAR NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+            user_id VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE SEQUENCE run_seq;
+        CREATE TABLE training_runs (
+            id BIGINT PRIMARY KEY DEFAULT nextval('run_seq'),
+            algo VARCHAR NOT NULL,
+            trigger VARCHAR NOT NULL,         -- cli | api | ui | schedule
+            status VARCHAR NOT NULL,          -- running | promoted | rejected | failed | refused
+            started_at TIMESTAMP NOT NULL,
+            finished_at TIMESTAMP,
+            parent_version VARCHAR NOT NULL,
+            candidate_version VARCHAR,
+            snapshot_dir VARCHAR,
+            n_pairs INTEGER,
+            n_eval_pairs INTEGER,
+            feedback_ids JSON,                -- exactly which rows trained it
+            comparison_ids JSON,
+            settings JSON,
+            metrics JSON,
+            verdict VARCHAR,
+            error VARCHAR
+        );
+        CREATE TABLE adapters (
+            version VARCHAR PRIMARY KEY,
+            parent VARCHAR NOT NULL,
+            algo VARCHAR NOT NULL,
+            run_id BIGINT,
+            path VARCHAR NOT NULL,
+            metrics JSON,
+            created_at TIMESTAMP NOT NULL
+        );
+        CREATE SEQUENCE activation_seq;
+        CREATE TABLE adapter_activations (
+            id BIGINT PRIMARY KEY DEFAULT nextval('activation_seq'),
+            version VARCHAR NOT NULL,
+            previous VARCHAR NOT NULL,
+            actor VARCHAR NOT NULL,           -- gate | operator | rollback | startup
+            reason VARCHAR,
+            activated_at TIMESTAMP NOT NULL
+        );
+        CREATE INDEX generations_context ON generations(context_hash);
+        CREATE INDEX feedback_message ON feedback_events(message_id);
+        """,
+    ),
+]
+
+READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+
+
+class StoreError(ValueError):
+    """A request refers to something that does not exist or breaks a rule of the log."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class SqlRefused(StoreError):
+    pass
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:20]}"
+
+
+def context_hash(context: Sequence[dict[str, str]]) -> str:
+    """A stable key for 'the same context': role and content of every message, in order."""
+    canon = json.dumps([[m["role"], m["content"]] for m in context], ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    context: list[dict[str, str]]
+    reply: str
+    model: str
+    adapter_version: str
+    settings: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_ms: float | None
+    latency_ms: float
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class SqlResult:
+    columns: list[str]
+    rows: list[tuple]
+    truncated: bool
+
+
+class Store:
+    """The single owner of the DuckDB file in this process."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._con = duckdb.connect(
+            str(self.path),
+            config={"enable_external_access": False, "autoinstall_known_extensions": False,
+                    "autoload_known_extensions": False},
+        )
+        self._migrate()
+        self._con.execute("SET lock_configuration = true")
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def _migrate(self) -> None:
+        with self._lock:
+            self._con.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version INTEGER PRIMARY KEY, description VARCHAR, applied_at TIMESTAMP)"
+            )
+            done = {r[0] for r in self._con.execute("SELECT version FROM schema_migrations").fetchall()}
+            for version, description, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                self._con.execute("BEGIN TRANSACTION")
+                try:
+                    self._con.execute(sql)
+                    self._con.execute("INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                                      [version, description, now()])
+                    self._con.execute("COMMIT")
+                except BaseException:
+                    self._con.execute("ROLLBACK")
+                    raise
+
+    def schema_version(self) -> int:
+        return self._one("SELECT max(version) FROM schema_migrations")[0]
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+        with self._lock:
+            return self._con.execute(sql, list(params)).fetchone()
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._con.execute(sql, list(params)).fetchall()
+
+    def _dicts(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._con.execute(sql, list(params))
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, row)) for row in cur.fetchall()]
+
+    def _transaction(self, statements: Iterable[tuple[str, Sequence[Any]]]) -> None:
+        with self._lock:
+            self._con.execute("BEGIN TRANSACTION")
+            try:
+                for sql, params in statements:
+                    self._con.execute(sql, list(params))
+                self._con.execute("COMMIT")
+            except BaseException:
+                self._con.execute("ROLLBACK")
+                raise
+
+    # ---- users and conversations -------------------------------------------------------------
+    def ensure_user(self, user_id: str, kind: str = "anonymous") -> str:
+        with self._lock:
+            self._con.execute(
+                "INSERT INTO users VALUES (?, ?, ?) ON CONFLICT DO NOTHING", [user_id, kind, now()]
+            )
+        return user_id
+
+    def new_conversation(self, user_id: str, source: str) -> str:
+        cid = new_id("conv")
+        self.ensure_user(user_id, "api" if source == "api" else "anonymous")
+        with self._lock:
+            self._con.execute("INSERT INTO conversations VALUES (?, ?, ?, ?)",
+                              [cid, user_id, source, now()])
+        return cid
+
+    def conversation_owner(self, conversation_id: str) -> str:
+        row = self._one("SELECT user_id FROM conversations WHERE id = ?", [conversation_id])
+        if row is None:
+            raise NotFound(f"unknown conversation {conversation_id!r}")
+        return row[0]
+
+    # ---- replies -----------------------------------------------------------------------------
+    def record_exchange(self, conversation_id: str, rec: GenerationRecord,
+                        message_id: str | None = None) -> str:
+        """Store the user's last message and the assistant reply with its generation record.
+
+        One transaction: either all three rows land or none. Returns the assistant message id.
+        """
+        t = now()
+        msg_id = message_id or new_id("msg")
+        stmts: list[tuple[str, Sequence[Any]]] = []
+        last = rec.context[-1] if rec.context else None
+        if last is not None and last["role"] == "user":
+            stmts.append(("INSERT INTO messages VALUES (?, ?, 'user', ?, ?)",
+                          [new_id("msg"), conversation_id, last["content"], t]))
+        stmts.append(("INSERT INTO messages VALUES (?, ?, 'assistant', ?, ?)",
+                      [msg_id, conversation_id, rec.reply, t]))
+        stmts.append((
+            "INSERT INTO generations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [msg_id, json.dumps(rec.context, ensure_ascii=False), context_hash(rec.context),
+             rec.model, rec.adapter_version, json.dumps(rec.settings), rec.prompt_tokens,
+             rec.completion_tokens, rec.ttft_ms, rec.latency_ms, rec.finish_reason, t],
+        ))
+        self._transaction(stmts)
+        return msg_id
+
+    def assistant_message(self, message_id: str) -> dict[str, Any]:
+        rows = self._dicts(
+            "SELECT m.id, m.content, m.conversation_id, c.user_id, g.context, g.context_hash,"
+            " g.adapter_version FROM messages m JOIN generations g ON g.message_id = m.id"
+            " JOIN conversations c ON c.id = m.conversation_id WHERE m.id = ?",
+            [message_id],
+        )
+        if not rows:
+            raise NotFound(f"unknown assistant message {message_id!r}")
+        row = rows[0]
+        row["context"] = json.loads(row["context"])
+        return row
+
+    # ---- feedback ----------------------------------------------------------------------------
+    def record_feedback(self, message_id: str, user_id: str, rating: int,
+                        reason: str | None = None, comment: str | None = None) -> int:
+        if rating not in (1, -1):
+            raise StoreError("rating must be 1 (thumbs up) or -1 (thumbs down)")
+        self.assistant_message(message_id)  # raises NotFound
+        self.ensure_user(user_id)
+        row = self._one(
+            "INSERT INTO feedback_events (message_id, user_id, rating, reason, comment, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            [message_id, user_id, rating, reason or None, comment or None, now()],
+        )
+        return int(row[0])
+
+    def record_comparison(self, message_a: str, message_b: str, choice: str, user_id: str) -> int:
+        if choice not in ("a", "b", "tie", "both_bad"):
+            raise StoreError("choice must be one of 'a', 'b', 'tie', 'both_bad'")
+        if message_a == message_b:
+            raise StoreError("message_a and message_b must be two different replies")
+        a = self.assistant_message(message_a)
+        b = self.assistant_message(message_b)
+        if a["context_hash"] != b["context_hash"]:
+            raise StoreError("message_a and message_b must answer the same context")
+        self.ensure_user(user_id)
+        row = self._one(
+            "INSERT INTO comparisons (message_a, message_b, choice, user_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?) RETURNING id",
+            [message_a, message_b, choice, user_id, now()],
+        )
+        return int(row[0])
+
+    def latest_thumbs(self) -> list[dict[str, Any]]:
+        """The latest thumb of each (user, message), with the reply and its context."""
+        rows = self._dicts(
+            """
+            SELECT f.id AS feedback_id, f.message_id, f.user_id, f.rating, f.reason,
+                   m.content AS reply, g.context, g.context_hash, g.adapter_version
+            FROM feedback_events f
+            JOIN messages m ON m.id = f.message_id
+            JOIN generations g ON g.message_id = f.message_id
+            QUALIFY row_number() OVER (PARTITION BY f.user_id, f.message_id
+                                       ORDER BY f.created_at DESC, f.id DESC) = 1
+            ORDER BY f.id
+            """
+        )
+        for r in rows:
+            r["context"] = json.loads(r["context"])
+        return rows
+
+    def latest_comparisons(self) -> list[dict[str, Any]]:
+        """The latest choice of each user on each unordered pair of replies."""
+        rows = self._dicts(
+            """
+            SELECT c.id AS comparison_id, c.user_id, c.choice, c.message_a, c.message_b,
+                   ma.content AS reply_a, mb.content AS reply_b, g.context, g.context_hash
+            FROM comparisons c
+            JOIN messages ma ON ma.id = c.message_a
+            JOIN messages mb ON mb.id = c.message_b
+            JOIN generations g ON g.message_id = c.message_a
+            QUALIFY row_number() OVER (
+                PARTITION BY c.user_id, least(c.message_a, c.message_b),
+                             greatest(c.message_a, c.message_b)
+                ORDER BY c.created_at DESC, c.id DESC) = 1
+            ORDER BY c.id
+            """
+        )
+        for r in rows:
+            r["context"] = json.loads(r["context"])
+        return rows
+
+    def feedback_count(self) -> int:
+        return self._one("SELECT (SELECT count(*) FROM feedback_events) +"
+                         " (SELECT count(*) FROM comparisons)")[0]
+
+    # ---- training runs and adapters ----------------------------------------------------------
+    def start_run(self, algo: str, trigger: str, parent_version: str, settings: dict) -> int:
+        row = self._one(
+            "INSERT INTO training_runs (algo, trigger, status, started_at, parent_version, settings)"
+            " VALUES (?, ?, 'running', ?, ?, ?) RETURNING id",
+            [algo, trigger, now(), parent_version, json.dumps(settings)],
+        )
+        return int(row[0])
+
+    _RUN_FIELDS = {"status", "candidate_version", "snapshot_dir", "n_pairs", "n_eval_pairs",
+                   "feedback_ids", "comparison_ids", "metrics", "verdict", "error", "finished_at"}
+
+    def update_run(self, run_id: int, **fields: Any) -> None:
+        bad = set(fields) - self._RUN_FIELDS
+        if bad:
+            raise StoreError(f"unknown run fields {sorted(bad)}")
+        cols, vals = [], []
+        for k, v in fields.items():
+            cols.append(f"{k} = ?")
+            vals.append(json.dumps(v) if k in ("feedback_ids", "comparison_ids", "metrics") else v)
+        with self._lock:
+            self._con.execute(f"UPDATE training_runs SET {', '.join(cols)} WHERE id = ?",
+                              vals + [run_id])
+
+    def finish_run(self, run_id: int, status: str, **fields: Any) -> None:
+        self.update_run(run_id, status=status, finished_at=now(), **fields)
+
+    def get_run(self, run_id: int) -> dict[str, Any]:
+        rows = self._dicts("SELECT * FROM training_runs WHERE id = ?", [run_id])
+        if not rows:
+            raise NotFound(f"unknown training run {run_id}")
+        return _decode_json(rows[0], ("metrics", "settings", "feedback_ids", "comparison_ids"))
+
+    def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = self._dicts(
+            "SELECT id, algo, trigger, status, started_at, finished_at, parent_version,"
+            " candidate_version, n_pairs, n_eval_pairs, verdict, error"
+            " FROM training_runs ORDER BY id DESC LIMIT ?", [limit])
+        return rows
+
+    def fail_running_runs(self, reason: str) -> int:
+        """At start-up: runs left 'running' by a crashed process are marked failed."""
+        with self._lock:
+            n = self._con.execute("SELECT count(*) FROM training_runs WHERE status = 'running'").fetchone()[0]
+            self._con.execute("UPDATE training_runs SET status = 'failed', error = ?, finished_at = ?"
+                              " WHERE status = 'running'", [reason, now()])
+        return int(n)
+
+    def record_adapter(self, version: str, parent: str, algo: str, run_id: int | None,
+                       path: str, metrics: dict) -> None:
+        with self._lock:
+            self._con.execute(
+                "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [version, parent, algo, run_id, path, json.dumps(metrics), now()])
+
+    def record_activation(self, version: str, previous: str, actor: str, reason: str = "") -> None:
+        with self._lock:
+            self._con.execute(
+                "INSERT INTO adapter_activations (version, previous, actor, reason, activated_at)"
+                " VALUES (?, ?, ?, ?, ?)", [version, previous, actor, reason, now()])
+
+    # ---- read-only SQL console ---------------------------------------------------------------
+    def query_readonly(self, sql: str, max_rows: int = 1000, timeout_s: float = 10.0) -> SqlResult:
+        """Run one read statement (SELECT, WITH ... SELECT, EXPLAIN) with row and time limits."""
+        if not sql or not sql.strip():
+            raise SqlRefused("empty query")
+        try:
+            statements = duckdb.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise SqlRefused(f"cannot parse query: {exc}") from None
+        if len(statements) != 1:
+            raise SqlRefused("exactly one statement per query, please")
+        kind = statements[0].type.name
+        if kind not in READ_ONLY_STATEMENTS:
+            raise SqlRefused(f"only read statements are allowed (got {kind})")
+        with self._lock:
+            cur = self._con.cursor()
+        timer = threading.Timer(timeout_s, cur.interrupt)
+        timer.start()
+        try:
+            # A transaction that is rolled back: even if a read statement had side effects, none stay.
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                res = cur.execute(sql)
+                cols = [d[0] for d in res.description] if res.description else []
+                rows = res.fetchmany(max_rows + 1)
+            finally:
+                cur.execute("ROLLBACK")
+        except duckdb.InterruptException:
+            raise SqlRefused(f"query interrupted after the {timeout_s:g} s time limit") from None
+        except duckdb.Error as exc:
+            raise SqlRefused(str(exc).splitlines()[0]) from None
+        finally:
+            timer.cancel()
+            cur.close()
+        return SqlResult(columns=cols, rows=rows[:max_rows], truncated=len(rows) > max_rows)
+
+
+def _decode_json(row: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    for k in keys:
+        if isinstance(row.get(k), str):
+            row[k] = json.loads(row[k])
+    return row

@@ -1,0 +1,92 @@
+"""Shared training preparation: chat-template tokenization, reply masks, reply-only log-probs.
+
+Owns: how a (context, reply) becomes token ids, the truncation policy, padding-safe batches,
+and summed log-probabilities of reply tokens.
+
+Invariants:
+- The prompt is the chat template applied to the context with the generation prompt; the reply
+  tokens are exactly what the template appends for an assistant turn (content + end-of-turn),
+  so training sees the same tokens the engine produces and stops on.
+- Truncation keeps the *end* of the context (the latest turns) and the *start* of the reply.
+- Log-probs are computed only at reply positions: the LM head runs on those hidden states alone,
+  never over the prompt. Padding positions never count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Encoded:
+    prompt_ids: list[int]
+    reply_ids: list[int]
+
+
+def encode_reply(tokenizer, context: Sequence[dict[str, str]], reply: str,
+                 max_prompt_tokens: int, max_reply_tokens: int) -> Encoded:
+    prompt = list(tokenizer.apply_chat_template(list(context), add_generation_prompt=True,
+                                                tokenize=True, return_dict=True)["input_ids"])
+    full = list(tokenizer.apply_chat_template(list(context) + [{"role": "assistant", "content": reply}],
+                                              tokenize=True, return_dict=True)["input_ids"])
+    if full[: len(prompt)] == prompt and len(full) > len(prompt):
+        reply_ids = full[len(prompt):]
+    else:  # a template that renders the last turn differently: plain text + end of sequence
+        reply_ids = list(tokenizer(reply, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    return Encoded(prompt_ids=prompt[-max_prompt_tokens:], reply_ids=reply_ids[:max_reply_tokens])
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    reply_mask: torch.Tensor  # (B, T) True where the token is a reply token (a prediction target)
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.reply_mask.to(device))
+
+
+def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
+    length = max(len(e.prompt_ids) + len(e.reply_ids) for e in items)
+    ids = torch.full((len(items), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), length), dtype=torch.long)
+    mask = torch.zeros((len(items), length), dtype=torch.bool)
+    for i, e in enumerate(items):
+        seq = e.prompt_ids + e.reply_ids
+        ids[i, : len(seq)] = torch.tensor(seq)
+        attn[i, : len(seq)] = 1
+        mask[i, len(e.prompt_ids): len(seq)] = True
+    return Batch(ids, attn, mask)
+
+
+def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder stack, LM head) of a causal LM, through a PEFT wrapper if there is one.
+
+    LoRA layers are injected into the wrapped modules, so calling the decoder applies them.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_decoder(), inner.get_output_embeddings()
+
+
+def reply_logprobs(model: torch.nn.Module, batch: Batch, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of log p(reply token | everything before it), one value per row.
+
+    Runs the decoder over the whole sequence but the LM head only on the hidden states that
+    predict reply tokens (position t predicts token t+1).
+    """
+    decoder, head = split_lm(model)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    predict = batch.reply_mask[:, 1:]  # targets at t+1
+    rows, cols = predict.nonzero(as_tuple=True)
+    logits = head(hidden[rows, cols]).float()  # (N, V) only reply positions
+    targets = batch.input_ids[rows, cols + 1]
+    token_lp = torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None]).squeeze(1)
+    out = torch.zeros(batch.input_ids.shape[0], dtype=token_lp.dtype, device=token_lp.device)
+    out = out.index_add(0, rows, token_lp)
+    if average:
+        out = out / predict.sum(dim=1).clamp(min=1)
+    return out

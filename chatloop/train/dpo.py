@@ -1,0 +1,202 @@
+"""Direct Preference Optimization on a LoRA adapter.
+
+Owns: the DPO loss family as plain math on log-ratios (sigmoid with label smoothing, IPO) and
+the training loop that fits a LoRA adapter to preference pairs.
+
+Invariants:
+- The policy starts as a copy of the reference (the adapter active when the snapshot was taken),
+  so reference log-probs are the policy's own log-probs before the first update: computed once
+  per pair, in eval mode, before training; no second model is held in memory.
+- Only LoRA parameters train; log-probs cover reply tokens only (see ``common``).
+- IPO uses length-averaged log-probs (as in the IPO paper's and TRL's implementations);
+  sigmoid DPO uses summed log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from chatloop.train.common import Encoded, collate, encode_reply, reply_logprobs
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses and the implicit rewards of chosen and rejected replies.
+
+    logits = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r))
+    sigmoid: -(1-eps) log sigma(beta*logits) - eps log sigma(-beta*logits)   (cDPO smoothing)
+    ipo:     (logits - 1/(2 beta))^2
+    """
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = (-F.logsigmoid(beta * logits) * (1 - label_smoothing)
+                  - F.logsigmoid(-beta * logits) * label_smoothing)
+    elif loss_type == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}; use sigmoid or ipo")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+@dataclass
+class DpoConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    learning_rate: float = 5e-5
+    epochs: int = 2
+    batch_size: int = 4
+    max_prompt_tokens: int = 384
+    max_reply_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class EncodedPair:
+    chosen: Encoded
+    rejected: Encoded
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+def encode_pairs(tokenizer, pairs: list[dict], cfg: DpoConfig) -> list[EncodedPair]:
+    out = []
+    for p in pairs:
+        out.append(EncodedPair(
+            chosen=encode_reply(tokenizer, p["prompt"], p["chosen"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
+            rejected=encode_reply(tokenizer, p["prompt"], p["rejected"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
+        ))
+    return out
+
+
+def _pair_logprobs(model, items: list[EncodedPair], pad_id: int, average: bool,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected log-probs for a batch of pairs in one forward pass."""
+    batch = collate([e.chosen for e in items] + [e.rejected for e in items], pad_id).to(device)
+    lp = reply_logprobs(model, batch, average=average)
+    return lp[: len(items)], lp[len(items):]
+
+
+@torch.no_grad()
+def fill_reference(model, pairs: list[EncodedPair], pad_id: int, cfg: DpoConfig, device: torch.device) -> None:
+    """Reference log-probs, once per pair, from the model as it is before training."""
+    was_training = model.training
+    model.eval()
+    average = cfg.loss_type == "ipo"
+    for i in range(0, len(pairs), cfg.batch_size):
+        chunk = pairs[i: i + cfg.batch_size]
+        c, r = _pair_logprobs(model, chunk, pad_id, average, device)
+        for e, lc, lr in zip(chunk, c.tolist(), r.tolist()):
+            e.ref_chosen, e.ref_rejected = lc, lr
+    model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_pairs(model, pairs: list[EncodedPair], pad_id: int, cfg: DpoConfig,
+                   device: torch.device) -> dict[str, float]:
+    """Implicit-reward accuracy (ties count half) and mean margin on pairs with references."""
+    if not pairs:
+        return {}
+    was_training = model.training
+    model.eval()
+    average = cfg.loss_type == "ipo"
+    correct, margins, losses = 0.0, [], []
+    for i in range(0, len(pairs), cfg.batch_size):
+        chunk = pairs[i: i + cfg.batch_size]
+        c, r = _pair_logprobs(model, chunk, pad_id, average, device)
+        rc = torch.tensor([e.ref_chosen for e in chunk], device=c.device)
+        rr = torch.tensor([e.ref_rejected for e in chunk], device=c.device)
+        loss, cr, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        m = (cr - rj)
+        correct += float((m > 0).sum() + 0.5 * (m == 0).sum())
+        margins += m.tolist()
+        losses += loss.tolist()
+    model.train(was_training)
+    return {"accuracy": correct / len(pairs), "margin": sum(margins) / len(margins),
+            "loss": sum(losses) / len(losses), "pairs": len(pairs)}
+
+
+def train_dpo(
+    model,
+    tokenizer,
+    train_pairs: list[dict],
+    eval_pairs: list[dict],
+    cfg: DpoConfig,
+    on_step: Callable[[dict], None] = lambda m: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Fit the trainable (LoRA) parameters of ``model`` with DPO; returns summary metrics."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    train = encode_pairs(tokenizer, train_pairs, cfg)
+    held = encode_pairs(tokenizer, eval_pairs, cfg)
+    fill_reference(model, train + held, pad_id, cfg, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (is a LoRA adapter attached?)")
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    average = cfg.loss_type == "ipo"
+    model.train()
+    step, history = 0, []
+    for epoch in range(cfg.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        for i in range(0, len(order), cfg.batch_size):
+            if should_stop():
+                raise InterruptedError("training cancelled")
+            chunk = [train[j] for j in order[i: i + cfg.batch_size]]
+            c, r = _pair_logprobs(model, chunk, pad_id, average, device)
+            rc = torch.tensor([e.ref_chosen for e in chunk], device=c.device)
+            rr = torch.tensor([e.ref_rejected for e in chunk], device=c.device)
+            losses, cr, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+            loss = losses.mean()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"DPO loss is {loss.item()} at step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            m = {
+                "step": step, "total": total, "epoch": epoch, "loss": loss.item(),
+                "reward_accuracy": float((cr > rj).float().mean()),
+                "reward_margin": float((cr - rj).mean()),
+                "chosen_reward": float(cr.mean()), "rejected_reward": float(rj.mean()),
+                "logp_chosen": float(c.detach().mean()), "logp_rejected": float(r.detach().mean()),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+            history.append(m)
+            on_step(m)
+    model.eval()
+    metrics = {
+        "algo": "dpo", "steps": step, "train_pairs": len(train), "eval_pairs": len(held),
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "train_eval": evaluate_pairs(model, train, pad_id, cfg, device),
+        "held_out": evaluate_pairs(model, held, pad_id, cfg, device),
+        "train_s": time.perf_counter() - t0,
+        "pairs_per_s": (step * cfg.batch_size) / max(time.perf_counter() - t0, 1e-9),
+        "history": history,
+    }
+    return metrics

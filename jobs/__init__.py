@@ -1,0 +1,1 @@
+"""Scheduled jobs (APScheduler 3.x) that run inside the service process."""

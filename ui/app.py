@@ -1,0 +1,312 @@
+"""The Gradio UI: Chat (stream, thumbs with a reason, regenerate), Compare (A/B) and Admin.
+
+Owns: the browser-facing Blocks; it calls ``chatloop.service.Service`` only.
+
+Invariants:
+- The conversation shown is kept in session state as plain {role, content} turns with the
+  stored message id of every assistant reply; the Chatbot component only displays it, so a
+  thumb always lands on the message id the user saw.
+- Each browser session gets an anonymous user id; every reply, thumb and A/B choice carries it.
+- Compare shows the two replies in random order (blind); the choice is stored by message id.
+- The Admin tab shows nothing until the operator token is entered.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import random
+import uuid
+from typing import Any
+
+import gradio as gr
+
+from chatloop.adapters import AdapterError
+from chatloop.engine import EngineBusy, InvalidRequest
+from chatloop.loop import CycleBusy, NotEnoughFeedback
+from chatloop.service import Service
+from chatloop.store import NotFound, SqlRefused, StoreError
+
+NOTICE = ("**Your ratings improve this bot.** Replies you rate (👍/👎, with an optional reason) and "
+          "A/B choices are logged and used to retrain the model. Do not share personal information.")
+REASONS = ["", "helpful", "accurate", "well written", "wrong", "unhelpful", "repetitive",
+           "too long", "unsafe or rude"]
+USER_ERRORS = (InvalidRequest, EngineBusy, StoreError, AdapterError)
+
+
+def _new_user() -> str:
+    return "ui:" + uuid.uuid4().hex[:16]
+
+
+def _display(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
+    return [{"role": t["role"], "content": t["content"]} for t in turns]
+
+
+def build_ui(service: Service, admin_token: str) -> gr.Blocks:
+    g = service.settings.generation
+
+    with gr.Blocks(title="chatloop") as demo:
+        user_id = gr.State(None)
+        gr.Markdown("# chatloop")
+        gr.Markdown(NOTICE, elem_id="notice")
+
+        # ---- Chat ----------------------------------------------------------------------------
+        with gr.Tab("Chat", id="chat"):
+            turns = gr.State([])  # [{role, content, message_id?, adapter?}]
+            conv_id = gr.State(None)
+            chatbot = gr.Chatbot(label="Chat", height=420, feedback_options=("Like", "Dislike"),
+                                 elem_id="chatbot")
+            with gr.Row():
+                box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
+                                 scale=6, elem_id="chat-input", max_length=service.settings.limits.max_message_chars)
+                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+                stop = gr.Button("Stop", scale=1, elem_id="stop")
+            with gr.Row():
+                regen = gr.Button("Regenerate", elem_id="regenerate")
+                clear = gr.Button("New chat", elem_id="new-chat")
+                reason = gr.Dropdown(REASONS, value="", allow_custom_value=True, elem_id="reason",
+                                     label="Reason for your next 👍/👎 (optional)")
+            status = gr.Markdown("", elem_id="chat-status")
+            with gr.Accordion("Generation settings", open=False):
+                temperature = gr.Slider(0.0, 2.0, value=g.temperature, step=0.05, label="Temperature")
+                max_tokens = gr.Slider(16, g.max_tokens_limit, value=g.max_tokens, step=16, label="Max tokens")
+
+            def _respond(turns_v, conv, uid, temp, maxt):
+                uid = uid or _new_user()
+                context = [{"role": t["role"], "content": t["content"]} for t in turns_v]
+                try:
+                    params = service.params(temperature=float(temp), max_tokens=int(maxt))
+                    turn = service.chat(context, params, user_id=uid, conversation_id=conv, source="ui")
+                except NotFound as exc:
+                    raise gr.Error(str(exc))
+                except USER_ERRORS as exc:
+                    turns_v = turns_v[:-1] if turns_v and turns_v[-1]["role"] == "user" else turns_v
+                    yield turns_v, conv, uid, _display(turns_v), f"⚠️ {exc}"
+                    return
+                reply = {"role": "assistant", "content": "", "message_id": turn.message_id}
+                shown = turns_v + [reply]
+                for piece in turn:
+                    reply["content"] += piece
+                    yield shown, turn.conversation_id, uid, _display(shown), ""
+                c = turn.completion
+                reply["content"], reply["adapter"] = c.text, c.adapter_version
+                yield shown, turn.conversation_id, uid, _display(shown), f"model version: {c.adapter_version}"
+
+            def _add_user(text, turns_v):
+                text = (text or "").strip()
+                if not text:
+                    raise gr.Error("Type a message first.")
+                turns_v = turns_v + [{"role": "user", "content": text}]
+                return "", turns_v, _display(turns_v)
+
+            outputs = [turns, conv_id, user_id, chatbot, status]
+            ins = [turns, conv_id, user_id, temperature, max_tokens]
+            ev1 = box.submit(_add_user, [box, turns], [box, turns, chatbot]).then(_respond, ins, outputs)
+            ev2 = send.click(_add_user, [box, turns], [box, turns, chatbot]).then(_respond, ins, outputs)
+
+            def _drop_last_reply(turns_v):
+                if not turns_v or turns_v[-1]["role"] != "assistant":
+                    raise gr.Error("There is no reply to regenerate.")
+                turns_v = turns_v[:-1]
+                return turns_v, _display(turns_v)
+
+            ev3 = regen.click(_drop_last_reply, [turns], [turns, chatbot]).then(_respond, ins, outputs)
+            stop.click(None, None, None, cancels=[ev1, ev2, ev3])
+            clear.click(lambda: ([], None, [], ""), None, [turns, conv_id, chatbot, status])
+
+            def _like(turns_v, uid, why, data: gr.LikeData):
+                idx = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
+                if not isinstance(idx, int) or not 0 <= idx < len(turns_v) or "message_id" not in turns_v[idx]:
+                    raise gr.Error("That message cannot be rated.")
+                if data.liked is None or data.liked == "":
+                    return "Rating removed from view (your earlier rating stays until you rate again)."
+                rating = 1 if data.liked is True or data.liked == "Like" else -1
+                try:
+                    service.feedback(turns_v[idx]["message_id"], rating, uid, reason=why or None)
+                except USER_ERRORS as exc:
+                    raise gr.Error(str(exc))
+                return f"Thanks! Recorded {'👍' if rating > 0 else '👎'}" + (f" ({why})" if why else "") + "."
+
+            chatbot.like(_like, [turns, user_id, reason], [status])
+
+        # ---- Compare -------------------------------------------------------------------------
+        with gr.Tab("Compare", id="compare"):
+            gr.Markdown("Ask once, get two answers, pick the better one. Which model wrote which "
+                        "answer is hidden.")
+            pair = gr.State(None)  # {"a": msg_id, "b": msg_id}
+            cprompt = gr.Textbox(label="Your message", elem_id="compare-input")
+            ask = gr.Button("Get two answers", variant="primary", elem_id="compare-ask")
+            with gr.Row():
+                out_a = gr.Textbox(label="Answer A", lines=8, interactive=False, elem_id="answer-a")
+                out_b = gr.Textbox(label="Answer B", lines=8, interactive=False, elem_id="answer-b")
+            with gr.Row():
+                btns = {c: gr.Button(label, elem_id=f"choose-{c}", interactive=False)
+                        for c, label in (("a", "A is better"), ("b", "B is better"),
+                                         ("tie", "Tie"), ("both_bad", "Both are bad"))}
+            cstatus = gr.Markdown("", elem_id="compare-status")
+
+            def _sides() -> list[str | None]:
+                active = service.engine.active_version
+                newer = [v for v in service.registry.versions() if v != active]
+                candidate = newer[-1] if newer and (active == "base" or
+                                                    int(newer[-1][1:]) > int(active[1:])) else None
+                sides = [None, candidate]  # None = the active version (a second sample if no candidate)
+                random.shuffle(sides)
+                return sides
+
+            def _ask(text, uid):
+                uid = uid or _new_user()
+                text = (text or "").strip()
+                disabled = [gr.update(interactive=False)] * 4
+                if not text:
+                    raise gr.Error("Type a message first.")
+                context = [{"role": "user", "content": text}]
+                answers, ids, conv = ["", ""], [None, None], None
+                try:
+                    for i, adapter in enumerate(_sides()):
+                        turn = service.chat(context, service.params(), user_id=uid, conversation_id=conv,
+                                            source="compare", adapter=adapter)
+                        conv = turn.conversation_id
+                        for piece in turn:
+                            answers[i] += piece
+                            yield answers[0], answers[1], None, uid, "", *disabled
+                        answers[i] = turn.completion.text
+                        ids[i] = turn.message_id
+                except USER_ERRORS as exc:
+                    yield answers[0], answers[1], None, uid, f"⚠️ {exc}", *disabled
+                    return
+                enabled = [gr.update(interactive=True)] * 4
+                yield answers[0], answers[1], {"a": ids[0], "b": ids[1]}, uid, "Which answer is better?", *enabled
+
+            ask.click(_ask, [cprompt, user_id], [out_a, out_b, pair, user_id, cstatus, *btns.values()])
+
+            def _choose(choice):
+                def handler(pair_v, uid):
+                    if not pair_v:
+                        raise gr.Error("Ask for two answers first.")
+                    try:
+                        service.compare(pair_v["a"], pair_v["b"], choice, uid)
+                    except USER_ERRORS as exc:
+                        raise gr.Error(str(exc))
+                    label = {"a": "A is better", "b": "B is better", "tie": "a tie", "both_bad": "both are bad"}[choice]
+                    return f"Thanks! Recorded: {label}.", *[gr.update(interactive=False)] * 4
+                return handler
+
+            for c, b in btns.items():
+                b.click(_choose(c), [pair, user_id], [cstatus, *btns.values()])
+
+        # ---- Admin ---------------------------------------------------------------------------
+        with gr.Tab("Admin", id="admin"):
+            signed_in = gr.State(False)
+            with gr.Row(visible=True) as login_row:
+                token = gr.Textbox(label="Operator token", type="password", elem_id="admin-token")
+                login = gr.Button("Sign in", elem_id="admin-login")
+            login_msg = gr.Markdown("")
+            with gr.Column(visible=False) as panel:
+                status_md = gr.Markdown("", elem_id="admin-status")
+                with gr.Row():
+                    algo = gr.Dropdown(["dpo"], value="dpo", label="Algorithm")
+                    retrain_btn = gr.Button("Retrain now", variant="primary", elem_id="admin-retrain")
+                    cancel_btn = gr.Button("Cancel cycle", elem_id="admin-cancel")
+                cycle_md = gr.Markdown("", elem_id="admin-cycle")
+                runs_df = gr.Dataframe(label="Training runs", interactive=False, elem_id="admin-runs")
+                adapters_df = gr.Dataframe(label="Adapters", interactive=False, elem_id="admin-adapters")
+                with gr.Row():
+                    version_box = gr.Textbox(label="Version to activate (e.g. v2, or base)", elem_id="admin-version")
+                    activate_btn = gr.Button("Activate", elem_id="admin-activate")
+                    rollback_btn = gr.Button("Roll back", elem_id="admin-rollback")
+                action_md = gr.Markdown("", elem_id="admin-action")
+                sql_box = gr.Textbox(label="SQL (read-only)", lines=3,
+                                     value="SELECT adapter_version, count(*) AS replies FROM generations GROUP BY 1",
+                                     elem_id="admin-sql")
+                sql_btn = gr.Button("Run query", elem_id="admin-sql-run")
+                sql_df = gr.Dataframe(label="Result", interactive=False, elem_id="admin-sql-result")
+                sql_msg = gr.Markdown("")
+                timer = gr.Timer(2.0, active=False)
+
+            def _refresh(ok):
+                if not ok:
+                    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                st = service.status()
+                cyc = st.pop("cycle")
+                status_text = " · ".join(f"**{k}**: {v}" for k, v in st.items())
+                if cyc:
+                    cycle_text = (f"Cycle run {cyc['run_id']} ({cyc['algo']}): {cyc['stage']}, step "
+                                  f"{cyc['step']}/{cyc['total'] or '?'}"
+                                  + (f", loss {cyc['last'].get('loss', 0):.4f}" if cyc["last"] else ""))
+                else:
+                    cycle_text = "No cycle running."
+                runs = service.store.list_runs(20)
+                cols = ["id", "algo", "trigger", "status", "started_at", "parent_version",
+                        "candidate_version", "n_pairs", "verdict", "error"]
+                runs_rows = [[r.get(c) for c in cols] for r in runs]
+                ad = service.registry.list()
+                acols = ["version", "active", "parent", "algo", "run_id", "train_pairs", "verdict"]
+                ad_rows = [[a.get(c) for c in acols] for a in ad]
+                return (status_text, cycle_text, {"headers": cols, "data": runs_rows or [[None] * len(cols)]},
+                        {"headers": acols, "data": ad_rows or [[None] * len(acols)]})
+
+            refresh_outs = [status_md, cycle_md, runs_df, adapters_df]
+
+            def _login(tok):
+                ok = bool(admin_token) and hmac.compare_digest((tok or "").encode(), admin_token.encode())
+                if not ok:
+                    msg = ("Admin is disabled: no operator token is configured." if not admin_token
+                           else "Wrong operator token.")
+                    return False, msg, gr.update(visible=False), gr.update(visible=True), gr.Timer(active=False)
+                return True, "Signed in.", gr.update(visible=True), gr.update(visible=False), gr.Timer(active=True)
+
+            login.click(_login, [token], [signed_in, login_msg, panel, login_row, timer]).then(
+                _refresh, [signed_in], refresh_outs)
+            timer.tick(_refresh, [signed_in], refresh_outs)
+
+            def _guard(ok):
+                if not ok:
+                    raise gr.Error("Sign in as an operator first.")
+
+            def _retrain(ok, algo_v):
+                _guard(ok)
+                try:
+                    run_id = service.retrainer.start_cycle(algo_v, trigger="ui")
+                except (CycleBusy, NotEnoughFeedback, ValueError) as exc:
+                    return f"⚠️ {exc}"
+                return f"Started retraining run {run_id}."
+
+            retrain_btn.click(_retrain, [signed_in, algo], [action_md])
+            cancel_btn.click(lambda ok: (_guard(ok), "Cancelling…" if service.retrainer.cancel()
+                                         else "No cycle is running.")[1], [signed_in], [action_md])
+
+            def _activate(ok, v):
+                _guard(ok)
+                try:
+                    prev = service.activate((v or "").strip(), actor="operator", reason="activated in the UI")
+                except AdapterError as exc:
+                    return f"⚠️ {exc}"
+                return f"Activated {v.strip()} (was {prev})."
+
+            def _rollback(ok):
+                _guard(ok)
+                try:
+                    prev, now_active = service.rollback()
+                except AdapterError as exc:
+                    return f"⚠️ {exc}"
+                return f"Rolled back from {prev} to {now_active}."
+
+            activate_btn.click(_activate, [signed_in, version_box], [action_md]).then(_refresh, [signed_in], refresh_outs)
+            rollback_btn.click(_rollback, [signed_in], [action_md]).then(_refresh, [signed_in], refresh_outs)
+
+            def _sql(ok, q):
+                _guard(ok)
+                lim = service.settings.limits
+                try:
+                    res = service.store.query_readonly(q, lim.sql_max_rows, lim.sql_timeout_s)
+                except SqlRefused as exc:
+                    return gr.skip(), f"⚠️ {exc}"
+                rows = [[v if isinstance(v, (int, float, str, type(None))) else json.dumps(v, default=str)
+                         for v in r] for r in res.rows]
+                note = f"{len(rows)} row(s)" + (" (truncated)" if res.truncated else "")
+                return {"headers": res.columns, "data": rows or [[None] * len(res.columns)]}, note
+
+            sql_btn.click(_sql, [signed_in, sql_box], [sql_df, sql_msg])
+
+    return demo
