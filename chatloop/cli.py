@@ -166,7 +166,7 @@ def retrain(settings: Settings, algo: str, url: str | None) -> int:
             if prog.get("total"):
                 if bar is None:
                     bar = _progress_bar(prog["total"])
-                bar.n = prog["step"]
+                bar.update(prog["step"] - bar.n)
                 if prog.get("last"):
                     bar.set_postfix(loss=f"{prog['last'].get('loss', 0):.4f}")
                 bar.refresh()
@@ -190,7 +190,7 @@ def retrain(settings: Settings, algo: str, url: str | None) -> int:
         if cur.total and state["bar"] is None:
             state["bar"] = _progress_bar(cur.total)
         if state["bar"] is not None:
-            state["bar"].n = cur.step
+            state["bar"].update(cur.step - state["bar"].n)
             if cur.last:
                 state["bar"].set_postfix(loss=f"{cur.last.get('loss', 0):.4f}")
             state["bar"].refresh()

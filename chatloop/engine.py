@@ -336,8 +336,7 @@ class Engine:
             return
         path = self.registry.path(version)
         try:
-            self.model.load_adapter(str(path), adapter_name=version, hotswap=False,
-                                    local_files_only=True)
+            self.model.load_adapter(str(path), adapter_name=version, hotswap=False)
         except Exception as exc:
             if version in getattr(self.model, "peft_config", {}):
                 self.model.delete_adapter(version)

@@ -109,8 +109,24 @@ def cap_per_user(pairs: list[Pair], cap: int) -> tuple[list[Pair], int]:
     return kept, len(pairs) - len(kept)
 
 
+def merge_duplicates(pairs: list[Pair]) -> list[Pair]:
+    """One pair per (context, chosen, rejected): an A/B choice and thumbs that say the same thing
+    count once, with the ids of every row behind it."""
+    merged: dict[tuple[str, str, str], Pair] = {}
+    for p in pairs:
+        key = (p.context_hash, p.chosen, p.rejected)
+        if key in merged:
+            m = merged[key]
+            m.feedback_ids = sorted(set(m.feedback_ids) | set(p.feedback_ids))
+            m.comparison_ids = sorted(set(m.comparison_ids) | set(p.comparison_ids))
+        else:
+            merged[key] = p
+    return list(merged.values())
+
+
 def build_pairs(store: Store, max_pairs_per_user: int = 0) -> PairSet:
-    pairs = pairs_from_comparisons(store.latest_comparisons()) + pairs_from_thumbs(store.latest_thumbs())
+    pairs = merge_duplicates(pairs_from_comparisons(store.latest_comparisons())
+                             + pairs_from_thumbs(store.latest_thumbs()))
     pairs, capped = cap_per_user(pairs, max_pairs_per_user)
     return PairSet(pairs=pairs, capped=capped)
 
