@@ -239,7 +239,6 @@ class Engine:
         self._selected: str | None = None
         self._running_adapter: str | None = None
         self._active = BASE_VERSION
-        self._busy = threading.Event()
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         if self.tokenizer.eos_token_id is not None:
@@ -371,23 +370,27 @@ class Engine:
                 req = self._requests.get(timeout=0.05)
             except queue.Empty:
                 continue
-            self._busy.set()
+            completion, error = None, None
             try:
-                self._serve(req)
-            except BaseException as exc:  # never kill the engine thread
-                log.exception("generation failed")
-                req.handle._finish(None, exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
-            finally:
-                self._running_adapter = None
-                self._busy.clear()
+                completion = self._serve(req)
+            except Exception as exc:  # never kill the engine thread; the caller gets the error
+                if not isinstance(exc, (InvalidRequest, AdapterError)):
+                    log.exception("generation failed")
+                error = exc
+            # unload before answering, so a caller that sees the reply sees the engine settled
+            self._running_adapter = None
+            try:
                 self._unload_unused()
+            except Exception:
+                log.exception("unloading adapters failed")
+            req.handle._finish(completion, error)
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True, return_dict=True)
         return list(out["input_ids"])
 
-    def _serve(self, req: _Request) -> None:
+    def _serve(self, req: _Request) -> Completion:
         t0 = time.perf_counter()
         handle, p = req.handle, req.params
         version = req.adapter if req.adapter is not None else self._active
@@ -462,8 +465,8 @@ class Engine:
                     emitted = safe
         text = text.rstrip("\ufffd")  # a reply cut inside a multi-byte character
         handle._emit(text[emitted:])
-        handle._finish(Completion(
+        return Completion(
             text=text, finish_reason=finish, adapter_version=version, prompt_tokens=len(prompt),
             completion_tokens=len(generated), ttft_ms=ttft,
             latency_ms=(time.perf_counter() - t0) * 1000, token_ids=generated,
-        ))
+        )

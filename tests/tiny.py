@@ -26,6 +26,7 @@ def build_tiny_model(target: Path, seed: int = 0, layers: int = 2, hidden: int =
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=4096,
+        initializer_range=0.1,  # larger than the default so greedy replies vary (not one repeated token)
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

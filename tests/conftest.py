@@ -1,0 +1,104 @@
+"""Shared fixtures: a tiny model on disk, settings on a temp data dir, and a live service."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_tiny_model  # noqa: E402
+
+from chatloop.config import Settings, TrainingDefaults  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+ADMIN_TOKEN = "test-operator-token"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir, tmp_path_factory):
+    from chatloop.models import load_model
+
+    return load_model(str(tiny_model_dir), tmp_path_factory.mktemp("models"))
+
+
+def make_settings(data_dir: Path, model: Path, **training) -> Settings:
+    t = dict(min_pairs=2, epochs=2, batch_size=4, learning_rate=1e-3, max_reply_tokens=32,
+             max_prompt_tokens=128)
+    t.update(training)
+    return Settings(data_dir=data_dir, model=str(model), admin_token=ADMIN_TOKEN,
+                    training=TrainingDefaults(**t))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    data_dir: Path
+    token: str
+    proc: subprocess.Popen
+    env: dict
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "chatloop.cli", *args, "--data-dir", str(self.data_dir)],
+                              capture_output=True, text=True, timeout=timeout, env=self.env)
+
+
+def start_server(data_dir: Path, model: str, extra_env: dict | None = None, token: str = ADMIN_TOKEN,
+                 timeout: float = 120) -> LiveServer:
+    port = free_port()
+    env = dict(os.environ, CHATLOOP_ADMIN_TOKEN=token, CHATLOOP_TRAINING__MIN_PAIRS="2",
+               CHATLOOP_TRAINING__LEARNING_RATE="0.001", CHATLOOP_TRAINING__MAX_REPLY_TOKENS="32",
+               CHATLOOP_GENERATION__MAX_TOKENS="12", PYTHONUNBUFFERED="1", **(extra_env or {}))
+    log = open(data_dir.parent / f"server-{port}.log", "w")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "chatloop.cli", "serve", "--host", "127.0.0.1",
+                             "--port", str(port), "--data-dir", str(data_dir), "--model", model],
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {Path(log.name).read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return LiveServer(url, data_dir, token, proc, env)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {Path(log.name).read_text()[-3000:]}")
+
+
+def stop_server(server: LiveServer) -> None:
+    server.proc.terminate()
+    try:
+        server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+
+
+@pytest.fixture
+def live_server(tmp_path, tiny_model_dir):
+    server = start_server(tmp_path / "data", str(tiny_model_dir))
+    yield server
+    stop_server(server)

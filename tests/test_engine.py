@@ -1,0 +1,185 @@
+"""The engine: greedy output equals transformers' generate (base and adapter), adapters are pinned
+per request across activations, bad adapters are refused, stop/cancel/back-pressure work."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from chatloop.adapters import AdapterError, AdapterRegistry
+from chatloop.config import GenerationDefaults
+from chatloop.engine import Engine, EngineBusy, GenerationParams, InvalidRequest
+from chatloop.models import load_model
+
+MSGS = [{"role": "user", "content": "hello, who are you?"}]
+
+
+def greedy(max_tokens=24, **kw) -> GenerationParams:
+    return GenerationParams.from_request(GenerationDefaults(), temperature=0.0, max_tokens=max_tokens, **kw)
+
+
+def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+    """A LoRA adapter with random (non-zero) weights, so it visibly changes the output."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_" in n:
+                p.mul_(3.0)
+    peft.save_pretrained(out)
+    return out
+
+
+def reference_greedy(model_dir: Path, adapter: Path | None, max_tokens: int, penalty: float) -> list[int]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    ids = tok.apply_chat_template(MSGS, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, repetition_penalty=penalty)
+    toks = out[0][ids["input_ids"].shape[1]:].tolist()
+    return toks[:-1] if toks and toks[-1] == tok.eos_token_id else toks
+
+
+@pytest.fixture
+def setup(tiny_model_dir, tmp_path):
+    loaded = load_model(str(tiny_model_dir), tmp_path / "models")
+    registry = AdapterRegistry(tmp_path / "adapters")
+    v1 = registry.publish(make_adapter(tiny_model_dir, tmp_path / "a1", 1), {"parent": "base"})
+    v2 = registry.publish(make_adapter(tiny_model_dir, tmp_path / "a2", 2), {"parent": v1})
+    engine = Engine(loaded, registry, queue_size=2)
+    engine.start()
+    yield engine, registry, tiny_model_dir, tmp_path
+    engine.stop()
+
+
+def test_greedy_equals_generate_with_and_without_adapter(setup):
+    engine, registry, model_dir, _ = setup
+    base = engine.generate(MSGS, greedy())
+    assert base.adapter_version == "base"
+    ref = reference_greedy(model_dir, None, 24, 1.15)
+    assert len(set(ref)) > 3, "the tiny model should not degenerate into one token"
+    assert base.token_ids == ref
+    engine.activate("v1")
+    with_adapter = engine.generate(MSGS, greedy())
+    assert with_adapter.adapter_version == "v1"
+    assert with_adapter.token_ids == reference_greedy(model_dir, registry.path("v1"), 24, 1.15)
+    assert with_adapter.token_ids != base.token_ids
+    # an explicit per-request adapter and the base model, while v1 stays active
+    assert engine.generate(MSGS, greedy(), adapter="v2").token_ids == reference_greedy(
+        model_dir, registry.path("v2"), 24, 1.15)
+    assert engine.generate(MSGS, greedy(), adapter="base").token_ids == ref
+    assert engine.active_version == "v1"
+
+
+def test_activation_mid_reply_keeps_the_reply_on_its_version(setup):
+    engine, registry, model_dir, _ = setup
+    expected_base = engine.generate(MSGS, greedy(max_tokens=60)).token_ids
+    handle = engine.submit(MSGS, greedy(max_tokens=60))
+    pieces = iter(handle)
+    next(pieces)  # the reply is running
+    engine.activate("v1")  # between two decode steps
+    list(pieces)
+    done = handle.result()
+    assert done.adapter_version == "base" and done.token_ids == expected_base
+    assert engine.generate(MSGS, greedy()).adapter_version == "v1"
+
+
+def test_unused_adapters_are_unloaded(setup):
+    engine, *_ = setup
+    for v in ["v1", "v2", "v1", "v2", "base", "v1"]:
+        engine.activate(v)
+        engine.generate(MSGS, greedy(max_tokens=2))
+    assert engine.loaded_adapters == {"v1"}
+    engine.generate(MSGS, greedy(max_tokens=2), adapter="v2")
+    assert engine.loaded_adapters == {"v1"}
+
+
+def test_corrupt_and_mismatched_adapters_are_refused_and_active_keeps_serving(setup, tmp_path_factory):
+    engine, registry, model_dir, tmp = setup
+    engine.activate("v1")
+    corrupt = tmp / "corrupt"
+    make_adapter(model_dir, corrupt, 3)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(AdapterError):
+        registry.publish(corrupt, {})
+    # a well-formed adapter for a different model (hidden size 32 instead of 64)
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path_factory.mktemp("other-model"), hidden=32)
+    v3 = registry.publish(make_adapter(other, tmp / "other-adapter", 4), {})
+    with pytest.raises(AdapterError, match="cannot be loaded"):
+        engine.activate(v3)
+    assert engine.active_version == "v1"
+    assert engine.generate(MSGS, greedy(max_tokens=4)).adapter_version == "v1"
+    # damaged after publish: refused too
+    (registry.path("v2") / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(AdapterError):
+        engine.activate("v2")
+    with pytest.raises(AdapterError):
+        engine.activate("v99")
+    assert engine.active_version == "v1"
+
+
+def test_stop_strings_cut_the_reply(setup):
+    engine, *_ = setup
+    full = engine.generate(MSGS, greedy(max_tokens=30)).text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip()
+    cut = engine.generate(MSGS, greedy(max_tokens=30, stop=[stop]))
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+    streamed = "".join(engine.submit(MSGS, greedy(max_tokens=30, stop=[stop])))
+    assert streamed == cut.text
+
+
+def test_cancel_and_busy_queue(setup):
+    engine, *_ = setup
+    long = greedy(max_tokens=400)
+    first = engine.submit(MSGS, long)
+    next(iter(first))  # running, so the queue is empty again
+    queued = [engine.submit(MSGS, long), engine.submit(MSGS, long)]  # queue_size=2
+    with pytest.raises(EngineBusy):
+        engine.submit(MSGS, long)
+    for h in [first, *queued]:
+        h.cancel()
+    assert first.result(timeout=30).finish_reason == "cancelled"
+    assert all(h.result(timeout=30).finish_reason == "cancelled" for h in queued)
+
+
+def test_seeded_sampling_is_reproducible(setup):
+    engine, *_ = setup
+    p = GenerationParams.from_request(GenerationDefaults(), temperature=1.0, max_tokens=12, seed=7)
+    assert engine.generate(MSGS, p).token_ids == engine.generate(MSGS, p).token_ids
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 10**6}, "max_tokens"),
+    ({"max_tokens": 2.5}, "max_tokens"),
+    ({"repetition_penalty": 0.5}, "repetition_penalty"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"seed": -3}, "seed"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_generation_settings_are_refused(given, message):
+    with pytest.raises(InvalidRequest, match=message):
+        GenerationParams.from_request(GenerationDefaults(), **given)
