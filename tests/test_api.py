@@ -1,0 +1,137 @@
+"""The HTTP API in-process: OpenAI-shaped chat, feedback and comparisons, clear 4xx errors that
+write nothing, and operator authentication."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from chatloop.api import create_app
+from chatloop.models import load_model
+from chatloop.service import Service
+from conftest import ADMIN_TOKEN, make_settings
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("api")
+    settings = make_settings(d / "data", tiny_model_dir)
+    settings = settings.replace(limits=settings.limits.__class__(max_message_chars=200, max_messages=4,
+                                                                 max_context_tokens=512))
+    service = Service(settings, load_model(str(tiny_model_dir), d / "models")).start()
+    with TestClient(create_app(service, ADMIN_TOKEN)) as c:
+        c.service = service
+        yield c
+    service.close()
+
+
+def rows(client, sql):
+    return client.post("/admin/sql", json={"sql": sql}, headers=ADMIN).json()["rows"]
+
+
+def chat(client, **body):
+    body.setdefault("messages", HI)
+    body.setdefault("max_tokens", 6)
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_chat_records_reply_with_adapter_and_settings(client):
+    r = chat(client, temperature=0.0, seed=1)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["id"].startswith("msg-") and body["chatloop_adapter"] == "base"
+    assert body["usage"]["completion_tokens"] <= 6
+    stored = rows(client, f"SELECT adapter_version, completion_tokens, settings FROM generations "
+                          f"WHERE message_id = '{body['id']}'")
+    assert stored[0][0] == "base" and stored[0][1] == body["usage"]["completion_tokens"]
+    assert json.loads(stored[0][2])["temperature"] == 0.0
+
+
+def test_streaming_chunks_name_the_stored_message(client):
+    with client.stream("POST", "/v1/chat/completions",
+                       json={"messages": HI, "max_tokens": 5, "stream": True, "temperature": 0}) as r:
+        assert r.status_code == 200
+        lines = [l for l in r.iter_lines() if l.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    ids = {c["id"] for c in chunks}
+    assert len(ids) == 1 and all(c["chatloop_adapter"] == "base" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert rows(client, f"SELECT content FROM messages WHERE id = '{ids.pop()}'") == [[text]]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"messages": []}, 400, "non-empty"),
+    ({"messages": [{"role": "user", "content": "   "}]}, 400, "empty"),
+    ({"messages": [{"role": "user", "content": "x" * 201}]}, 400, "too long"),
+    ({"messages": HI * 5}, 400, "too many"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
+    ({"messages": [{"role": "user", "content": "a\x00b"}]}, 400, "control"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
+    ({"messages": HI, "temperature": 9}, 400, "temperature"),
+    ({"messages": HI, "max_tokens": 100000}, 400, "max_tokens"),
+    ({"messages": HI, "n": 3}, 400, "n must be 1"),
+    ({"messages": HI, "chatloop_conversation_id": "conv-nope"}, 404, "unknown conversation"),
+    ({"messages": HI, "chatloop_adapter": "v42"}, 400, "unknown adapter"),
+    ({"messages": [{"role": "user", "content": "word " * 30}] * 3 + HI, "max_tokens": 480}, 400, "context limit"),
+    ({"messages": "hello"}, 400, "messages"),
+])
+def test_bad_chat_requests_get_clear_errors_and_write_nothing(client, body, status, message):
+    before = rows(client, "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM conversations)")
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]["message"]
+    assert rows(client, "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM conversations)") == before
+
+
+def test_malformed_json_is_a_400(client):
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "invalid request" in r.json()["error"]["message"]
+
+
+def test_feedback_and_comparisons(client):
+    a = chat(client, seed=1, temperature=1.0).json()["id"]
+    b = chat(client, seed=2, temperature=1.0).json()["id"]
+    r = client.post("/v1/feedback", json={"message_id": a, "rating": 1, "reason": "helpful", "comment": "nice"})
+    assert r.status_code == 200 and r.json()["rating"] == 1
+    assert client.post("/v1/comparisons", json={"message_a": a, "message_b": b, "choice": "a"}).status_code == 200
+    bad = [
+        ("/v1/feedback", {"message_id": "msg-nope", "rating": 1}, 404),
+        ("/v1/feedback", {"message_id": a, "rating": 0}, 400),
+        ("/v1/feedback", {"message_id": a, "rating": "up"}, 400),
+        ("/v1/feedback", {"message_id": a}, 400),
+        ("/v1/feedback", {"message_id": a, "rating": 1, "reason": "x" * 500}, 400),
+        ("/v1/feedback", {"message_id": a, "rating": 1, "extra": 1}, 400),
+        ("/v1/comparisons", {"message_a": a, "message_b": "msg-nope", "choice": "a"}, 404),
+        ("/v1/comparisons", {"message_a": a, "message_b": b, "choice": "c"}, 400),
+        ("/v1/comparisons", {"message_a": a, "message_b": a, "choice": "a"}, 400),
+    ]
+    before = rows(client, "SELECT (SELECT count(*) FROM feedback_events), (SELECT count(*) FROM comparisons)")
+    for path, body, status in bad:
+        r = client.post(path, json=body)
+        assert r.status_code == status, (path, body, r.text)
+        assert r.json()["error"]["message"]
+    assert rows(client, "SELECT (SELECT count(*) FROM feedback_events), (SELECT count(*) FROM comparisons)") == before
+
+
+def test_admin_routes_need_the_operator_token(client):
+    assert client.get("/admin/status").status_code == 401
+    assert client.get("/admin/status", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert client.get("/admin/status", headers={"X-Admin-Token": ADMIN_TOKEN}).status_code == 200
+    assert client.post("/admin/sql", json={"sql": "DROP TABLE messages"}, headers=ADMIN).status_code == 400
+    assert client.post("/admin/adapters/v9/activate", headers=ADMIN).status_code == 404
+    assert client.post("/admin/rollback", headers=ADMIN).status_code == 400
+    assert client.get("/admin/runs/12345", headers=ADMIN).status_code == 404
+    assert client.post("/admin/retrain", json={"algo": "nope"}, headers=ADMIN).status_code == 400
+
+
+def test_admin_is_disabled_without_a_configured_token(client):
+    app = create_app(client.service, admin_token="")
+    with TestClient(app) as c:
+        r = c.get("/admin/status", headers={"Authorization": "Bearer "})
+        assert r.status_code == 403 and "disabled" in r.json()["error"]["message"]

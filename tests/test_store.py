@@ -1,0 +1,130 @@
+"""The DuckDB log: schema migrations, atomic writes, append-only feedback, the read-only console."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from chatloop.store import GenerationRecord, NotFound, SqlRefused, Store, StoreError
+
+
+def rec(context, reply="a reply", adapter="base") -> GenerationRecord:
+    return GenerationRecord(context=context, reply=reply, model="m", adapter_version=adapter,
+                            settings={"temperature": 0.7}, prompt_tokens=5, completion_tokens=2,
+                            ttft_ms=1.0, latency_ms=3.0, finish_reason="stop")
+
+
+CTX = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "log.duckdb")
+    yield s
+    s.close()
+
+
+def test_migrations_are_recorded_and_idempotent(tmp_path):
+    s = Store(tmp_path / "x.duckdb")
+    assert s.schema_version() == 1
+    s.close()
+    s = Store(tmp_path / "x.duckdb")  # reopening applies nothing twice
+    assert s._all("SELECT count(*) FROM schema_migrations")[0][0] == 1
+    s.close()
+
+
+def test_exchange_is_recorded_with_its_adapter_and_survives_reopen(tmp_path):
+    s = Store(tmp_path / "x.duckdb")
+    conv = s.new_conversation("u1", "api")
+    mid = s.record_exchange(conv, rec(CTX, "hello!", adapter="v3"))
+    s.close()
+    s = Store(tmp_path / "x.duckdb")
+    msg = s.assistant_message(mid)
+    assert msg["content"] == "hello!" and msg["adapter_version"] == "v3" and msg["user_id"] == "u1"
+    assert s._all("SELECT role FROM messages ORDER BY role") == [("assistant",), ("user",)]
+    s.close()
+
+
+def test_a_failing_exchange_writes_nothing(store):
+    conv = store.new_conversation("u1", "api")
+    mid = store.record_exchange(conv, rec(CTX))
+    with pytest.raises(duckdb.Error):  # same message id again: the generation insert fails
+        store.record_exchange(conv, rec(CTX), message_id=mid)
+    assert store._all("SELECT count(*) FROM messages")[0][0] == 2  # the first exchange only
+
+
+def test_feedback_is_append_only_and_latest_vote_counts(store):
+    conv = store.new_conversation("u1", "api")
+    mid = store.record_exchange(conv, rec(CTX))
+    store.record_feedback(mid, "u1", 1, reason="helpful")
+    store.record_feedback(mid, "u1", -1, reason="wrong")
+    store.record_feedback(mid, "u2", 1)
+    assert store._all("SELECT count(*) FROM feedback_events")[0][0] == 3
+    latest = {(r["user_id"], r["rating"], r["reason"]) for r in store.latest_thumbs()}
+    assert latest == {("u1", -1, "wrong"), ("u2", 1, None)}
+
+
+def test_bad_feedback_and_comparisons_are_refused(store):
+    conv = store.new_conversation("u1", "api")
+    a = store.record_exchange(conv, rec(CTX, "one"))
+    b = store.record_exchange(conv, rec(CTX, "two"))
+    other = store.record_exchange(conv, rec([{"role": "user", "content": "different"}], "three"))
+    with pytest.raises(NotFound):
+        store.record_feedback("msg-nope", "u1", 1)
+    with pytest.raises(StoreError):
+        store.record_feedback(a, "u1", 2)
+    with pytest.raises(StoreError, match="same context"):
+        store.record_comparison(a, other, "a", "u1")
+    with pytest.raises(StoreError):
+        store.record_comparison(a, a, "a", "u1")
+    with pytest.raises(StoreError):
+        store.record_comparison(a, b, "maybe", "u1")
+    with pytest.raises(NotFound):
+        store.record_comparison(a, "msg-nope", "a", "u1")
+    assert store._all("SELECT (SELECT count(*) FROM feedback_events) + (SELECT count(*) FROM comparisons)")[0][0] == 0
+    store.record_comparison(a, b, "b", "u1")
+    store.record_comparison(b, a, "tie", "u1")  # same pair, other order: latest counts
+    assert [r["choice"] for r in store.latest_comparisons()] == ["tie"]
+
+
+HOSTILE = [
+    ("INSERT INTO users VALUES ('x', 'y', now())", "only read"),
+    ("DELETE FROM feedback_events", "only read"),
+    ("UPDATE messages SET content = ''", "only read"),
+    ("DROP TABLE messages", "only read"),
+    ("CREATE TABLE evil AS SELECT 1", "only read"),
+    ("COPY messages TO '/tmp/leak.csv'", "only read"),
+    ("ATTACH '/tmp/other.duckdb' AS o", "only read"),
+    ("INSTALL httpfs", "only read"),
+    ("LOAD httpfs", "only read"),
+    ("SET enable_external_access = true", "only read"),
+    ("PRAGMA database_list", "only read"),
+    ("CALL pragma_version()", "only read"),
+    ("SELECT 1; DROP TABLE messages", "one statement"),
+    ("SELECT * FROM read_csv('/etc/passwd')", "disabled"),
+    ("SELECT * FROM read_text('/etc/hostname')", "disabled"),
+    ("SELECT * FROM 'https://example.com/x.parquet'", "disabled|not found|extension"),
+    ("", "empty"),
+    ("SELEC 1", "parse"),
+]
+
+
+@pytest.mark.parametrize("sql, message", HOSTILE)
+def test_sql_console_refuses_hostile_queries(store, sql, message):
+    with pytest.raises(SqlRefused, match=message):
+        store.query_readonly(sql)
+    assert store._all("SELECT count(*) FROM messages")[0][0] == 0
+    assert store.schema_version() == 1
+
+
+def test_sql_console_reads_with_row_and_time_limits(store):
+    conv = store.new_conversation("u1", "api")
+    for i in range(5):
+        store.record_exchange(conv, rec(CTX, f"r{i}"))
+    res = store.query_readonly("SELECT content FROM messages WHERE role = 'assistant' ORDER BY content", max_rows=3)
+    assert res.columns == ["content"] and [r[0] for r in res.rows] == ["r0", "r1", "r2"] and res.truncated
+    assert store.query_readonly("DESCRIBE feedback_events").rows
+    assert store.query_readonly("WITH t AS (SELECT 1 AS x) SELECT x FROM t").rows == [(1,)]
+    with pytest.raises(SqlRefused, match="time limit"):
+        store.query_readonly("SELECT count(*) FROM range(10000000000) a", timeout_s=0.5)
+    assert store.query_readonly("SELECT 42").rows == [(42,)]  # still usable afterwards
