@@ -69,7 +69,7 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
             status = gr.Markdown("", elem_id="chat-status")
             with gr.Accordion("Generation settings", open=False):
                 temperature = gr.Slider(0.0, 2.0, value=g.temperature, step=0.05, label="Temperature")
-                max_tokens = gr.Slider(16, g.max_tokens_limit, value=g.max_tokens, step=16, label="Max tokens")
+                max_tokens = gr.Slider(1, g.max_tokens_limit, value=g.max_tokens, step=1, label="Max tokens")
 
             def _respond(turns_v, conv, uid, temp, maxt):
                 uid = uid or _new_user()
@@ -119,15 +119,16 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                 if not isinstance(idx, int) or not 0 <= idx < len(turns_v) or "message_id" not in turns_v[idx]:
                     raise gr.Error("That message cannot be rated.")
                 if data.liked is None or data.liked == "":
-                    return "Rating removed from view (your earlier rating stays until you rate again)."
+                    return "Rating removed from view (your earlier rating stays until you rate again).", gr.skip()
                 rating = 1 if data.liked is True or data.liked == "Like" else -1
                 try:
                     service.feedback(turns_v[idx]["message_id"], rating, uid, reason=why or None)
                 except USER_ERRORS as exc:
                     raise gr.Error(str(exc))
-                return f"Thanks! Recorded {'👍' if rating > 0 else '👎'}" + (f" ({why})" if why else "") + "."
+                # the reason was for this rating only: clear it for the next one
+                return f"Thanks! Recorded {'👍' if rating > 0 else '👎'}" + (f" ({why})" if why else "") + ".", ""
 
-            chatbot.like(_like, [turns, user_id, reason], [status])
+            chatbot.like(_like, [turns, user_id, reason], [status, reason])
 
         # ---- Compare -------------------------------------------------------------------------
         with gr.Tab("Compare", id="compare"):
@@ -220,7 +221,7 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                                      value="SELECT adapter_version, count(*) AS replies FROM generations GROUP BY 1",
                                      elem_id="admin-sql")
                 sql_btn = gr.Button("Run query", elem_id="admin-sql-run")
-                sql_df = gr.Dataframe(label="Result", interactive=False, elem_id="admin-sql-result")
+                sql_df = gr.Dataframe(label="Result", interactive=False, visible=False, elem_id="admin-sql-result")
                 sql_msg = gr.Markdown("")
                 timer = gr.Timer(2.0, active=False)
 
@@ -301,11 +302,12 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                 try:
                     res = service.store.query_readonly(q, lim.sql_max_rows, lim.sql_timeout_s)
                 except SqlRefused as exc:
-                    return gr.skip(), f"⚠️ {exc}"
+                    return gr.update(visible=False), f"⚠️ {exc}"
                 rows = [[v if isinstance(v, (int, float, str, type(None))) else json.dumps(v, default=str)
                          for v in r] for r in res.rows]
                 note = f"{len(rows)} row(s)" + (" (truncated)" if res.truncated else "")
-                return {"headers": res.columns, "data": rows or [[None] * len(res.columns)]}, note
+                table = {"headers": res.columns, "data": rows or [[None] * len(res.columns)]}
+                return gr.update(value=table, visible=True), note
 
             sql_btn.click(_sql, [signed_in, sql_box], [sql_df, sql_msg])
 
