@@ -239,6 +239,8 @@ class Engine:
         self._selected: str | None = None
         self._running_adapter: str | None = None
         self._active = BASE_VERSION
+        # Rust tokenizers raise "Already borrowed" when two threads use one at once
+        self._tokenizer_lock = threading.Lock()
         eos = self.model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         if self.tokenizer.eos_token_id is not None:
@@ -386,9 +388,14 @@ class Engine:
             req.handle._finish(completion, error)
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=True)
+        with self._tokenizer_lock:
+            out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                     tokenize=True, return_dict=True)
         return list(out["input_ids"])
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _serve(self, req: _Request) -> Completion:
         t0 = time.perf_counter()
@@ -451,7 +458,7 @@ class Engine:
                 generated.append(tok)
                 next_input = torch.tensor([[tok]], device=device)
                 seq = torch.cat([seq, next_input], dim=1)
-                text = self.tokenizer.decode(generated, skip_special_tokens=True)
+                text = self._decode(generated)
                 if text.endswith("\ufffd"):
                     continue  # an incomplete UTF-8 sequence: wait for the next token
                 cut = stops.find(text)

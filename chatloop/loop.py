@@ -55,6 +55,7 @@ class CycleState:
     step: int = 0
     total: int = 0
     last: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.time)
 
     def as_dict(self) -> dict[str, Any]:
@@ -205,6 +206,7 @@ class Retrainer:
                             m = json.loads(line)
                             assert self.current is not None
                             self.current.step, self.current.total, self.current.last = m["step"], m["total"], m
+                            self.current.history.append(m)
                             if on_progress:
                                 on_progress(self.current)
                 if rc is not None:

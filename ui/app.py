@@ -211,6 +211,8 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                     cancel_btn = gr.Button("Cancel cycle", elem_id="admin-cancel")
                 cycle_md = gr.Markdown("", elem_id="admin-cycle")
                 runs_df = gr.Dataframe(label="Training runs", interactive=False, elem_id="admin-runs")
+                curve = gr.LinePlot(x="step", y="value", color="metric", label="Latest run: loss and reward margin",
+                                    elem_id="admin-curve", height=260)
                 adapters_df = gr.Dataframe(label="Adapters", interactive=False, elem_id="admin-adapters")
                 with gr.Row():
                     version_box = gr.Textbox(label="Version to activate (e.g. v2, or base)", elem_id="admin-version")
@@ -227,7 +229,7 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
 
             def _refresh(ok):
                 if not ok:
-                    return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 st = service.status()
                 cyc = st.pop("cycle")
                 status_text = " · ".join(f"**{k}**: {v}" for k, v in st.items())
@@ -245,9 +247,23 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                 acols = ["version", "active", "parent", "algo", "run_id", "train_pairs", "verdict"]
                 ad_rows = [[a.get(c) for c in acols] for a in ad]
                 return (status_text, cycle_text, {"headers": cols, "data": runs_rows or [[None] * len(cols)]},
-                        {"headers": acols, "data": ad_rows or [[None] * len(acols)]})
+                        {"headers": acols, "data": ad_rows or [[None] * len(acols)]}, _curve(runs, cyc))
 
-            refresh_outs = [status_md, cycle_md, runs_df, adapters_df]
+            def _curve(runs, cyc):
+                """Per-step loss and reward margin of the running cycle, else of the latest finished one."""
+                import pandas as pd
+
+                if cyc and cyc.get("history"):
+                    history = cyc["history"]
+                else:
+                    done = next((r for r in runs if r["status"] in ("promoted", "rejected")), None)
+                    history = ((service.store.get_run(done["id"]).get("metrics") or {}).get("history", [])
+                               if done else [])
+                points = [{"step": h["step"], "metric": k, "value": h[k]}
+                          for h in history for k in ("loss", "reward_margin") if k in h]
+                return pd.DataFrame(points or [{"step": 0, "metric": "loss", "value": None}])
+
+            refresh_outs = [status_md, cycle_md, runs_df, adapters_df, curve]
 
             def _login(tok):
                 ok = bool(admin_token) and hmac.compare_digest((tok or "").encode(), admin_token.encode())
