@@ -239,6 +239,7 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     expect(page.locator("#admin-runs")).to_contain_text("promoted", timeout=15_000)
     expect(admin_status).to_contain_text("active_adapter: v1", timeout=15_000)
     assert active_adapter(server) == "v1"
+    expect(page.locator("#admin-curve img")).to_be_visible()  # the loss / reward-margin plot
     shot("admin-promoted")
 
     page.locator("#admin-rollback").click()

@@ -42,6 +42,28 @@ def _display(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
     return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
+def training_curve(history: list[dict[str, Any]], title: str):
+    """A matplotlib figure of loss and reward margin per training step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    steps = [h["step"] for h in history]
+    for key, label in (("loss", "loss"), ("reward_margin", "reward margin")):
+        if history and key in history[0]:
+            ax.plot(steps, [h[key] for h in history], marker="." if len(steps) < 30 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if history:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
 def build_ui(service: Service, admin_token: str) -> gr.Blocks:
     g = service.settings.generation
 
@@ -211,8 +233,7 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                     cancel_btn = gr.Button("Cancel cycle", elem_id="admin-cancel")
                 cycle_md = gr.Markdown("", elem_id="admin-cycle")
                 runs_df = gr.Dataframe(label="Training runs", interactive=False, elem_id="admin-runs")
-                curve = gr.LinePlot(x="step", y="value", color="metric", label="Latest run: loss and reward margin",
-                                    elem_id="admin-curve", height=260)
+                curve = gr.Plot(label="Latest run: loss and reward margin", elem_id="admin-curve")
                 adapters_df = gr.Dataframe(label="Adapters", interactive=False, elem_id="admin-adapters")
                 with gr.Row():
                     version_box = gr.Textbox(label="Version to activate (e.g. v2, or base)", elem_id="admin-version")
@@ -251,17 +272,14 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
 
             def _curve(runs, cyc):
                 """Per-step loss and reward margin of the running cycle, else of the latest finished one."""
-                import pandas as pd
-
                 if cyc and cyc.get("history"):
-                    history = cyc["history"]
+                    history, title = cyc["history"], f"run {cyc['run_id']} (running)"
                 else:
                     done = next((r for r in runs if r["status"] in ("promoted", "rejected")), None)
                     history = ((service.store.get_run(done["id"]).get("metrics") or {}).get("history", [])
                                if done else [])
-                points = [{"step": h["step"], "metric": k, "value": h[k]}
-                          for h in history for k in ("loss", "reward_margin") if k in h]
-                return pd.DataFrame(points or [{"step": 0, "metric": "loss", "value": None}])
+                    title = f"run {done['id']} ({done['status']})" if done else "no finished run yet"
+                return training_curve(history, title)
 
             refresh_outs = [status_md, cycle_md, runs_df, adapters_df, curve]
 
