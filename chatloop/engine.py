@@ -386,6 +386,12 @@ class Engine:
             except Exception:
                 log.exception("unloading adapters failed")
             req.handle._finish(completion, error)
+        # stopped: nobody will serve what is still queued, so say so instead of leaving callers waiting
+        while True:
+            try:
+                self._requests.get_nowait().handle._finish(None, RuntimeError("the engine has stopped"))
+            except queue.Empty:
+                break
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
         with self._tokenizer_lock:

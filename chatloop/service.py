@@ -100,13 +100,15 @@ class ChatTurn:
             c = self.handle.result(timeout=120)  # a cancelled request ends at the next step
         except Exception:
             return  # nothing was generated (refused by the engine): nothing to record
+        self.completion = c
+        if c.finish_reason == "cancelled" and not c.completion_tokens:
+            return  # stopped before the first token: there is no reply to keep
         self.service.store.record_exchange(self.conversation_id, GenerationRecord(
             context=self.context, reply=c.text, model=self.service.model_name,
             adapter_version=c.adapter_version, settings=self.params.as_dict(),
             prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
             ttft_ms=c.ttft_ms, latency_ms=c.latency_ms, finish_reason=c.finish_reason,
         ), message_id=self.message_id)
-        self.completion = c
 
 
 class Service:

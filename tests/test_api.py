@@ -135,3 +135,16 @@ def test_admin_is_disabled_without_a_configured_token(client):
     with TestClient(app) as c:
         r = c.get("/admin/status", headers={"Authorization": "Bearer "})
         assert r.status_code == 403 and "disabled" in r.json()["error"]["message"]
+
+
+def test_a_client_that_goes_away_frees_the_engine_and_keeps_what_it_saw(client):
+    service = client.service
+    turn = service.chat(HI, service.params(max_tokens=400, temperature=1.0), user_id="api")
+    stream = iter(turn)
+    seen = next(stream) + next(stream)
+    stream.close()  # what a disconnecting HTTP client does to the response generator
+    c = turn.completion
+    assert c.finish_reason == "cancelled" and c.completion_tokens < 400
+    stored = rows(client, f"SELECT m.content, g.finish_reason FROM messages m JOIN generations g "
+                          f"ON g.message_id = m.id WHERE m.id = '{turn.message_id}'")
+    assert stored[0][1] == "cancelled" and stored[0][0].startswith(seen)
