@@ -14,8 +14,11 @@ Invariants:
 
 from __future__ import annotations
 
+import math
+import random
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,3 +93,57 @@ def reply_logprobs(model: torch.nn.Module, batch: Batch, average: bool = False) 
     if average:
         out = out / predict.sum(dim=1).clamp(min=1)
     return out
+
+
+def batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, indices) for ``epochs`` shuffled passes over ``n`` items, reproducible by seed."""
+    rng = random.Random(seed)
+    for epoch in range(epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        for i in range(0, n, batch_size):
+            yield epoch, order[i: i + batch_size]
+
+
+def fit(
+    model: torch.nn.Module,
+    n_items: int,
+    batch_size: int,
+    epochs: int,
+    learning_rate: float,
+    seed: int,
+    step: Callable[[list[int]], tuple[torch.Tensor, dict[str, float]]],
+    on_step: Callable[[dict], None] = lambda m: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    extra_params: Sequence[torch.nn.Parameter] = (),
+    max_grad_norm: float = 1.0,
+) -> list[dict]:
+    """The shared optimisation loop: AdamW on the trainable parameters, clipped gradients,
+    one ``step(indices) -> (loss, metrics)`` per batch, progress and cancellation.
+
+    Returns the per-step metrics history (each with step, total, epoch, loss, elapsed_s).
+    """
+    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
+    if not params:
+        raise ValueError("the model has no trainable parameters (is a LoRA adapter attached?)")
+    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    total = math.ceil(n_items / batch_size) * epochs
+    model.train()
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    for i, (epoch, idx) in enumerate(batches(n_items, batch_size, epochs, seed), start=1):
+        if should_stop():
+            raise InterruptedError("training cancelled")
+        loss, metrics = step(idx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {i}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        m = {"step": i, "total": total, "epoch": epoch, "loss": loss.item(), **metrics,
+             "elapsed_s": time.perf_counter() - t0}
+        history.append(m)
+        on_step(m)
+    model.eval()
+    return history

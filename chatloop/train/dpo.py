@@ -14,8 +14,6 @@ Invariants:
 
 from __future__ import annotations
 
-import math
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -23,7 +21,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from chatloop.train.common import Encoded, collate, encode_reply, reply_logprobs
+from chatloop.train.common import Encoded, collate, encode_reply, fit, reply_logprobs
 
 
 def dpo_loss(
@@ -144,59 +142,37 @@ def train_dpo(
     """Fit the trainable (LoRA) parameters of ``model`` with DPO; returns summary metrics."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     train = encode_pairs(tokenizer, train_pairs, cfg)
     held = encode_pairs(tokenizer, eval_pairs, cfg)
     fill_reference(model, train + held, pad_id, cfg, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (is a LoRA adapter attached?)")
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
     average = cfg.loss_type == "ipo"
-    model.train()
-    step, history = 0, []
-    for epoch in range(cfg.epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        for i in range(0, len(order), cfg.batch_size):
-            if should_stop():
-                raise InterruptedError("training cancelled")
-            chunk = [train[j] for j in order[i: i + cfg.batch_size]]
-            c, r = _pair_logprobs(model, chunk, pad_id, average, device)
-            rc = torch.tensor([e.ref_chosen for e in chunk], device=c.device)
-            rr = torch.tensor([e.ref_rejected for e in chunk], device=c.device)
-            losses, cr, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing)
-            loss = losses.mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"DPO loss is {loss.item()} at step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            m = {
-                "step": step, "total": total, "epoch": epoch, "loss": loss.item(),
-                "reward_accuracy": float((cr > rj).float().mean()),
-                "reward_margin": float((cr - rj).mean()),
-                "chosen_reward": float(cr.mean()), "rejected_reward": float(rj.mean()),
-                "logp_chosen": float(c.detach().mean()), "logp_rejected": float(r.detach().mean()),
-                "elapsed_s": time.perf_counter() - t0,
-            }
-            history.append(m)
-            on_step(m)
-    model.eval()
+
+    def step(idx: list[int]):
+        chunk = [train[j] for j in idx]
+        c, r = _pair_logprobs(model, chunk, pad_id, average, device)
+        rc = torch.tensor([e.ref_chosen for e in chunk], device=c.device)
+        rr = torch.tensor([e.ref_rejected for e in chunk], device=c.device)
+        losses, cr, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        return losses.mean(), {
+            "reward_accuracy": float((cr > rj).float().mean()),
+            "reward_margin": float((cr - rj).mean()),
+            "chosen_reward": float(cr.mean()), "rejected_reward": float(rj.mean()),
+            "logp_chosen": float(c.detach().mean()), "logp_rejected": float(r.detach().mean()),
+        }
+
+    history = fit(model, len(train), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
+                  on_step, should_stop)
+    step_count = len(history)
     metrics = {
-        "algo": "dpo", "steps": step, "train_pairs": len(train), "eval_pairs": len(held),
+        "algo": "dpo", "steps": step_count, "train_pairs": len(train), "eval_pairs": len(held),
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
         "train_eval": evaluate_pairs(model, train, pad_id, cfg, device),
         "held_out": evaluate_pairs(model, held, pad_id, cfg, device),
         "train_s": time.perf_counter() - t0,
-        "pairs_per_s": (step * cfg.batch_size) / max(time.perf_counter() - t0, 1e-9),
+        "pairs_per_s": (len(train) * cfg.epochs) / max(time.perf_counter() - t0, 1e-9),
         "history": history,
     }
     return metrics

@@ -1,0 +1,165 @@
+"""Kahneman-Tversky Optimization (KTO) from unpaired thumbs, on a LoRA adapter.
+
+Owns: the KTO loss (Ethayarajh et al. 2024, eq. 7, as TRL implements it) and its training loop.
+
+loss(desirable y)   = w_d * (1 - sigmoid(beta * (log pi/ref (y|x) - z)))
+loss(undesirable y) = w_u * (1 - sigmoid(beta * (z - log pi/ref (y|x))))
+z = max(0, mean over the batch of log pi/ref (y'|x)), a detached KL estimate from mismatched
+(prompt, reply) pairs: each example's prompt with the reply of its neighbour in the batch.
+
+Invariants: as in DPO, the reference is the policy before the first update, so reference
+log-probs (matched and mismatched) are computed once per example before training. The
+mismatched reply of each example is fixed at preparation (rotation by one inside consecutive
+chunks of ``batch_size``, as TRL does), so its reference log-prob stays valid across epochs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from chatloop.train.common import Encoded, collate, encode_reply, fit, reply_logprobs
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    policy_kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example KTO losses, implicit rewards beta*log(pi/ref), and the KL estimate z."""
+    kl = (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    logratio = policy_logps - ref_logps
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (logratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratio))),
+    )
+    return losses, beta * logratio.detach(), kl
+
+
+@dataclass
+class KtoConfig:
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    learning_rate: float = 5e-5
+    epochs: int = 2
+    batch_size: int = 8
+    max_prompt_tokens: int = 384
+    max_reply_tokens: int = 256
+    seed: int = 0
+
+
+@dataclass
+class KtoExample:
+    matched: Encoded
+    mismatched: Encoded  # this prompt with another example's reply (the KL estimate)
+    desirable: bool
+    ref: float = 0.0
+    ref_kl: float = 0.0
+
+
+def encode_examples(tokenizer, rows: list[dict], cfg: KtoConfig) -> list[KtoExample]:
+    """rows: {"prompt": [...messages], "completion": str, "label": bool}."""
+    out = []
+    for start in range(0, len(rows), cfg.batch_size):
+        chunk = rows[start: start + cfg.batch_size]
+        rotated = [chunk[-1]] + chunk[:-1]  # (x_1, y_n), (x_2, y_1), ...
+        for row, other in zip(chunk, rotated):
+            out.append(KtoExample(
+                matched=encode_reply(tokenizer, row["prompt"], row["completion"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
+                mismatched=encode_reply(tokenizer, row["prompt"], other["completion"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
+                desirable=bool(row["label"]),
+            ))
+    return out
+
+
+def _logps(model, items: list[KtoExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = collate([e.matched for e in items] + [e.mismatched for e in items], pad_id).to(device)
+    lp = reply_logprobs(model, batch)
+    return lp[: len(items)], lp[len(items):]
+
+
+@torch.no_grad()
+def fill_reference(model, examples: list[KtoExample], pad_id: int, batch_size: int, device) -> None:
+    model.eval()
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        m, k = _logps(model, chunk, pad_id, device)
+        for e, a, b in zip(chunk, m.tolist(), k.tolist()):
+            e.ref, e.ref_kl = a, b
+
+
+def train_kto(
+    model,
+    tokenizer,
+    rows: list[dict],
+    eval_rows: list[dict],
+    cfg: KtoConfig,
+    on_step: Callable[[dict], None] = lambda m: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict:
+    if not any(r["label"] for r in rows) or all(r["label"] for r in rows):
+        raise ValueError("KTO needs both thumbs-up and thumbs-down replies to train on")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    train = encode_examples(tokenizer, rows, cfg)
+    held = encode_examples(tokenizer, eval_rows, cfg)
+    fill_reference(model, train + held, pad_id, cfg.batch_size, device)
+
+    def step(idx: list[int]):
+        chunk = [train[j] for j in idx]
+        policy, policy_kl = _logps(model, chunk, pad_id, device)
+        ref = torch.tensor([e.ref for e in chunk], device=policy.device)
+        ref_kl = torch.tensor([e.ref_kl for e in chunk], device=policy.device)
+        desirable = torch.tensor([e.desirable for e in chunk], device=policy.device)
+        losses, rewards, kl = kto_loss(policy, ref, desirable, policy_kl.detach(), ref_kl, cfg.beta,
+                                       cfg.desirable_weight, cfg.undesirable_weight)
+        good, bad = rewards[desirable], rewards[~desirable]
+        return losses.mean(), {
+            "kl": float(kl),
+            "desirable_reward": float(good.mean()) if len(good) else None,
+            "undesirable_reward": float(bad.mean()) if len(bad) else None,
+        }
+
+    history = fit(model, len(train), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
+                  on_step, should_stop)
+    return {
+        "algo": "kto", "steps": len(history), "train_examples": len(train), "eval_examples": len(held),
+        "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train),
+        "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+        "train_eval": evaluate(model, train, pad_id, cfg, device),
+        "held_out": evaluate(model, held, pad_id, cfg, device),
+        "train_s": time.perf_counter() - t0, "history": history,
+    }
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[KtoExample], pad_id: int, cfg: KtoConfig, device) -> dict:
+    """Share of examples whose implicit reward has the right sign (ties count half), and the loss."""
+    if not examples:
+        return {}
+    model.eval()
+    correct, losses = 0.0, []
+    for i in range(0, len(examples), cfg.batch_size):
+        chunk = examples[i: i + cfg.batch_size]
+        policy, policy_kl = _logps(model, chunk, pad_id, device)
+        ref = torch.tensor([e.ref for e in chunk], device=policy.device)
+        ref_kl = torch.tensor([e.ref_kl for e in chunk], device=policy.device)
+        desirable = torch.tensor([e.desirable for e in chunk], device=policy.device)
+        loss, rewards, _ = kto_loss(policy, ref, desirable, policy_kl, ref_kl, cfg.beta,
+                                    cfg.desirable_weight, cfg.undesirable_weight)
+        signed = torch.where(desirable, rewards, -rewards)
+        correct += float((signed > 0).sum() + 0.5 * (signed == 0).sum())
+        losses += loss.tolist()
+    return {"accuracy": correct / len(examples), "loss": sum(losses) / len(losses), "examples": len(examples)}

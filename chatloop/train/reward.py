@@ -1,0 +1,161 @@
+"""The reward model: base model + LoRA + a scalar head, trained with a Bradley-Terry loss.
+
+Owns: the reward model's forward (the score of a (context, reply) is the head applied to the
+hidden state of the reply's last token), its losses, training, and its on-disk artifact.
+
+loss_pairs  = -log sigmoid(r(chosen) - r(rejected) - margin)            (Bradley-Terry, as TRL)
+            + center * mean((r(chosen) + r(rejected))^2)                (optional centring)
+loss_thumbs = pointwise_weight * BCE(sigmoid(r(reply)), thumb is up)    (optional, from thumbs)
+
+Artifact (a directory): ``adapter/`` (PEFT LoRA), ``head.safetensors``, ``reward.json`` (base
+model path, metrics). ``RewardModel.load`` rebuilds it on any copy of the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from chatloop.train.common import Batch, Encoded, collate, encode_reply, fit, split_lm
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
+                       center_coefficient: float = 0.0) -> torch.Tensor:
+    diff = r_chosen - r_rejected - (margin if margin is not None else 0.0)
+    loss = -F.logsigmoid(diff).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * torch.mean((r_chosen + r_rejected) ** 2)
+    return loss
+
+
+class RewardModel(torch.nn.Module):
+    """A causal LM with LoRA (trainable) whose last reply token's hidden state feeds a scalar head."""
+
+    def __init__(self, lm: torch.nn.Module, hidden_size: int):
+        super().__init__()
+        self.lm = lm
+        self.head = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.normal_(self.head.weight, std=1 / (hidden_size + 1) ** 0.5)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        decoder, _ = split_lm(self.lm)
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        last = batch.attention_mask.sum(dim=1) - 1  # right padding: the last real token
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)
+
+    # ---- artifact ----------------------------------------------------------------------------
+    def save(self, path: Path, meta: dict) -> None:
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        self.lm.save_pretrained(path / "adapter")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                  str(path / "head.safetensors"))
+        (path / "reward.json").write_text(json.dumps(meta, indent=2, default=str))
+
+    @classmethod
+    def load(cls, path: Path, base_model: torch.nn.Module) -> "RewardModel":
+        from peft import PeftModel
+        from safetensors.torch import load_file
+
+        lm = PeftModel.from_pretrained(base_model, path / "adapter")
+        rm = cls(lm, base_model.config.hidden_size)
+        rm.head.load_state_dict(load_file(str(path / "head.safetensors")))
+        device = next(base_model.parameters()).device
+        rm.head.to(device)
+        rm.eval()
+        return rm
+
+
+@dataclass
+class RewardConfig:
+    learning_rate: float = 1e-4
+    epochs: int = 2
+    batch_size: int = 8
+    max_prompt_tokens: int = 384
+    max_reply_tokens: int = 256
+    center_coefficient: float = 0.0
+    pointwise_weight: float = 0.0  # weight of the thumbs term; 0 = pairs only
+    seed: int = 0
+
+
+@torch.no_grad()
+def score(rm: RewardModel, tokenizer, items: Sequence[tuple[list[dict], str]], cfg: RewardConfig,
+          batch_size: int = 8) -> list[float]:
+    """Scores of (context, reply) pairs."""
+    rm.eval()
+    device = rm.head.weight.device
+    enc = [encode_reply(tokenizer, c, r, cfg.max_prompt_tokens, cfg.max_reply_tokens) for c, r in items]
+    out: list[float] = []
+    for i in range(0, len(enc), batch_size):
+        out += rm(collate(enc[i: i + batch_size], tokenizer.pad_token_id).to(device)).float().tolist()
+    return out
+
+
+@torch.no_grad()
+def evaluate_pairs(rm: RewardModel, tokenizer, pairs: list[dict], cfg: RewardConfig) -> dict:
+    """Pair accuracy (ties count half) and mean margin r(chosen) - r(rejected)."""
+    if not pairs:
+        return {}
+    rc = score(rm, tokenizer, [(p["prompt"], p["chosen"]) for p in pairs], cfg)
+    rr = score(rm, tokenizer, [(p["prompt"], p["rejected"]) for p in pairs], cfg)
+    margins = [a - b for a, b in zip(rc, rr)]
+    acc = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
+    return {"accuracy": acc, "margin": sum(margins) / len(margins), "pairs": len(pairs)}
+
+
+def train_reward(
+    rm: RewardModel,
+    tokenizer,
+    pairs: list[dict],
+    eval_pairs: list[dict],
+    cfg: RewardConfig,
+    thumbs: list[dict] = (),
+    on_step: Callable[[dict], None] = lambda m: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Fit LoRA + head on pairs (and, with pointwise_weight > 0, on thumbs {prompt, completion, label})."""
+    device = rm.head.weight.device
+    pad_id = tokenizer.pad_token_id
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    enc: list[tuple[Encoded, Encoded]] = [
+        (encode_reply(tokenizer, p["prompt"], p["chosen"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
+         encode_reply(tokenizer, p["prompt"], p["rejected"], cfg.max_prompt_tokens, cfg.max_reply_tokens))
+        for p in pairs]
+    pointwise = [(encode_reply(tokenizer, t["prompt"], t["completion"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
+                  float(bool(t["label"]))) for t in thumbs] if cfg.pointwise_weight > 0 else []
+
+    def step(idx: list[int]):
+        chunk = [enc[j] for j in idx]
+        r = rm(collate([c for c, _ in chunk] + [r for _, r in chunk], pad_id).to(device))
+        rc, rr = r[: len(chunk)], r[len(chunk):]
+        loss = bradley_terry_loss(rc, rr, center_coefficient=cfg.center_coefficient)
+        metrics = {"accuracy": float((rc > rr).float().mean()), "margin": float((rc - rr).mean())}
+        if pointwise:
+            sample = [pointwise[j % len(pointwise)] for j in idx]
+            s = rm(collate([e for e, _ in sample], pad_id).to(device))
+            target = torch.tensor([y for _, y in sample], device=device)
+            point = F.binary_cross_entropy_with_logits(s.float(), target)
+            loss = loss + cfg.pointwise_weight * point
+            metrics["pointwise_loss"] = float(point)
+        return loss, metrics
+
+    history = fit(rm.lm, len(enc), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
+                  on_step, should_stop, extra_params=list(rm.head.parameters()))
+    rm.eval()
+    return {
+        "algo": "reward", "steps": len(history), "train_pairs": len(enc), "eval_pairs": len(eval_pairs),
+        "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+        "train_eval": evaluate_pairs(rm, tokenizer, pairs, cfg),
+        "held_out": evaluate_pairs(rm, tokenizer, eval_pairs, cfg),
+        "train_s": time.perf_counter() - t0, "config": asdict(cfg), "history": history,
+    }
