@@ -295,7 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="auto | cpu | cuda")
     s.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     r = sub.add_parser("retrain", parents=[common], help="run one retraining cycle")
-    r.add_argument("--algo", default="dpo", choices=["dpo"])
+    r.add_argument("--algo", default="dpo", choices=["dpo", "kto", "ppo"])
     a = sub.add_parser("adapters", parents=[common], help="list, activate or roll back adapters")
     a.add_argument("action", choices=["list", "activate", "rollback"])
     a.add_argument("version", nargs="?")

@@ -64,6 +64,24 @@ class TrainingDefaults:
     min_eval_pairs: int = 4
     seed: int = 0
     max_pairs_per_user: int = 0  # 0 = no cap
+    # KTO (unpaired thumbs)
+    min_thumbs: int = 8
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    # reward model (trained before PPO)
+    reward_learning_rate: float = 1e-4
+    reward_epochs: int = 2
+    reward_pointwise_weight: float = 0.1
+    # PPO
+    ppo_learning_rate: float = 1e-5
+    ppo_rollouts: int = 4
+    ppo_rollout_batch_size: int = 8
+    ppo_minibatch_size: int = 4
+    ppo_epochs: int = 4
+    ppo_max_new_tokens: int = 48
+    ppo_init_kl_coef: float = 0.05
+    ppo_target_kl: float = 6.0
+    ppo_eval_prompts: int = 16
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from chatloop.store import Store
 
 log = logging.getLogger(__name__)
 
-ALGORITHMS = ("dpo",)
+ALGORITHMS = ("dpo", "kto", "ppo")
 
 
 class CycleBusy(RuntimeError):
@@ -132,19 +132,11 @@ class Retrainer:
         try:
             parent = self._active_version()
             self._stage("snapshot", on_progress)
-            pairset = prefs.build_pairs(self.store, t.max_pairs_per_user)
-            n = len(pairset.pairs)
-            if n < t.min_pairs:
-                msg = (f"not enough feedback to retrain: {n} preference pair(s), need at least "
-                       f"{t.min_pairs}. Pairs come from A/B choices and from a thumbs-up and a "
-                       f"thumbs-down on two replies to the same conversation.")
-                self.store.finish_run(run_id, "refused", n_pairs=n, error=msg)
-                raise NotEnoughFeedback(msg)
-            train, held = prefs.split_pairs(pairset.pairs, t.eval_fraction, t.min_eval_pairs)
             job_dir = self.settings.runs_dir / f"run-{run_id}"
-            job_dir.mkdir(parents=True, exist_ok=True)
-            prefs.write_jsonl(job_dir / "train.jsonl", train)
-            prefs.write_jsonl(job_dir / "eval.jsonl", held)
+            snap = self._snapshot(algo, job_dir)
+            self.store.update_run(run_id, snapshot_dir=str(job_dir), n_pairs=snap["n_train"],
+                                  n_eval_pairs=snap["n_eval"], feedback_ids=snap["feedback_ids"],
+                                  comparison_ids=snap["comparison_ids"])
             parent_path = None if parent == BASE_VERSION else str(self.registry.path(parent))
             job = {"algo": algo, "model_path": self.model_path,
                    "models_dir": str(self.settings.models_dir), "parent_adapter": parent_path,
@@ -152,9 +144,6 @@ class Retrainer:
                    "dtype": self.settings.dtype, "torch_threads": self.settings.torch_threads,
                    "settings": dataclasses.asdict(t)}
             (job_dir / "job.json").write_text(json.dumps(job, indent=2))
-            self.store.update_run(run_id, snapshot_dir=str(job_dir), n_pairs=len(train),
-                                  n_eval_pairs=len(held), feedback_ids=pairset.feedback_ids,
-                                  comparison_ids=pairset.comparison_ids)
 
             self._stage("training", on_progress)
             metrics = self._train_in_child(job_dir, on_progress)
@@ -163,8 +152,8 @@ class Retrainer:
             verdict = evaluate.gate(metrics)
             self._stage("publishing", on_progress)
             meta = {"parent": parent, "algo": algo, "run_id": run_id, "settings": job["settings"],
-                    "train_pairs": len(train), "eval_pairs": len(held),
-                    "feedback_ids": pairset.feedback_ids, "comparison_ids": pairset.comparison_ids,
+                    "train_pairs": snap["n_train"], "eval_pairs": snap["n_eval"], "capped": snap["capped"],
+                    "feedback_ids": snap["feedback_ids"], "comparison_ids": snap["comparison_ids"],
                     "metrics": {k: v for k, v in metrics.items() if k != "history"},
                     "verdict": verdict.summary, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             version = self.registry.publish(job_dir / "adapter", meta)
@@ -177,7 +166,8 @@ class Retrainer:
                                   verdict=verdict.summary)
             self._stage("done", on_progress)
             return self.store.get_run(run_id)
-        except NotEnoughFeedback:
+        except NotEnoughFeedback as exc:
+            self.store.finish_run(run_id, "refused", error=str(exc))
             raise
         except BaseException as exc:
             self.store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -185,6 +175,54 @@ class Retrainer:
         finally:
             self.current = None
             self._lock.release()
+
+    def _snapshot(self, algo: str, job_dir: Path) -> dict[str, Any]:
+        """Write the data this algorithm trains on into ``job_dir``; refuse if there is too little.
+
+        Whether a held-out side exists is decided once, from the algorithm's main data, and the
+        same context-hash rule then splits pairs, thumbs and prompts alike (no context leaks).
+        """
+        t = self.settings.training
+        pairset = prefs.build_pairs(self.store, t.max_pairs_per_user)
+        thumbs, capped_thumbs = prefs.unpaired_thumbs(self.store, t.max_pairs_per_user)
+        pairs = pairset.pairs
+        hint = ("Pairs come from A/B choices and from a thumbs-up and a thumbs-down on two replies to "
+                "the same conversation.")
+        if algo in ("dpo", "ppo") and len(pairs) < t.min_pairs:
+            raise NotEnoughFeedback(f"not enough feedback to retrain: {len(pairs)} preference pair(s), "
+                                    f"need at least {t.min_pairs}. {hint}")
+        if algo == "kto":
+            ups = sum(th.label for th in thumbs)
+            if len(thumbs) < t.min_thumbs or ups == 0 or ups == len(thumbs):
+                raise NotEnoughFeedback(
+                    f"not enough feedback for KTO: {ups} thumbs-up and {len(thumbs) - ups} thumbs-down "
+                    f"replies, need at least {t.min_thumbs} in all, with both kinds")
+        main = thumbs if algo == "kto" else pairs
+        hold = prefs.enough_to_hold_out(len(main), t.eval_fraction, t.min_eval_pairs)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        train_p, held_p = prefs.split_by_context(pairs, t.eval_fraction, hold)
+        train_t, held_t = prefs.split_by_context(thumbs, t.eval_fraction, hold)
+        if not (train_t if algo == "kto" else train_p):  # a degenerate draw: train on everything
+            train_p, held_p, train_t, held_t = pairs, [], thumbs, []
+        uses_pairs, uses_thumbs = algo in ("dpo", "ppo"), algo in ("kto", "ppo")
+        prefs.write_jsonl(job_dir / "train.jsonl", train_p if uses_pairs else [])
+        prefs.write_jsonl(job_dir / "eval.jsonl", held_p if uses_pairs else [])
+        prefs.write_jsonl(job_dir / "train_thumbs.jsonl", train_t if uses_thumbs else [])
+        prefs.write_jsonl(job_dir / "eval_thumbs.jsonl", held_t if uses_thumbs else [])
+        if algo == "ppo":
+            train_q, held_q = prefs.split_by_context(prefs.logged_prompts(self.store), t.eval_fraction, hold)
+            prefs.write_jsonl(job_dir / "train_prompts.jsonl", train_q)
+            prefs.write_jsonl(job_dir / "eval_prompts.jsonl", held_q)
+        used_pairs = train_p if uses_pairs else []
+        used_thumbs = train_t if uses_thumbs else []
+        return {
+            "n_train": len(train_t) if algo == "kto" else len(train_p),
+            "n_eval": len(held_t) if algo == "kto" else len(held_p),
+            "feedback_ids": sorted({i for p in used_pairs for i in p.feedback_ids}
+                                   | {i for th in used_thumbs for i in th.feedback_ids}),
+            "comparison_ids": sorted({i for p in used_pairs for i in p.comparison_ids}),
+            "capped": {"pairs": pairset.capped, "thumbs": capped_thumbs},
+        }
 
     def _train_in_child(self, job_dir: Path, on_progress) -> dict[str, Any]:
         log_file = open(job_dir / "child.log", "w")

@@ -137,21 +137,37 @@ def is_held_out(context_hash: str, eval_fraction: float) -> bool:
     return bucket < eval_fraction
 
 
-def split_pairs(pairs: list[Pair], eval_fraction: float, min_eval_pairs: int) -> tuple[list[Pair], list[Pair]]:
+def split_by_context(items: list, eval_fraction: float, hold_out: bool) -> tuple[list, list]:
+    """(train, held-out) of anything with a ``context_hash``; nothing is held out unless ``hold_out``.
+
+    Deciding ``hold_out`` once per snapshot and applying it to pairs, thumbs and prompts alike
+    keeps one context on one side for every kind of data.
+    """
+    if not hold_out or eval_fraction <= 0:
+        return list(items), []
+    def key(p: Any) -> str:
+        return p["context_hash"] if isinstance(p, dict) else p.context_hash
+
+    held = [p for p in items if is_held_out(key(p), eval_fraction)]
+    return [p for p in items if not is_held_out(key(p), eval_fraction)], held
+
+
+def enough_to_hold_out(n: int, eval_fraction: float, min_eval: int) -> bool:
+    return eval_fraction > 0 and n * eval_fraction >= min_eval
+
+
+def split_pairs(pairs: list, eval_fraction: float, min_eval_pairs: int) -> tuple[list, list]:
     """Split by context. With too few pairs for a meaningful held-out set, everything trains."""
-    if eval_fraction <= 0 or len(pairs) * eval_fraction < min_eval_pairs:
-        return list(pairs), []
-    train = [p for p in pairs if not is_held_out(p.context_hash, eval_fraction)]
-    held = [p for p in pairs if is_held_out(p.context_hash, eval_fraction)]
+    train, held = split_by_context(pairs, eval_fraction, enough_to_hold_out(len(pairs), eval_fraction, min_eval_pairs))
     if not train:  # a degenerate draw: never let the held-out side swallow everything
         return list(pairs), []
     return train, held
 
 
-def write_jsonl(path: Path, pairs: Iterable[Pair]) -> None:
+def write_jsonl(path: Path, items: Iterable[Any]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
-        for p in pairs:
-            fh.write(json.dumps(p.to_json(), ensure_ascii=False) + "\n")
+        for p in items:
+            fh.write(json.dumps(p.to_json() if hasattr(p, "to_json") else p, ensure_ascii=False) + "\n")
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -159,3 +175,46 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+@dataclass
+class Thumb:
+    """One rated reply for KTO: desirable when its net vote is up."""
+
+    prompt: list[dict[str, str]]
+    completion: str
+    label: bool
+    context_hash: str
+    user_id: str
+    feedback_ids: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def unpaired_thumbs(store: Store, max_per_user: int = 0) -> tuple[list[Thumb], int]:
+    """Every reply with a non-zero net thumb (latest vote per user), in log order; and how many
+    the per-user cap dropped."""
+    by_message: dict[str, dict[str, Any]] = {}
+    for r in store.latest_thumbs():
+        m = by_message.setdefault(r["message_id"], {"net": 0, "ids": [], "row": r, "user": r["user_id"]})
+        m["net"] += r["rating"]
+        m["ids"].append(r["feedback_id"])
+    thumbs = [Thumb(prompt=m["row"]["context"], completion=m["row"]["reply"], label=m["net"] > 0,
+                    context_hash=m["row"]["context_hash"], user_id=m["user"], feedback_ids=sorted(m["ids"]))
+              for m in by_message.values() if m["net"] != 0]
+    if max_per_user <= 0:
+        return thumbs, 0
+    counts: dict[str, int] = defaultdict(int)
+    kept = []
+    for t in reversed(thumbs):
+        if counts[t.user_id] < max_per_user:
+            counts[t.user_id] += 1
+            kept.append(t)
+    kept.reverse()
+    return kept, len(thumbs) - len(kept)
+
+
+def logged_prompts(store: Store) -> list[dict[str, Any]]:
+    """Distinct logged contexts (oldest first) with their hash: the prompts PPO rolls out on."""
+    return [{"prompt": c, "context_hash": h} for h, c in store.distinct_contexts()]

@@ -379,6 +379,12 @@ class Store:
             r["context"] = json.loads(r["context"])
         return rows
 
+    def distinct_contexts(self, limit: int = 10000) -> list[tuple[str, list[dict[str, str]]]]:
+        """(context_hash, context) of every distinct context that got a reply, oldest first."""
+        rows = self._all("SELECT context_hash, any_value(context) FROM generations GROUP BY context_hash"
+                         " ORDER BY min(created_at) LIMIT ?", [limit])
+        return [(h, json.loads(c)) for h, c in rows]
+
     def feedback_count(self) -> int:
         return self._one("SELECT (SELECT count(*) FROM feedback_events) +"
                          " (SELECT count(*) FROM comparisons)")[0]

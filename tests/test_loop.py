@@ -98,3 +98,45 @@ def test_failing_child_leaves_serving_untouched(parts, tmp_path):
     run = store.list_runs()[0]
     assert run["status"] == "failed" and run["error"]
     assert registry.versions() == [] and activations == [] and registry.active() == "base"
+
+
+def seed_thumbs(store: Store, n: int) -> None:
+    conv = store.new_conversation("u2", "api")
+    for i in range(n):
+        ctx = [{"role": "user", "content": f"thumbs question {i}"}]
+        mid = store.record_exchange(conv, GenerationRecord(
+            context=ctx, reply=f"Happy to help with {i}!" if i % 2 == 0 else f"No. {i}", model="m",
+            adapter_version="base", settings={}, prompt_tokens=1, completion_tokens=1, ttft_ms=1,
+            latency_ms=1, finish_reason="stop"))
+        store.record_feedback(mid, "u2", 1 if i % 2 == 0 else -1)
+
+
+def test_kto_cycle_from_unpaired_thumbs(parts):
+    settings, store, registry, retrainer, activations = parts
+    retrainer.settings = settings.replace(training=settings.training.__class__(
+        **{**settings.training.__dict__, "min_thumbs": 4}))
+    seed_thumbs(store, 3)
+    with pytest.raises(NotEnoughFeedback, match="KTO"):
+        retrainer.run_cycle("kto")
+    seed_thumbs(store, 8)  # the same contexts again plus more: latest votes, both kinds
+    run = retrainer.run_cycle("kto")
+    assert run["status"] in ("promoted", "rejected") and run["candidate_version"]
+    assert run["metrics"]["algo"] == "kto" and run["metrics"]["desirable"] and run["metrics"]["undesirable"]
+    assert run["feedback_ids"] and not run["comparison_ids"]
+    assert registry.metadata(run["candidate_version"])["algo"] == "kto"
+
+
+def test_ppo_cycle_trains_a_reward_model_then_the_policy(parts):
+    settings, store, registry, retrainer, activations = parts
+    retrainer.settings = settings.replace(training=settings.training.__class__(**{
+        **settings.training.__dict__, "ppo_rollouts": 2, "ppo_rollout_batch_size": 4, "ppo_minibatch_size": 2,
+        "ppo_epochs": 1, "ppo_max_new_tokens": 6, "ppo_eval_prompts": 4, "reward_epochs": 1}))
+    seed_pairs(store, 6)
+    seed_thumbs(store, 4)
+    run = retrainer.run_cycle("ppo")
+    m = run["metrics"]
+    assert m["algo"] == "ppo" and len(m["history"]) == 2
+    assert m["reward_model"]["train_pairs"] == 6 and m["reward_eval"]["prompts"] == 4
+    assert "reward model: candidate" in run["verdict"]
+    assert (settings.runs_dir / f"run-{run['id']}" / "reward" / "head.safetensors").is_file()
+    assert run["status"] in ("promoted", "rejected")

@@ -228,7 +228,7 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
             with gr.Column(visible=False) as panel:
                 status_md = gr.Markdown("", elem_id="admin-status")
                 with gr.Row():
-                    algo = gr.Dropdown(["dpo"], value="dpo", label="Algorithm")
+                    algo = gr.Dropdown(["dpo", "kto", "ppo"], value="dpo", label="Algorithm")
                     retrain_btn = gr.Button("Retrain now", variant="primary", elem_id="admin-retrain")
                     cancel_btn = gr.Button("Cancel cycle", elem_id="admin-cancel")
                 cycle_md = gr.Markdown("", elem_id="admin-cycle")

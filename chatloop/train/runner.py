@@ -2,10 +2,13 @@
 
 Usage: ``python -m chatloop.train.runner JOB_DIR``
 
-JOB_DIR holds ``job.json`` (model path, parent adapter path or null, algorithm, settings),
-``train.jsonl`` and ``eval.jsonl`` (pairs). The child writes ``progress.jsonl`` (one line per
-step), then ``adapter/`` (a PEFT directory) and ``metrics.json``, and exits 0. Any failure
-writes ``error.txt`` and exits non-zero.
+JOB_DIR holds ``job.json`` (model path, parent adapter path or null, algorithm, settings) and
+the snapshot: ``train.jsonl``/``eval.jsonl`` (pairs: DPO, and the reward model before PPO),
+``train_thumbs.jsonl``/``eval_thumbs.jsonl`` (unpaired thumbs: KTO, and the reward model's
+pointwise term), ``train_prompts.jsonl``/``eval_prompts.jsonl`` (logged prompts: PPO rollouts).
+The child writes ``progress.jsonl`` (one line per step), then ``adapter/`` (a PEFT directory),
+``reward/`` (PPO's reward model) and ``metrics.json``, and exits 0. Any failure writes
+``error.txt`` and exits non-zero.
 
 Invariants: the child never opens the DuckDB file; it reads the snapshot and writes files in
 JOB_DIR only. The new adapter starts from the parent adapter's weights (or a fresh LoRA on the
@@ -25,43 +28,144 @@ from typing import Any
 import torch
 
 
-def run_job(job_dir: Path) -> dict[str, Any]:
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _lora(s: dict):
+    from peft import LoraConfig
 
+    return LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
+                      target_modules=list(s["lora_target_modules"]), task_type="CAUSAL_LM")
+
+
+def _policy(loaded, job: dict, s: dict):
+    """The model to train: the parent adapter (trainable) or a fresh LoRA on the base model."""
+    from peft import PeftModel, get_peft_model
+
+    if job.get("parent_adapter"):
+        return PeftModel.from_pretrained(loaded.model, job["parent_adapter"], is_trainable=True)
+    return get_peft_model(loaded.model, _lora(s))
+
+
+def _load(job: dict):
     from chatloop.models import load_model
+
+    return load_model(job["model_path"], Path(job["models_dir"]), job.get("device", "auto"), job.get("dtype", "auto"))
+
+
+def train_dpo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     from chatloop.prefs import read_jsonl
     from chatloop.train.dpo import DpoConfig, train_dpo
 
-    job = json.loads((job_dir / "job.json").read_text())
-    if job["algo"] != "dpo":
-        raise ValueError(f"algorithm {job['algo']!r} is not available yet; use dpo")
-    if job.get("torch_threads"):
-        torch.set_num_threads(int(job["torch_threads"]))
-    t0 = time.perf_counter()
-    loaded = load_model(job["model_path"], Path(job["models_dir"]), job.get("device", "auto"),
-                        job.get("dtype", "auto"))
-    s = job["settings"]
-    if job.get("parent_adapter"):
-        model = PeftModel.from_pretrained(loaded.model, job["parent_adapter"], is_trainable=True)
-    else:
-        lora = LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
-                          target_modules=list(s["lora_target_modules"]), task_type="CAUSAL_LM")
-        model = get_peft_model(loaded.model, lora)
-    load_s = time.perf_counter() - t0
+    loaded = _load(job)
+    model = _policy(loaded, job, s)
     cfg = DpoConfig(beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
                     learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=s["batch_size"],
                     max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"],
                     seed=s["seed"])
+    metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
+                        read_jsonl(job_dir / "eval.jsonl"), cfg, **hooks)
+    model.save_pretrained(job_dir / "adapter")
+    return metrics
+
+
+def train_kto_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
+    from chatloop.prefs import read_jsonl
+    from chatloop.train.kto import KtoConfig, train_kto
+
+    loaded = _load(job)
+    model = _policy(loaded, job, s)
+    cfg = KtoConfig(beta=s["beta"], desirable_weight=s["kto_desirable_weight"],
+                    undesirable_weight=s["kto_undesirable_weight"], learning_rate=s["learning_rate"],
+                    epochs=s["epochs"], batch_size=max(2, s["batch_size"] * 2),
+                    max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"], seed=s["seed"])
+    metrics = train_kto(model, loaded.tokenizer, read_jsonl(job_dir / "train_thumbs.jsonl"),
+                        read_jsonl(job_dir / "eval_thumbs.jsonl"), cfg, **hooks)
+    model.save_pretrained(job_dir / "adapter")
+    return metrics
+
+
+def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
+    """Train the reward model (LoRA + head on the base model) on pairs, plus thumbs pointwise."""
+    from peft import get_peft_model
+
+    from chatloop.prefs import read_jsonl
+    from chatloop.train.reward import RewardConfig, RewardModel, train_reward
+
+    loaded = _load(job)
+    rm = RewardModel(get_peft_model(loaded.model, _lora(s)), loaded.model.config.hidden_size).to(loaded.device)
+    cfg = RewardConfig(learning_rate=s["reward_learning_rate"], epochs=s["reward_epochs"],
+                       batch_size=s["batch_size"], max_prompt_tokens=s["max_prompt_tokens"],
+                       max_reply_tokens=s["max_reply_tokens"], pointwise_weight=s["reward_pointwise_weight"],
+                       seed=s["seed"])
+    metrics = train_reward(rm, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
+                           read_jsonl(job_dir / "eval.jsonl"), cfg, read_jsonl(job_dir / "train_thumbs.jsonl"),
+                           **hooks)
+    rm.save(job_dir / "reward", {"model_path": job["model_path"], "metrics": {
+        k: v for k, v in metrics.items() if k != "history"}})
+    return metrics
+
+
+def train_ppo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
+    """Reward model first, then PPO against it; the candidate is compared with the reference by the
+    reward model on held-out prompts (sampled replies, same seeds)."""
+    from peft import PeftModel
+
+    from chatloop.prefs import read_jsonl
+    from chatloop.train.ppo import PpoConfig, sample_replies, train_ppo
+    from chatloop.train.reward import RewardConfig, RewardModel, score
+
+    reward_metrics = train_reward_job(job_dir, job, s, {"on_step": lambda m: None,
+                                                        "should_stop": hooks["should_stop"]})
+    rm_loaded = _load(job)
+    rm = RewardModel.load(job_dir / "reward", rm_loaded.model)
+    rm_cfg = RewardConfig(max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"])
+    loaded = _load(job)
+    policy = _policy(loaded, job, s)
+    ref_loaded = _load(job)
+    reference = (PeftModel.from_pretrained(ref_loaded.model, job["parent_adapter"]) if job.get("parent_adapter")
+                 else ref_loaded.model)
+    reference.eval().requires_grad_(False)
+    tok = loaded.tokenizer
+    cfg = PpoConfig(learning_rate=s["ppo_learning_rate"], rollout_batch_size=s["ppo_rollout_batch_size"],
+                    minibatch_size=s["ppo_minibatch_size"], ppo_epochs=s["ppo_epochs"], rollouts=s["ppo_rollouts"],
+                    max_new_tokens=s["ppo_max_new_tokens"], max_prompt_tokens=s["max_prompt_tokens"],
+                    init_kl_coef=s["ppo_init_kl_coef"], target_kl=s["ppo_target_kl"], seed=s["seed"])
+    prompts = [p["prompt"] for p in read_jsonl(job_dir / "train_prompts.jsonl")]
+    reward_fn = lambda items: score(rm, tok, items, rm_cfg)  # noqa: E731
+    metrics = train_ppo(policy, reference, tok, prompts, reward_fn, cfg, **hooks)
+    eval_prompts = ([p["prompt"] for p in read_jsonl(job_dir / "eval_prompts.jsonl")] or prompts)[: s["ppo_eval_prompts"]]
+    enc = [list(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+           [-cfg.max_prompt_tokens:] for p in eval_prompts]
+    sides = {}
+    for name, model in (("policy", policy), ("reference", reference)):
+        replies = sample_replies(model, tok, enc, cfg, generator_seed=12345)
+        texts = [tok.decode(r, skip_special_tokens=True) for r in replies]
+        sides[name] = score(rm, tok, list(zip(eval_prompts, texts)), rm_cfg)
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(sides["policy"], sides["reference"]))
+    metrics["reward_eval"] = {"policy": sum(sides["policy"]) / len(enc), "reference": sum(sides["reference"]) / len(enc),
+                              "win_rate": wins / len(enc), "prompts": len(enc)}
+    metrics["reward_model"] = {k: v for k, v in reward_metrics.items() if k != "history"}
+    policy.save_pretrained(job_dir / "adapter")
+    return metrics
+
+
+ALGORITHMS = {"dpo": train_dpo_job, "kto": train_kto_job, "ppo": train_ppo_job}
+
+
+def run_job(job_dir: Path) -> dict[str, Any]:
+    job = json.loads((job_dir / "job.json").read_text())
+    if job["algo"] not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {job['algo']!r}; use one of {', '.join(ALGORITHMS)}")
+    if job.get("torch_threads"):
+        torch.set_num_threads(int(job["torch_threads"]))
+    torch.manual_seed(job["settings"]["seed"])
+    t0 = time.perf_counter()
     progress = open(job_dir / "progress.jsonl", "a", buffering=1)
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
-    metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
-                        read_jsonl(job_dir / "eval.jsonl"), cfg,
-                        on_step=lambda m: progress.write(json.dumps(m) + "\n"),
-                        should_stop=lambda: stop["flag"])
-    progress.close()
-    model.save_pretrained(job_dir / "adapter")
-    metrics["load_s"] = load_s
+    hooks = {"on_step": lambda m: progress.write(json.dumps(m) + "\n"), "should_stop": lambda: stop["flag"]}
+    try:
+        metrics = ALGORITHMS[job["algo"]](job_dir, job, job["settings"], hooks)
+    finally:
+        progress.close()
     metrics["total_s"] = time.perf_counter() - t0
     (job_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -1,0 +1,85 @@
+"""KTO and the reward model on tiny problems with a known answer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from chatloop.train.kto import KtoConfig, kto_loss, train_kto
+from chatloop.train.reward import RewardConfig, RewardModel, bradley_terry_loss, score, train_reward
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_kto_loss_matches_hand_computation():
+    pol, ref = torch.tensor([-2.0, -5.0]), torch.tensor([-3.0, -4.0])
+    des = torch.tensor([True, False])
+    kl_p, kl_r = torch.tensor([-6.0, -7.0]), torch.tensor([-6.5, -7.1])  # mean difference 0.3
+    losses, rewards, kl = kto_loss(pol, ref, des, kl_p, kl_r, beta=0.5, desirable_weight=1.5, undesirable_weight=0.7)
+    assert kl.item() == pytest.approx(0.3)
+    assert losses[0].item() == pytest.approx(1.5 * (1 - _sig(0.5 * (1.0 - 0.3))), abs=1e-6)
+    assert losses[1].item() == pytest.approx(0.7 * (1 - _sig(0.5 * (0.3 - (-1.0)))), abs=1e-6)
+    assert rewards.tolist() == pytest.approx([0.5, -0.5])
+    _, _, kl0 = kto_loss(pol, ref, des, kl_r, kl_p, beta=0.5)  # negative estimate: clamped to 0
+    assert kl0.item() == 0.0
+
+
+def test_bradley_terry_loss_matches_hand_computation():
+    rc, rr = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(
+        -(math.log(_sig(1.0)) + math.log(_sig(-2.0))) / 2, abs=1e-6)
+    assert bradley_terry_loss(rc, rr, margin=torch.tensor([0.5, 0.5])).item() == pytest.approx(
+        -(math.log(_sig(0.5)) + math.log(_sig(-2.5))) / 2, abs=1e-6)
+    assert bradley_terry_loss(rc, rr, center_coefficient=0.1).item() == pytest.approx(
+        -(math.log(_sig(1.0)) + math.log(_sig(-2.0))) / 2 + 0.1 * (1 + 4) / 2, abs=1e-6)
+
+
+def _lora_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    return tok, model
+
+
+def test_kto_raises_the_desirable_pattern(tiny_model_dir):
+    tok, model = _lora_model(tiny_model_dir)
+    rows = []
+    for i in range(8):
+        p = [{"role": "user", "content": f"Tell me about topic {i}"}]
+        rows += [{"prompt": p, "completion": "Sure, happy to help.", "label": True},
+                 {"prompt": p, "completion": "Go away.", "label": False}]
+    held = [{"prompt": [{"role": "user", "content": "Something new"}], "completion": "Sure, happy to help.", "label": True},
+            {"prompt": [{"role": "user", "content": "Something new"}], "completion": "Go away.", "label": False}]
+    m = train_kto(model, tok, rows, held, KtoConfig(epochs=4, batch_size=4, learning_rate=5e-3))
+    assert m["final_loss"] < m["first_loss"]
+    assert m["held_out"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="both"):
+        train_kto(model, tok, [r for r in rows if r["label"]], [], KtoConfig())
+
+
+def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok, lm = _lora_model(tiny_model_dir)
+    torch.manual_seed(0)
+    rm = RewardModel(lm, lm.get_base_model().config.hidden_size)
+    good, bad = "Sure, happy to help.", "Go away."
+    pairs = [{"prompt": [{"role": "user", "content": f"Question number {i}"}], "chosen": good, "rejected": bad}
+             for i in range(12)]
+    held = [{"prompt": [{"role": "user", "content": f"A new question {i}"}], "chosen": good, "rejected": bad}
+            for i in range(4)]
+    thumbs = [{"prompt": p["prompt"], "completion": good, "label": True} for p in pairs[:4]]
+    cfg = RewardConfig(epochs=3, batch_size=4, learning_rate=3e-3, pointwise_weight=0.1)
+    m = train_reward(rm, tok, pairs, held, cfg, thumbs)
+    assert m["held_out"]["accuracy"] == 1.0 and m["held_out"]["margin"] > 0
+    rm.save(tmp_path / "rm", {"test": True})
+    again = RewardModel.load(tmp_path / "rm", AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    items = [(held[0]["prompt"], good), (held[0]["prompt"], bad)]
+    assert score(again, tok, items, cfg) == pytest.approx(score(rm, tok, items, cfg), abs=1e-5)
