@@ -104,3 +104,17 @@ def test_dpo_learns_the_preferred_pattern_on_a_tiny_problem(tiny_model_dir):
     assert metrics["final_loss"] < metrics["first_loss"]
     assert metrics["held_out"]["accuracy"] == 1.0
     assert after > before + 1.0  # the preferred reply became clearly more likely than the other
+
+
+def test_batches_cover_every_item_once_per_epoch_and_group_lengths():
+    from chatloop.train.common import batches
+
+    lengths = [(i * 37) % 100 for i in range(200)]
+    got = list(batches(200, 4, epochs=2, seed=1, lengths=lengths))
+    for epoch in (0, 1):
+        seen = sorted(j for e, idx in got if e == epoch for j in idx)
+        assert seen == list(range(200))
+    spread = sum(max(lengths[j] for j in idx) - min(lengths[j] for j in idx) for _, idx in got) / len(got)
+    plain = list(batches(200, 4, epochs=2, seed=1))
+    plain_spread = sum(max(lengths[j] for j in idx) - min(lengths[j] for j in idx) for _, idx in plain) / len(plain)
+    assert spread < plain_spread / 3  # similar lengths share a batch: less padding

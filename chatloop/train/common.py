@@ -29,6 +29,9 @@ class Encoded:
     prompt_ids: list[int]
     reply_ids: list[int]
 
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.reply_ids)
+
 
 def encode_reply(tokenizer, context: Sequence[dict[str, str]], reply: str,
                  max_prompt_tokens: int, max_reply_tokens: int) -> Encoded:
@@ -95,14 +98,27 @@ def reply_logprobs(model: torch.nn.Module, batch: Batch, average: bool = False) 
     return out
 
 
-def batches(n: int, batch_size: int, epochs: int, seed: int) -> Iterator[tuple[int, list[int]]]:
-    """(epoch, indices) for ``epochs`` shuffled passes over ``n`` items, reproducible by seed."""
+def batches(n: int, batch_size: int, epochs: int, seed: int,
+            lengths: Sequence[int] | None = None) -> Iterator[tuple[int, list[int]]]:
+    """(epoch, indices) for ``epochs`` shuffled passes over ``n`` items, reproducible by seed.
+
+    With ``lengths``, items of similar length share a batch (sorted inside shuffled windows of
+    16 batches, then the batches are shuffled), so little compute goes to padding.
+    """
     rng = random.Random(seed)
     for epoch in range(epochs):
         order = list(range(n))
         rng.shuffle(order)
-        for i in range(0, n, batch_size):
-            yield epoch, order[i: i + batch_size]
+        chunks = [order[i: i + batch_size] for i in range(0, n, batch_size)]
+        if lengths is not None:
+            window = batch_size * 16
+            chunks = []
+            for w in range(0, n, window):
+                part = sorted(order[w: w + window], key=lambda j: lengths[j])
+                chunks += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
+            rng.shuffle(chunks)
+        for idx in chunks:
+            yield epoch, idx
 
 
 def fit(
@@ -117,6 +133,7 @@ def fit(
     should_stop: Callable[[], bool] = lambda: False,
     extra_params: Sequence[torch.nn.Parameter] = (),
     max_grad_norm: float = 1.0,
+    lengths: Sequence[int] | None = None,
 ) -> list[dict]:
     """The shared optimisation loop: AdamW on the trainable parameters, clipped gradients,
     one ``step(indices) -> (loss, metrics)`` per batch, progress and cancellation.
@@ -131,7 +148,7 @@ def fit(
     model.train()
     history: list[dict] = []
     t0 = time.perf_counter()
-    for i, (epoch, idx) in enumerate(batches(n_items, batch_size, epochs, seed), start=1):
+    for i, (epoch, idx) in enumerate(batches(n_items, batch_size, epochs, seed, lengths), start=1):
         if should_stop():
             raise InterruptedError("training cancelled")
         loss, metrics = step(idx)

@@ -97,8 +97,9 @@ def fill_reference(model, pairs: list[EncodedPair], pad_id: int, cfg: DpoConfig,
     was_training = model.training
     model.eval()
     average = cfg.loss_type == "ipo"
-    for i in range(0, len(pairs), cfg.batch_size):
-        chunk = pairs[i: i + cfg.batch_size]
+    ordered = sorted(pairs, key=lambda e: max(len(e.chosen), len(e.rejected)))  # less padding
+    for i in range(0, len(ordered), cfg.batch_size):
+        chunk = ordered[i: i + cfg.batch_size]
         c, r = _pair_logprobs(model, chunk, pad_id, average, device)
         for e, lc, lr in zip(chunk, c.tolist(), r.tolist()):
             e.ref_chosen, e.ref_rejected = lc, lr
@@ -115,8 +116,9 @@ def evaluate_pairs(model, pairs: list[EncodedPair], pad_id: int, cfg: DpoConfig,
     model.eval()
     average = cfg.loss_type == "ipo"
     correct, margins, losses = 0.0, [], []
-    for i in range(0, len(pairs), cfg.batch_size):
-        chunk = pairs[i: i + cfg.batch_size]
+    ordered = sorted(pairs, key=lambda e: max(len(e.chosen), len(e.rejected)))  # less padding
+    for i in range(0, len(ordered), cfg.batch_size):
+        chunk = ordered[i: i + cfg.batch_size]
         c, r = _pair_logprobs(model, chunk, pad_id, average, device)
         rc = torch.tensor([e.ref_chosen for e in chunk], device=c.device)
         rr = torch.tensor([e.ref_rejected for e in chunk], device=c.device)
@@ -163,7 +165,7 @@ def train_dpo(
         }
 
     history = fit(model, len(train), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
-                  on_step, should_stop)
+                  on_step, should_stop, lengths=[max(len(e.chosen), len(e.rejected)) for e in train])
     step_count = len(history)
     metrics = {
         "algo": "dpo", "steps": step_count, "train_pairs": len(train), "eval_pairs": len(held),

@@ -133,7 +133,7 @@ def train_kto(
         }
 
     history = fit(model, len(train), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
-                  on_step, should_stop)
+                  on_step, should_stop, lengths=[max(len(e.matched), len(e.mismatched)) for e in train])
     return {
         "algo": "kto", "steps": len(history), "train_examples": len(train), "eval_examples": len(held),
         "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train),

@@ -150,7 +150,8 @@ def train_reward(
         return loss, metrics
 
     history = fit(rm.lm, len(enc), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
-                  on_step, should_stop, extra_params=list(rm.head.parameters()))
+                  on_step, should_stop, extra_params=list(rm.head.parameters()),
+                  lengths=[max(len(c), len(r)) for c, r in enc])
     rm.eval()
     return {
         "algo": "reward", "steps": len(history), "train_pairs": len(enc), "eval_pairs": len(eval_pairs),
