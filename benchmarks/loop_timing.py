@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from _report import print_report
 from chatloop.adapters import AdapterRegistry
 from chatloop.config import Settings
 from chatloop.importers import hh_pairs
@@ -80,11 +80,7 @@ def main() -> int:
             "held_out_accuracy": m["held_out"].get("accuracy"), "verdict": run["verdict"],
         }
         store.close()
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        print(f"{k:<{width}}  {v}")
-    if args.json:
-        print(json.dumps(result))
+    print_report(result, args.json)
     return 0
 
 
