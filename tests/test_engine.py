@@ -3,7 +3,6 @@ per request across activations, bad adapters are refused, stop/cancel/back-press
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -56,7 +55,7 @@ def setup(tiny_model_dir, tmp_path):
     loaded = load_model(str(tiny_model_dir), tmp_path / "models")
     registry = AdapterRegistry(tmp_path / "adapters")
     v1 = registry.publish(make_adapter(tiny_model_dir, tmp_path / "a1", 1), {"parent": "base"})
-    v2 = registry.publish(make_adapter(tiny_model_dir, tmp_path / "a2", 2), {"parent": v1})
+    registry.publish(make_adapter(tiny_model_dir, tmp_path / "a2", 2), {"parent": v1})
     engine = Engine(loaded, registry, queue_size=2)
     engine.start()
     yield engine, registry, tiny_model_dir, tmp_path

@@ -3,7 +3,6 @@ at a time, cancellation, and a failing child that leaves serving untouched."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
