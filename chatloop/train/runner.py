@@ -82,8 +82,9 @@ def train_kto_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     return metrics
 
 
-def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
-    """Train the reward model (LoRA + head on the base model) on pairs, plus thumbs pointwise."""
+def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict):
+    """Train the reward model (LoRA + head on the base model) on pairs, plus thumbs pointwise;
+    save it under ``reward/`` and return (metrics, the trained model)."""
     from peft import get_peft_model
 
     from chatloop.prefs import read_jsonl
@@ -100,7 +101,7 @@ def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
                            **hooks)
     rm.save(job_dir / "reward", {"model_path": job["model_path"], "metrics": {
         k: v for k, v in metrics.items() if k != "history"}})
-    return metrics
+    return metrics, rm
 
 
 def train_ppo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
@@ -110,12 +111,10 @@ def train_ppo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
 
     from chatloop.prefs import read_jsonl
     from chatloop.train.ppo import PpoConfig, sample_replies, train_ppo
-    from chatloop.train.reward import RewardConfig, RewardModel, score
+    from chatloop.train.reward import RewardConfig, score
 
-    reward_metrics = train_reward_job(job_dir, job, s, {"on_step": lambda m: None,
-                                                        "should_stop": hooks["should_stop"]})
-    rm_loaded = _load(job)
-    rm = RewardModel.load(job_dir / "reward", rm_loaded.model)
+    reward_metrics, rm = train_reward_job(job_dir, job, s, {"on_step": lambda m: None,
+                                                            "should_stop": hooks["should_stop"]})
     rm_cfg = RewardConfig(max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"])
     loaded = _load(job)
     policy = _policy(loaded, job, s)
