@@ -69,44 +69,66 @@ def pairs_from_comparisons(rows: Iterable[dict[str, Any]]) -> list[Pair]:
     return pairs
 
 
-def pairs_from_thumbs(rows: Iterable[dict[str, Any]]) -> list[Pair]:
+@dataclass
+class Thumb:
+    """One rated reply for KTO: desirable when its net vote is up."""
+
+    prompt: list[dict[str, str]]
+    completion: str
+    label: bool
+    context_hash: str
+    user_id: str
+    feedback_ids: list[int] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def net_thumbs(rows: Iterable[dict[str, Any]]) -> list[Thumb]:
+    """One Thumb per reply whose votes (the latest per user) do not cancel out, in log order.
+
+    The Thumb's user is the last one who voted in the winning direction.
+    """
     by_message: dict[str, dict[str, Any]] = {}
     for r in rows:
-        m = by_message.setdefault(r["message_id"], {"net": 0, "ids": [], "row": r, "up_user": None})
+        m = by_message.setdefault(r["message_id"], {"net": 0, "ids": [], "row": r, "users": {}})
         m["net"] += r["rating"]
         m["ids"].append(r["feedback_id"])
-        if r["rating"] > 0:
-            m["up_user"] = r["user_id"]
-    by_context: dict[str, dict[str, list]] = defaultdict(lambda: {"up": [], "down": []})
-    for m in by_message.values():
-        if m["net"] > 0:
-            by_context[m["row"]["context_hash"]]["up"].append(m)
-        elif m["net"] < 0:
-            by_context[m["row"]["context_hash"]]["down"].append(m)
-    pairs = []
-    for ctx, groups in by_context.items():
-        for up in groups["up"]:
-            for down in groups["down"]:
-                if up["row"]["reply"] == down["row"]["reply"]:
-                    continue
-                pairs.append(Pair(prompt=up["row"]["context"], chosen=up["row"]["reply"],
-                                  rejected=down["row"]["reply"], source="thumbs", context_hash=ctx,
-                                  user_id=up["up_user"], feedback_ids=sorted(up["ids"] + down["ids"])))
-    return pairs
+        m["users"][r["rating"]] = r["user_id"]
+    return [Thumb(prompt=m["row"]["context"], completion=m["row"]["reply"], label=m["net"] > 0,
+                  context_hash=m["row"]["context_hash"], user_id=m["users"][1 if m["net"] > 0 else -1],
+                  feedback_ids=sorted(m["ids"]))
+            for m in by_message.values() if m["net"] != 0]
 
 
-def cap_per_user(pairs: list[Pair], cap: int) -> tuple[list[Pair], int]:
-    """Keep at most ``cap`` pairs per user (the most recent ones); 0 means no cap."""
+def pairs_from_thumbs(thumbs: Iterable[Thumb]) -> list[Pair]:
+    """Within each context, every reply rated up paired with every reply rated down."""
+    by_context: dict[str, dict[bool, list[Thumb]]] = defaultdict(lambda: {True: [], False: []})
+    for t in thumbs:
+        by_context[t.context_hash][t.label].append(t)
+    return [Pair(prompt=up.prompt, chosen=up.completion, rejected=down.completion, source="thumbs",
+                 context_hash=ctx, user_id=up.user_id, feedback_ids=sorted(up.feedback_ids + down.feedback_ids))
+            for ctx, groups in by_context.items() for up in groups[True] for down in groups[False]
+            if up.completion != down.completion]
+
+
+def cap_per_user(items: list, cap: int) -> tuple[list, int]:
+    """Keep at most ``cap`` items (pairs or thumbs) per user, the most recent ones; 0 means no cap."""
     if cap <= 0:
-        return pairs, 0
+        return items, 0
     counts: dict[str, int] = defaultdict(int)
     kept = []
-    for p in reversed(pairs):  # pairs are in log order: keep the newest
+    for p in reversed(items):  # items are in log order: keep the newest
         if counts[p.user_id] < cap:
             counts[p.user_id] += 1
             kept.append(p)
     kept.reverse()
-    return kept, len(pairs) - len(kept)
+    return kept, len(items) - len(kept)
+
+
+def unpaired_thumbs(store: Store, max_per_user: int = 0) -> tuple[list[Thumb], int]:
+    """The rated replies KTO trains on, after the per-user cap; and how many the cap dropped."""
+    return cap_per_user(net_thumbs(store.latest_thumbs()), max_per_user)
 
 
 def merge_duplicates(pairs: list[Pair]) -> list[Pair]:
@@ -126,7 +148,7 @@ def merge_duplicates(pairs: list[Pair]) -> list[Pair]:
 
 def build_pairs(store: Store, max_pairs_per_user: int = 0) -> PairSet:
     pairs = merge_duplicates(pairs_from_comparisons(store.latest_comparisons())
-                             + pairs_from_thumbs(store.latest_thumbs()))
+                             + pairs_from_thumbs(net_thumbs(store.latest_thumbs())))
     pairs, capped = cap_per_user(pairs, max_pairs_per_user)
     return PairSet(pairs=pairs, capped=capped)
 
@@ -175,44 +197,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-@dataclass
-class Thumb:
-    """One rated reply for KTO: desirable when its net vote is up."""
-
-    prompt: list[dict[str, str]]
-    completion: str
-    label: bool
-    context_hash: str
-    user_id: str
-    feedback_ids: list[int] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def unpaired_thumbs(store: Store, max_per_user: int = 0) -> tuple[list[Thumb], int]:
-    """Every reply with a non-zero net thumb (latest vote per user), in log order; and how many
-    the per-user cap dropped."""
-    by_message: dict[str, dict[str, Any]] = {}
-    for r in store.latest_thumbs():
-        m = by_message.setdefault(r["message_id"], {"net": 0, "ids": [], "row": r, "user": r["user_id"]})
-        m["net"] += r["rating"]
-        m["ids"].append(r["feedback_id"])
-    thumbs = [Thumb(prompt=m["row"]["context"], completion=m["row"]["reply"], label=m["net"] > 0,
-                    context_hash=m["row"]["context_hash"], user_id=m["user"], feedback_ids=sorted(m["ids"]))
-              for m in by_message.values() if m["net"] != 0]
-    if max_per_user <= 0:
-        return thumbs, 0
-    counts: dict[str, int] = defaultdict(int)
-    kept = []
-    for t in reversed(thumbs):
-        if counts[t.user_id] < max_per_user:
-            counts[t.user_id] += 1
-            kept.append(t)
-    kept.reverse()
-    return kept, len(thumbs) - len(kept)
 
 
 def logged_prompts(store: Store) -> list[dict[str, Any]]:
