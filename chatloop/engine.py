@@ -192,7 +192,7 @@ class StreamHandle:
 
 @dataclass
 class _Request:
-    messages: list[dict[str, str]]
+    prompt: list[int]  # chat-template token ids, encoded once in the submitting thread
     params: GenerationParams
     adapter: str | None  # None = whatever is active when the request starts
     handle: StreamHandle
@@ -283,9 +283,15 @@ class Engine:
             raise RuntimeError("engine is not running")
         if adapter is not None and adapter != BASE_VERSION:
             self.registry.check(adapter)  # unknown/corrupt -> AdapterError before queueing
+        prompt = self._encode(messages)
+        if len(prompt) + params.max_tokens > self.max_context_tokens:
+            raise ContextTooLong(
+                f"the conversation is {len(prompt)} tokens; with max_tokens={params.max_tokens} it "
+                f"exceeds the {self.max_context_tokens}-token context limit: start a new "
+                f"conversation or ask for fewer tokens")
         handle = StreamHandle()
         try:
-            self._requests.put_nowait(_Request(messages, params, adapter, handle))
+            self._requests.put_nowait(_Request(prompt, params, adapter, handle))
         except queue.Full:
             raise EngineBusy("the server is busy: too many requests are waiting") from None
         return handle
@@ -303,9 +309,6 @@ class Engine:
         """
         self.registry.check(version)
         return self._call(lambda: self._do_activate(version), timeout)
-
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self._encode(messages))
 
     # ---- engine thread -----------------------------------------------------------------------
     def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
@@ -411,11 +414,7 @@ class Engine:
             self._ensure_loaded(version)
         self._running_adapter = version
         handle.adapter_version = version
-        prompt = self._encode(req.messages)
-        if len(prompt) + p.max_tokens > self.max_context_tokens:
-            raise ContextTooLong(
-                f"the conversation is {len(prompt)} tokens; with max_tokens={p.max_tokens} it exceeds "
-                f"the {self.max_context_tokens}-token context limit")
+        prompt = req.prompt
         device = self.loaded.device
         input_ids = torch.tensor([prompt], device=device)
         processors = LogitsProcessorList()

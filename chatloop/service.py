@@ -153,13 +153,8 @@ class Service:
         context = validate_messages(messages, lim.max_messages, lim.max_message_chars)
         if conversation_id is not None and self.store.conversation_owner(conversation_id) != user_id:
             raise InvalidRequest("that conversation belongs to another user")
-        n_prompt = self.engine.count_tokens(context)
-        if n_prompt + params.max_tokens > lim.max_context_tokens:
-            raise InvalidRequest(
-                f"the conversation is {n_prompt} tokens; with max_tokens={params.max_tokens} it "
-                f"exceeds the {lim.max_context_tokens}-token context limit: start a new conversation "
-                f"or ask for fewer tokens")
-        handle = self.engine.submit(context, params, adapter=adapter)  # may raise EngineBusy
+        # tokenizes once and checks the context limit: ContextTooLong, EngineBusy, AdapterError
+        handle = self.engine.submit(context, params, adapter=adapter)
         if conversation_id is None:
             try:
                 conversation_id = self.store.new_conversation(user_id, source)
@@ -177,12 +172,10 @@ class Service:
             raise InvalidRequest(f"reason is too long (at most {lim.max_reason_chars} characters)")
         if comment is not None and len(comment) > lim.max_comment_chars:
             raise InvalidRequest(f"comment is too long (at most {lim.max_comment_chars} characters)")
-        owner = self.store.assistant_message(message_id)["user_id"]
-        return self.store.record_feedback(message_id, user_id or owner, rating, reason, comment)
+        return self.store.record_feedback(message_id, user_id, rating, reason, comment)
 
     def compare(self, message_a: str, message_b: str, choice: str, user_id: str | None = None) -> int:
-        owner = self.store.assistant_message(message_a)["user_id"]
-        return self.store.record_comparison(message_a, message_b, choice, user_id or owner)
+        return self.store.record_comparison(message_a, message_b, choice, user_id)
 
     # ---- adapters ----------------------------------------------------------------------------
     def activate(self, version: str, actor: str = "operator", reason: str = "") -> str:

@@ -310,11 +310,13 @@ class Store:
         return row
 
     # ---- feedback ----------------------------------------------------------------------------
-    def record_feedback(self, message_id: str, user_id: str, rating: int,
+    def record_feedback(self, message_id: str, user_id: str | None, rating: int,
                         reason: str | None = None, comment: str | None = None) -> int:
+        """Append a thumb; ``user_id`` None means the user the reply was written for."""
         if rating not in (1, -1):
             raise StoreError("rating must be 1 (thumbs up) or -1 (thumbs down)")
-        self.assistant_message(message_id)  # raises NotFound
+        owner = self.assistant_message(message_id)["user_id"]  # raises NotFound
+        user_id = user_id or owner
         self.ensure_user(user_id)
         row = self._one(
             "INSERT INTO feedback_events (message_id, user_id, rating, reason, comment, created_at)"
@@ -323,7 +325,8 @@ class Store:
         )
         return int(row[0])
 
-    def record_comparison(self, message_a: str, message_b: str, choice: str, user_id: str) -> int:
+    def record_comparison(self, message_a: str, message_b: str, choice: str, user_id: str | None) -> int:
+        """Append an A/B choice; ``user_id`` None means the user the replies were written for."""
         if choice not in ("a", "b", "tie", "both_bad"):
             raise StoreError("choice must be one of 'a', 'b', 'tie', 'both_bad'")
         if message_a == message_b:
@@ -332,6 +335,7 @@ class Store:
         b = self.assistant_message(message_b)
         if a["context_hash"] != b["context_hash"]:
             raise StoreError("message_a and message_b must answer the same context")
+        user_id = user_id or a["user_id"]
         self.ensure_user(user_id)
         row = self._one(
             "INSERT INTO comparisons (message_a, message_b, choice, user_id, created_at)"
