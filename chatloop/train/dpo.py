@@ -172,7 +172,8 @@ def train_dpo(
         "algo": "dpo", "steps": len(history), "train_pairs": len(train), "eval_pairs": len(held),
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
-        "train_eval": evaluate_pairs(model, train, pad_id, cfg, device),
+        # the gate reads training-set metrics only when nothing is held out: score them only then
+        "train_eval": {} if held else evaluate_pairs(model, train, pad_id, cfg, device),
         "held_out": evaluate_pairs(model, held, pad_id, cfg, device),
         "train_s": train_s,
         "pairs_per_s": len(train) * cfg.epochs / max(train_s, 1e-9),

@@ -138,7 +138,8 @@ def train_kto(
         "algo": "kto", "steps": len(history), "train_examples": len(train), "eval_examples": len(held),
         "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train),
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
-        "train_eval": evaluate(model, train, pad_id, cfg, device),
+        # the gate reads training-set metrics only when nothing is held out: score them only then
+        "train_eval": {} if held else evaluate(model, train, pad_id, cfg, device),
         "held_out": evaluate(model, held, pad_id, cfg, device),
         "train_s": time.perf_counter() - t0, "history": history,
     }
