@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import build_tiny_model  # noqa: E402
 
 from chatloop.config import Settings, TrainingDefaults  # noqa: E402
+from chatloop.store import GenerationRecord, Store  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -42,6 +43,18 @@ def make_settings(data_dir: Path, model: Path, **training) -> Settings:
     t.update(training)
     return Settings(data_dir=data_dir, model=str(model), admin_token=ADMIN_TOKEN,
                     training=TrainingDefaults(**t))
+
+
+def generation(context, reply="a reply", adapter="base") -> GenerationRecord:
+    """A generation record as the engine would produce it (tests that write the log directly)."""
+    return GenerationRecord(context=context, reply=reply, model="m", adapter_version=adapter,
+                            settings={"temperature": 0.7}, prompt_tokens=5, completion_tokens=2,
+                            ttft_ms=1.0, latency_ms=3.0, finish_reason="stop")
+
+
+def log_reply(store: Store, conv: str, context, reply: str) -> str:
+    """Store one reply to ``context``; returns its message id."""
+    return store.record_exchange(conv, generation(context, reply))
 
 
 def free_port() -> int:

@@ -9,7 +9,8 @@ import pytest
 
 from chatloop import prefs
 from chatloop.adapters import AdapterError, AdapterRegistry
-from chatloop.store import GenerationRecord, Store
+from chatloop.store import Store
+from conftest import log_reply as _reply
 
 
 def fake_adapter(path):
@@ -59,12 +60,6 @@ def test_active_pointer_and_rollback(tmp_path):
 
 
 # ---- preference pairs ----------------------------------------------------------------------------
-def _reply(store, conv, context, text):
-    return store.record_exchange(conv, GenerationRecord(
-        context=context, reply=text, model="m", adapter_version="base", settings={},
-        prompt_tokens=1, completion_tokens=1, ttft_ms=1, latency_ms=1, finish_reason="stop"))
-
-
 @pytest.fixture
 def store(tmp_path):
     s = Store(tmp_path / "log.duckdb")

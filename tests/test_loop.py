@@ -9,18 +9,15 @@ import pytest
 
 from chatloop.adapters import AdapterRegistry
 from chatloop.loop import CycleBusy, NotEnoughFeedback, Retrainer, TrainingFailed
-from chatloop.store import GenerationRecord, Store
-from conftest import make_settings
+from chatloop.store import Store
+from conftest import log_reply, make_settings
 
 
 def seed_pairs(store: Store, n: int) -> None:
     conv = store.new_conversation("u1", "api")
     for i in range(n):
         ctx = [{"role": "user", "content": f"question {i}"}]
-        ids = [store.record_exchange(conv, GenerationRecord(
-            context=ctx, reply=text, model="m", adapter_version="base", settings={}, prompt_tokens=1,
-            completion_tokens=1, ttft_ms=1, latency_ms=1, finish_reason="stop"))
-            for text in (f"A kind, helpful answer {i}.", f"Go away {i}.")]
+        ids = [log_reply(store, conv, ctx, text) for text in (f"A kind, helpful answer {i}.", f"Go away {i}.")]
         store.record_comparison(ids[0], ids[1], "a", "u1")
 
 
@@ -103,10 +100,7 @@ def seed_thumbs(store: Store, n: int) -> None:
     conv = store.new_conversation("u2", "api")
     for i in range(n):
         ctx = [{"role": "user", "content": f"thumbs question {i}"}]
-        mid = store.record_exchange(conv, GenerationRecord(
-            context=ctx, reply=f"Happy to help with {i}!" if i % 2 == 0 else f"No. {i}", model="m",
-            adapter_version="base", settings={}, prompt_tokens=1, completion_tokens=1, ttft_ms=1,
-            latency_ms=1, finish_reason="stop"))
+        mid = log_reply(store, conv, ctx, f"Happy to help with {i}!" if i % 2 == 0 else f"No. {i}")
         store.record_feedback(mid, "u2", 1 if i % 2 == 0 else -1)
 
 

@@ -5,13 +5,8 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from chatloop.store import GenerationRecord, NotFound, SqlRefused, Store, StoreError
-
-
-def rec(context, reply="a reply", adapter="base") -> GenerationRecord:
-    return GenerationRecord(context=context, reply=reply, model="m", adapter_version=adapter,
-                            settings={"temperature": 0.7}, prompt_tokens=5, completion_tokens=2,
-                            ttft_ms=1.0, latency_ms=3.0, finish_reason="stop")
+from chatloop.store import NotFound, SqlRefused, Store, StoreError
+from conftest import generation as rec
 
 
 CTX = [{"role": "user", "content": "hi"}]
