@@ -64,6 +64,10 @@ def validate_adapter_dir(path: Path) -> dict[str, Any]:
         raise AdapterError(f"{path.name}: adapter_config.json is unreadable ({exc})") from None
     if config.get("peft_type") != "LORA":
         raise AdapterError(f"{path.name}: not a LoRA adapter (peft_type={config.get('peft_type')!r})")
+    if config.get("use_dora"):
+        # the engine serves rows with different adapters in one batch (PEFT's mixed-batch
+        # forward), which PEFT does not support for DoRA
+        raise AdapterError(f"{path.name}: DoRA adapters cannot be served in mixed batches; use plain LoRA")
     try:
         from safetensors import safe_open
 

@@ -107,7 +107,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 7860
     torch_threads: int = 0  # 0 = leave torch's default
-    queue_size: int = 64
+    queue_size: int = 64  # requests waiting for a batch slot; beyond it chat answers 503 busy
+    max_batch: int = 16  # requests decoded together (continuous batching)
     retrain_cron: str = ""  # e.g. "0 3 * * *"; empty = no scheduled retraining
     retrain_interval_minutes: int = 0  # 0 = off
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)

@@ -1,40 +1,43 @@
 """The serving engine: the only owner of the model in the service.
 
-Owns: the model and its loaded LoRA adapters, the bounded request queue, the decode loop
-(KV cache, sampling, stop conditions), token streaming, cancellation, and adapter
-load/activate/unload.
+Owns: the model and its loaded LoRA adapters, the bounded request queue, the continuous batch
+(one left-padded KV cache shared by all running requests), sampling, stop conditions, token
+streaming, cancellation, and adapter load/activate/unload.
 
 Does not own: HTTP, the store, the registry's files (it reads them through ``AdapterRegistry``).
 
 Invariants:
 - One engine thread touches the model. Other threads talk to it through the request queue and
   the control queue; ``activate`` blocks its caller until the engine thread has loaded the adapter.
-- Each request is pinned to one adapter version when the engine starts it ('base' or vN); the
-  version is re-selected before every forward pass, so activation between decode steps never
-  changes the adapter of a reply in flight, and the reply reports the version that produced it.
+- New requests join the running batch between decode steps (their prompts are prefilled
+  together and their KV cache is merged in); finished or cancelled rows leave at the next step.
+- Each request is pinned to one adapter version when the engine starts it ('base' or vN). Rows
+  of one batch may use different versions: PEFT's mixed-batch LoRA forward applies each row's
+  own adapter, so activation between decode steps never changes the adapter of a reply in
+  flight, and the reply reports the version that produced it.
 - Adapters that are neither active nor used by a running request are unloaded, so memory does
   not grow with the number of activations. A corrupt or mismatched adapter is refused and the
   active one keeps serving.
 - Greedy decoding (temperature 0) equals ``model.generate(do_sample=False)`` token for token
-  with the same repetition penalty (tests check it).
-
-This first engine decodes one request at a time (requests wait in the queue); the interface
-(submit -> stream handle, activate, cancel) is the seam for a batched engine or a vLLM backend.
+  with the same repetition penalty, alone and inside a mixed batch (tests check it).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import queue
+import random
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from peft.tuners.lora import LoraLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -196,6 +199,7 @@ class _Request:
     params: GenerationParams
     adapter: str | None  # None = whatever is active when the request starts
     handle: StreamHandle
+    submitted: float  # perf_counter() at submit: TTFT and latency include the wait in the queue
 
 
 class _StopMatcher:
@@ -218,6 +222,36 @@ class _StopMatcher:
         return keep
 
 
+class _Row:
+    """One running request inside the batch: its sampling state and its place in the KV cache."""
+
+    def __init__(self, req: _Request, version: str, device: torch.device):
+        self.req, self.handle, self.params, self.version = req, req.handle, req.params, version
+        p = req.params
+        self.processors = LogitsProcessorList()
+        if p.repetition_penalty != 1.0:
+            self.processors.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
+        self.greedy = p.temperature == 0.0
+        if not self.greedy:
+            self.processors.append(TemperatureLogitsWarper(p.temperature))
+            if p.top_k:
+                self.processors.append(TopKLogitsWarper(p.top_k))
+            if p.top_p < 1.0:
+                self.processors.append(TopPLogitsWarper(p.top_p))
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(p.seed if p.seed is not None else random.SystemRandom().randrange(2**63))
+        self.stops = _StopMatcher(p.stop)
+        self.seq = torch.tensor([req.prompt], device=device)  # prompt + reply, for the penalty
+        self.generated: list[int] = []
+        self.emitted = 0
+        self.text = ""
+        self.ttft: float | None = None
+        self.finish: str | None = None
+        self.last_token = -1  # sampled but not yet in the KV cache
+        self.cached = 0  # real (non-padding) tokens of this row in the KV cache
+        self.pad = 0  # padding columns on the left of this row in the KV cache
+
+
 class Engine:
     def __init__(
         self,
@@ -225,20 +259,28 @@ class Engine:
         registry: AdapterRegistry,
         max_context_tokens: int = 2048,
         queue_size: int = 64,
+        max_batch: int = 16,
     ):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.registry = registry
         self.max_context_tokens = max_context_tokens
+        self.max_batch = max_batch
         self._requests: queue.Queue[_Request] = queue.Queue(maxsize=queue_size)
         self._control: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loaded_adapters: set[str] = set()
-        self._selected: str | None = None
-        self._running_adapter: str | None = None
         self._active = BASE_VERSION
+        self._rows: list[_Row] = []
+        self.peak_batch = 0  # the most rows that have shared one forward pass
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [rows, cached columns]; 0 marks left padding
+        self._row_adapters: list[str] | None = None  # read by the LoRA pre-forward hooks
+        self._hooked: weakref.WeakSet = weakref.WeakSet()
         # Rust tokenizers raise "Already borrowed" when two threads use one at once
         self._tokenizer_lock = threading.Lock()
         eos = self.model.generation_config.eos_token_id
@@ -246,6 +288,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos_ids.append(self.tokenizer.eos_token_id)
         self.eos_ids = {int(e) for e in eos_ids if e is not None}
+        self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, initial_version: str | None = None) -> None:
@@ -275,6 +318,10 @@ class Engine:
     def queue_depth(self) -> int:
         return self._requests.qsize()
 
+    def running(self) -> int:
+        """Requests in the running batch."""
+        return len(self._rows)
+
     # ---- public API --------------------------------------------------------------------------
     def submit(self, messages: list[dict[str, str]], params: GenerationParams,
                adapter: str | None = None) -> StreamHandle:
@@ -291,7 +338,7 @@ class Engine:
                 f"conversation or ask for fewer tokens")
         handle = StreamHandle()
         try:
-            self._requests.put_nowait(_Request(prompt, params, adapter, handle))
+            self._requests.put_nowait(_Request(prompt, params, adapter, handle, time.perf_counter()))
         except queue.Full:
             raise EngineBusy("the server is busy: too many requests are waiting") from None
         return handle
@@ -310,7 +357,7 @@ class Engine:
         self.registry.check(version)
         return self._call(lambda: self._do_activate(version), timeout)
 
-    # ---- engine thread -----------------------------------------------------------------------
+    # ---- adapters (engine thread) -----------------------------------------------------------
     def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
         fut: Future = Future()
         self._control.put((fn, fut))
@@ -344,57 +391,242 @@ class Engine:
         except Exception as exc:
             if version in getattr(self.model, "peft_config", {}):
                 self.model.delete_adapter(version)
-            self._selected = None
             raise AdapterError(f"adapter {version} cannot be loaded: {exc}") from exc
         self._loaded_adapters.add(version)
-        self._selected = None  # load_adapter changes which adapter is set
+        self._hook_lora_layers()
+
+    def _hook_lora_layers(self) -> None:
+        """Give every LoRA layer the batch's per-row adapter names (PEFT's mixed-batch forward).
+
+        The same mechanism as ``PeftModel.generate(adapter_names=...)``, installed once per layer
+        instead of around every call; '__base__' rows skip the LoRA update.
+        """
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and module not in self._hooked:
+                module.register_forward_pre_hook(self._inject_adapter_names, with_kwargs=True)
+                self._hooked.add(module)
+
+    def _inject_adapter_names(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        if self._row_adapters is not None:
+            kwargs["adapter_names"] = self._row_adapters
+        return args, kwargs
 
     def _unload_unused(self) -> None:
+        in_use = {self._active} | {r.version for r in self._rows}
         for v in list(self._loaded_adapters):
-            if v not in (self._active, self._running_adapter):
+            if v not in in_use:
                 self.model.delete_adapter(v)
                 self._loaded_adapters.discard(v)
-                self._selected = None
 
-    def _select(self, version: str) -> None:
-        """Make ``version`` the adapter the next forward pass uses."""
-        if self._selected == version:
-            return
-        if self._loaded_adapters:
-            if version == BASE_VERSION:
-                self.model.disable_adapters()
-            else:
-                self.model.enable_adapters()
-                self.model.set_adapter(version)
-        self._selected = version
-
+    # ---- the batch loop (engine thread) ------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_control()
-            try:
-                req = self._requests.get(timeout=0.05)
-            except queue.Empty:
+            joining = self._take_requests()
+            if not joining and not self._rows:
                 continue
-            completion, error = None, None
             try:
-                completion = self._serve(req)
-            except Exception as exc:  # never kill the engine thread; the caller gets the error
-                if not isinstance(exc, (InvalidRequest, AdapterError)):
-                    log.exception("generation failed")
-                error = exc
-            # unload before answering, so a caller that sees the reply sees the engine settled
-            self._running_adapter = None
-            try:
-                self._unload_unused()
-            except Exception:
-                log.exception("unloading adapters failed")
-            req.handle._finish(completion, error)
+                if joining:
+                    self._prefill(joining)
+                elif self._rows:
+                    self._decode_step()
+            except Exception as exc:  # never kill the engine thread: fail this batch, keep serving
+                log.exception("generation failed")
+                for row in [*self._rows, *joining]:
+                    if not row.handle.done:
+                        row.handle._finish(None, exc)
+                self._rows, self._cache, self._mask = [], None, None
+            self._reap()
         # stopped: nobody will serve what is still queued, so say so instead of leaving callers waiting
+        for row in self._rows:
+            row.handle._finish(None, RuntimeError("the engine has stopped"))
+        self._rows, self._cache, self._mask = [], None, None
+        for v in list(self._loaded_adapters):  # leave the model as the engine found it
+            self.model.delete_adapter(v)
+            self._loaded_adapters.discard(v)
         while True:
             try:
                 self._requests.get_nowait().handle._finish(None, RuntimeError("the engine has stopped"))
             except queue.Empty:
                 break
+
+    def _take_requests(self) -> list[_Row]:
+        """New requests for the free batch slots (waits briefly only when nothing is running)."""
+        joining: list[_Row] = []
+        while len(self._rows) + len(joining) < self.max_batch:
+            try:
+                if self._rows or joining:
+                    req = self._requests.get_nowait()
+                else:
+                    req = self._requests.get(timeout=0.05)
+            except queue.Empty:
+                break
+            version = req.adapter if req.adapter is not None else self._active
+            if req.handle.cancelled:
+                self._finish_unstarted(req, version, "cancelled")
+                continue
+            if version != BASE_VERSION:
+                try:
+                    self._ensure_loaded(version)
+                except AdapterError as exc:
+                    req.handle._finish(None, exc)
+                    continue
+            req.handle.adapter_version = version
+            joining.append(_Row(req, version, self.loaded.device))
+        return joining
+
+    def _finish_unstarted(self, req: _Request, version: str, reason: str) -> None:
+        now = time.perf_counter()
+        req.handle._finish(Completion("", reason, version, len(req.prompt), 0, None,
+                                      (now - req.submitted) * 1000))
+
+    def _forward(self, rows: list[_Row], input_ids: torch.Tensor, position_ids: torch.Tensor,
+                 mask: torch.Tensor | None, cache: DynamicCache) -> torch.Tensor:
+        """One forward pass for ``rows``; returns float logits of each row's last position."""
+        self._row_adapters = ([r.version if r.version != BASE_VERSION else "__base__" for r in rows]
+                              if self._loaded_adapters else None)
+        try:
+            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        finally:
+            self._row_adapters = None
+        return out.logits[:, -1, :].float()
+
+    def _prefill(self, joining: list[_Row]) -> None:
+        """Run the prompts of new requests (left-padded together), sample their first tokens
+        and merge their KV cache into the running batch's."""
+        device = self.loaded.device
+        width = max(len(r.req.prompt) for r in joining)
+        ids = torch.full((len(joining), width), self._pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(joining), width), dtype=torch.long, device=device)
+        for i, r in enumerate(joining):
+            n = len(r.req.prompt)
+            ids[i, width - n:] = torch.tensor(r.req.prompt, device=device)
+            mask[i, width - n:] = 1
+            r.pad, r.cached = width - n, n
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        padded = bool((mask == 0).any())
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            logits = self._forward(joining, ids, positions, mask if padded else None, cache)
+        self._merge(joining, cache, mask)
+        self._sample(joining, logits)
+
+    def _merge(self, joining: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        if self._cache is None or not self._rows:
+            self._rows, self._cache, self._mask = list(joining), cache, mask
+            self.peak_batch = max(self.peak_batch, len(self._rows))
+            return
+        if not all(type(layer) is DynamicLayer for layer in (*self._cache.layers, *cache.layers)):
+            raise RuntimeError("batching needs a plain dynamic KV cache; run this model with max_batch=1")
+        old_len, new_len = self._mask.shape[1], mask.shape[1]
+        width = max(old_len, new_len)
+
+        def left_pad(t: torch.Tensor, by: int, dim: int) -> torch.Tensor:
+            if by == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = by
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for old, new in zip(self._cache.layers, cache.layers):
+            old.keys = torch.cat([left_pad(old.keys, width - old_len, -2),
+                                  left_pad(new.keys, width - new_len, -2)], dim=0)
+            old.values = torch.cat([left_pad(old.values, width - old_len, -2),
+                                    left_pad(new.values, width - new_len, -2)], dim=0)
+        self._mask = torch.cat([left_pad(self._mask, width - old_len, 1),
+                                left_pad(mask, width - new_len, 1)], dim=0)
+        for r in self._rows:
+            r.pad += width - old_len
+        for r in joining:
+            r.pad += width - new_len
+        self._rows.extend(joining)
+        self.peak_batch = max(self.peak_batch, len(self._rows))
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        device = self.loaded.device
+        ids = torch.tensor([[r.last_token] for r in rows], device=device)
+        positions = torch.tensor([[r.cached] for r in rows], device=device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        padded = any(r.pad for r in rows)
+        with torch.inference_mode():
+            logits = self._forward(rows, ids, positions, self._mask if padded else None, self._cache)
+        for r in rows:
+            r.cached += 1
+        self._sample(rows, logits)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token with its own settings, stream it, and mark finished rows."""
+        now = time.perf_counter()
+        for i, r in enumerate(rows):
+            if r.handle.cancelled:
+                r.finish = "cancelled"
+                continue
+            scores = r.processors(r.seq, logits[i:i + 1])
+            if r.greedy:
+                tok = int(torch.argmax(scores, dim=-1))
+            else:
+                tok = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=r.generator))
+            if r.ttft is None:
+                r.ttft = (now - r.req.submitted) * 1000
+            if tok in self.eos_ids:
+                r.finish = "stop"
+                continue
+            r.generated.append(tok)
+            r.last_token = tok
+            r.seq = torch.cat([r.seq, r.seq.new_tensor([[tok]])], dim=1)
+            text = self._decode(r.generated)
+            at_limit = len(r.generated) >= r.params.max_tokens
+            if text.endswith("\ufffd"):
+                if not at_limit:
+                    continue  # an incomplete UTF-8 sequence: wait for the next token
+                text = text.rstrip("\ufffd")  # the reply ends inside a multi-byte character
+            r.text = text
+            cut = r.stops.find(text)
+            if cut >= 0:
+                r.text = text[:cut]
+                r.finish = "stop"
+                continue
+            safe = r.stops.safe_len(text)
+            if safe > r.emitted:
+                r.handle._emit(text[r.emitted:safe])
+                r.emitted = safe
+            if at_limit:
+                r.finish = "length"
+
+    def _reap(self) -> None:
+        """Answer finished rows, drop them from the batch, trim padding nobody needs, unload
+        adapters nobody uses."""
+        done = [r for r in self._rows if r.finish is not None or r.handle.cancelled]
+        if not done:
+            return
+        keep = [i for i, r in enumerate(self._rows) if r.finish is None and not r.handle.cancelled]
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._cache, self._mask = None, None
+        else:
+            index = torch.tensor(keep, device=self.loaded.device)
+            trim = min(r.pad for r in self._rows)
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[index, :, trim:]
+                layer.values = layer.values[index, :, trim:]
+            self._mask = self._mask[index, trim:]
+            for r in self._rows:
+                r.pad -= trim
+        try:
+            self._unload_unused()  # before answering, so a caller that sees the reply sees it settled
+        except Exception:
+            log.exception("unloading adapters failed")
+        now = time.perf_counter()
+        for r in done:
+            finish = r.finish if r.finish is not None else "cancelled"
+            text = r.text
+            r.handle._emit(text[r.emitted:])
+            r.handle._finish(Completion(
+                text=text, finish_reason=finish, adapter_version=r.version,
+                prompt_tokens=len(r.req.prompt), completion_tokens=len(r.generated), ttft_ms=r.ttft,
+                latency_ms=(now - r.req.submitted) * 1000, token_ids=r.generated))
 
     def _encode(self, messages: list[dict[str, str]]) -> list[int]:
         with self._tokenizer_lock:
@@ -405,80 +637,3 @@ class Engine:
     def _decode(self, ids: list[int]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _serve(self, req: _Request) -> Completion:
-        t0 = time.perf_counter()
-        handle, p = req.handle, req.params
-        version = req.adapter if req.adapter is not None else self._active
-        if version != BASE_VERSION:
-            self._ensure_loaded(version)
-        self._running_adapter = version
-        handle.adapter_version = version
-        prompt = req.prompt
-        device = self.loaded.device
-        input_ids = torch.tensor([prompt], device=device)
-        processors = LogitsProcessorList()
-        if p.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
-        greedy = p.temperature == 0.0
-        if not greedy:
-            processors.append(TemperatureLogitsWarper(p.temperature))
-            if p.top_k:
-                processors.append(TopKLogitsWarper(p.top_k))
-            if p.top_p < 1.0:
-                processors.append(TopPLogitsWarper(p.top_p))
-        gen = torch.Generator(device=device)
-        gen.manual_seed(p.seed if p.seed is not None else random.SystemRandom().randrange(2**63))
-
-        stops = _StopMatcher(p.stop)
-        generated: list[int] = []
-        emitted = 0
-        text = ""
-        finish = "length"
-        ttft = None
-        past = None
-        next_input = input_ids
-        seq = input_ids
-        with torch.inference_mode():
-            for _ in range(p.max_tokens):
-                if handle.cancelled:
-                    finish = "cancelled"
-                    break
-                self._run_control()  # activation between steps never touches this request
-                self._select(version)
-                out = self.model(input_ids=next_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                scores = processors(seq, logits)
-                if greedy:
-                    tok = int(torch.argmax(scores, dim=-1))
-                else:
-                    probs = torch.softmax(scores, dim=-1)
-                    tok = int(torch.multinomial(probs, 1, generator=gen))
-                if ttft is None:
-                    ttft = (time.perf_counter() - t0) * 1000
-                if tok in self.eos_ids:
-                    finish = "stop"
-                    break
-                generated.append(tok)
-                next_input = torch.tensor([[tok]], device=device)
-                seq = torch.cat([seq, next_input], dim=1)
-                text = self._decode(generated)
-                if text.endswith("\ufffd"):
-                    continue  # an incomplete UTF-8 sequence: wait for the next token
-                cut = stops.find(text)
-                if cut >= 0:
-                    text = text[:cut]
-                    finish = "stop"
-                    break
-                safe = stops.safe_len(text)
-                if safe > emitted:
-                    handle._emit(text[emitted:safe])
-                    emitted = safe
-        text = text.rstrip("\ufffd")  # a reply cut inside a multi-byte character
-        handle._emit(text[emitted:])
-        return Completion(
-            text=text, finish_reason=finish, adapter_version=version, prompt_tokens=len(prompt),
-            completion_tokens=len(generated), ttft_ms=ttft,
-            latency_ms=(time.perf_counter() - t0) * 1000, token_ids=generated,
-        )

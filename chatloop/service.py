@@ -126,7 +126,7 @@ class Service:
             log.warning("marked %d interrupted training run(s) failed", failed)
         self.registry = AdapterRegistry(settings.adapters_dir)
         self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
-                             settings.queue_size)
+                             settings.queue_size, settings.max_batch)
         self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,
                                    activate=self.activate, active_version=lambda: self.engine.active_version)
 
@@ -200,6 +200,7 @@ class Service:
             "dtype": str(self.loaded.dtype).replace("torch.", ""),
             "active_adapter": self.engine.active_version,
             "queue_depth": self.engine.queue_depth(),
+            "running_requests": self.engine.running(),
             "cycle": cur.as_dict() if cur else None,
             "feedback_events": self.store.feedback_count(),
         }

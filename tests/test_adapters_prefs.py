@@ -37,6 +37,10 @@ def test_publish_numbers_versions_and_ignores_temporaries(tmp_path):
     (broken / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError):
         reg.publish(broken, {})
+    dora = fake_adapter(tmp_path / "d")
+    (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "use_dora": True}))
+    with pytest.raises(AdapterError, match="DoRA"):
+        reg.publish(dora, {})
     assert reg.versions() == ["v1", "v2"]
 
 

@@ -37,14 +37,16 @@ def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
     return out
 
 
-def reference_greedy(model_dir: Path, adapter: Path | None, max_tokens: int, penalty: float) -> list[int]:
+def reference_greedy(model_dir: Path, adapter: Path | None, max_tokens: int, penalty: float,
+                     messages: list[dict[str, str]] = MSGS) -> list[int]:
+    """What transformers' own ``generate`` produces alone (the engine's reference)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
-    ids = tok.apply_chat_template(MSGS, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, repetition_penalty=penalty)
     toks = out[0][ids["input_ids"].shape[1]:].tolist()
     return toks[:-1] if toks and toks[-1] == tok.eos_token_id else toks
@@ -144,18 +146,23 @@ def test_stop_strings_cut_the_reply(setup):
     assert streamed == cut.text
 
 
-def test_cancel_and_busy_queue(setup):
-    engine, *_ = setup
-    long = greedy(max_tokens=400)
-    first = engine.submit(MSGS, long)
-    next(iter(first))  # running, so the queue is empty again
-    queued = [engine.submit(MSGS, long), engine.submit(MSGS, long)]  # queue_size=2
-    with pytest.raises(EngineBusy):
-        engine.submit(MSGS, long)
-    for h in [first, *queued]:
-        h.cancel()
-    assert first.result(timeout=30).finish_reason == "cancelled"
-    assert all(h.result(timeout=30).finish_reason == "cancelled" for h in queued)
+def test_cancel_and_busy_queue(tiny_loaded, tmp_path):
+    engine = Engine(tiny_loaded, AdapterRegistry(tmp_path / "adapters"), queue_size=2, max_batch=2)
+    engine.start()
+    try:
+        long = greedy(max_tokens=400)
+        running = [engine.submit(MSGS, long), engine.submit(MSGS, long)]
+        for h in running:
+            next(iter(h))  # both rows are in the batch, which is full
+        queued = [engine.submit(MSGS, long), engine.submit(MSGS, long)]  # queue_size=2
+        with pytest.raises(EngineBusy):
+            engine.submit(MSGS, long)
+        for h in [*running, *queued]:
+            h.cancel()
+        assert all(h.result(timeout=30).finish_reason == "cancelled" for h in [*running, *queued])
+        assert engine.running() == 0 and engine.queue_depth() == 0
+    finally:
+        engine.stop()
 
 
 def test_seeded_sampling_is_reproducible(setup):
