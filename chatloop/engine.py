@@ -32,23 +32,18 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from peft.tuners.lora import LoraLayer
 from transformers.cache_utils import DynamicCache, DynamicLayer
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
 from chatloop.config import GenerationDefaults
 from chatloop.models import LoadedModel
+from chatloop.sampling import RowSampling, choose_tokens
 
 log = logging.getLogger(__name__)
 
@@ -222,26 +217,28 @@ class _StopMatcher:
         return keep
 
 
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class _Row:
     """One running request inside the batch: its sampling state and its place in the KV cache."""
 
     def __init__(self, req: _Request, version: str, device: torch.device):
         self.req, self.handle, self.params, self.version = req, req.handle, req.params, version
         p = req.params
-        self.processors = LogitsProcessorList()
-        if p.repetition_penalty != 1.0:
-            self.processors.append(RepetitionPenaltyLogitsProcessor(p.repetition_penalty))
-        self.greedy = p.temperature == 0.0
-        if not self.greedy:
-            self.processors.append(TemperatureLogitsWarper(p.temperature))
-            if p.top_k:
-                self.processors.append(TopKLogitsWarper(p.top_k))
-            if p.top_p < 1.0:
-                self.processors.append(TopPLogitsWarper(p.top_p))
+        self.sampling = RowSampling(p.temperature, p.top_k, p.top_p, p.repetition_penalty)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(p.seed if p.seed is not None else random.SystemRandom().randrange(2**63))
         self.stops = _StopMatcher(p.stop)
-        self.seq = torch.tensor([req.prompt], device=device)  # prompt + reply, for the penalty
+        self.seen = torch.tensor(req.prompt, device=device)  # prompt + reply, for the penalty
         self.generated: list[int] = []
         self.emitted = 0
         self.text = ""
@@ -387,7 +384,10 @@ class Engine:
             return
         path = self.registry.path(version)
         try:
-            self.model.load_adapter(str(path), adapter_name=version, hotswap=False)
+            # transformers reports every other loaded adapter's weights as "missing" from this
+            # checkpoint: noise for us (a real mismatch raises), so keep it out of the log
+            with _quiet("transformers.integrations.peft"):
+                self.model.load_adapter(str(path), adapter_name=version, hotswap=False)
         except Exception as exc:
             if version in getattr(self.model, "peft_config", {}):
                 self.model.delete_adapter(version)
@@ -426,10 +426,11 @@ class Engine:
             if not joining and not self._rows:
                 continue
             try:
-                if joining:
-                    self._prefill(joining)
-                elif self._rows:
-                    self._decode_step()
+                with torch.inference_mode():
+                    if joining:
+                        self._prefill(joining)
+                    elif self._rows:
+                        self._decode_step()
             except Exception as exc:  # never kill the engine thread: fail this batch, keep serving
                 log.exception("generation failed")
                 for row in [*self._rows, *joining]:
@@ -507,8 +508,7 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         padded = bool((mask == 0).any())
         cache = DynamicCache(config=self.model.config)
-        with torch.inference_mode():
-            logits = self._forward(joining, ids, positions, mask if padded else None, cache)
+        logits = self._forward(joining, ids, positions, mask if padded else None, cache)
         self._merge(joining, cache, mask)
         self._sample(joining, logits)
 
@@ -550,24 +550,20 @@ class Engine:
         positions = torch.tensor([[r.cached] for r in rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         padded = any(r.pad for r in rows)
-        with torch.inference_mode():
-            logits = self._forward(rows, ids, positions, self._mask if padded else None, self._cache)
+        logits = self._forward(rows, ids, positions, self._mask if padded else None, self._cache)
         for r in rows:
             r.cached += 1
         self._sample(rows, logits)
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token with its own settings, stream it, and mark finished rows."""
+        tokens = choose_tokens(logits, [r.sampling for r in rows], [r.seen for r in rows],
+                               [r.generator for r in rows])
         now = time.perf_counter()
-        for i, r in enumerate(rows):
+        for r, tok in zip(rows, tokens):
             if r.handle.cancelled:
                 r.finish = "cancelled"
                 continue
-            scores = r.processors(r.seq, logits[i:i + 1])
-            if r.greedy:
-                tok = int(torch.argmax(scores, dim=-1))
-            else:
-                tok = int(torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=r.generator))
             if r.ttft is None:
                 r.ttft = (now - r.req.submitted) * 1000
             if tok in self.eos_ids:
@@ -575,7 +571,7 @@ class Engine:
                 continue
             r.generated.append(tok)
             r.last_token = tok
-            r.seq = torch.cat([r.seq, r.seq.new_tensor([[tok]])], dim=1)
+            r.seen = torch.cat([r.seen, r.seen.new_tensor([tok])])
             text = self._decode(r.generated)
             at_limit = len(r.generated) >= r.params.max_tokens
             if text.endswith("\ufffd"):

@@ -1,0 +1,250 @@
+"""Serving speed of the engine on the default model, side by side in one process (ratios, because
+these machines are shared and noisy):
+
+- single-stream decode tokens/s through the engine, and a bare KV-cache greedy loop over the same
+  model (the ceiling for one stream in eager PyTorch);
+- aggregate decode tokens/s with 8 (and 16) concurrent streams, and TTFT p50/p95 at 8;
+- activation latency: publish a new adapter version -> first token from it, while 4 streams run;
+- decode cost of an unmerged LoRA adapter (r=16 on every linear layer) vs the base model;
+- bf16 vs fp32 on this CPU (speed, and whether greedy output stays the same);
+- where ``llama-cpp-python`` is installed (``pip install -e .[bench]``, compiles for minutes),
+  the same GGUF through llama.cpp, single stream, and our ratios to it.
+
+    python benchmarks/serving.py [--tokens 64] [--rounds 3] [--json]
+
+Prints a table, and with --json a last line holding one JSON object with the keys single_tok_s,
+bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, ttft_p50_ms, ttft_p95_ms,
+activation_ms_p50, lora_vs_base, and when measured llamacpp_tok_s, single_vs_llamacpp,
+concurrent8_vs_llamacpp (plus a few more described in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from _report import print_report
+from chatloop.adapters import AdapterRegistry
+from chatloop.config import GenerationDefaults, Settings
+from chatloop.engine import Completion, Engine, GenerationParams
+from chatloop.models import LoadedModel, default_model_source, load_model
+
+TOPICS = ["the printing press", "bees", "the Roman roads", "volcanoes", "the violin", "tea",
+          "lighthouses", "glaciers", "the bicycle", "coral reefs", "paper money", "owls",
+          "the telescope", "salt", "bridges", "the compass"]
+
+
+def essay(i: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]}."}]
+
+
+def params(tokens: int, greedy: bool = True, seed: int | None = None) -> GenerationParams:
+    given = {"temperature": 0.0} if greedy else {"temperature": 0.7, "seed": seed}
+    return GenerationParams.from_request(GenerationDefaults(), max_tokens=tokens, repetition_penalty=1.0,
+                                         **given)
+
+
+def decode_tok_s(c: Completion) -> float:
+    """Tokens per second after the first one (prefill and queueing excluded)."""
+    return (c.completion_tokens - 1) / max((c.latency_ms - (c.ttft_ms or 0.0)) / 1000, 1e-9)
+
+
+def bare_greedy_tok_s(loaded: LoadedModel, messages: list[dict[str, str]], n: int) -> float:
+    """The ceiling: a plain KV-cache greedy loop, no sampling machinery, no streaming."""
+    ids = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)["input_ids"].to(loaded.device)
+    model = loaded.model
+    with torch.inference_mode():
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        t0 = time.perf_counter()
+        for _ in range(n - 1):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        return (n - 1) / (time.perf_counter() - t0)
+
+
+def single(engine: Engine, tokens: int, adapter: str | None = None) -> Completion:
+    return engine.generate(essay(0), params(tokens), adapter=adapter, timeout=600)
+
+
+def concurrent(engine: Engine, streams: int, tokens: int, round_: int) -> tuple[float, list[float]]:
+    """Aggregate tokens/s of ``streams`` simultaneous sampled requests, and their TTFTs."""
+    t0 = time.perf_counter()
+    handles = [engine.submit(essay(i), params(tokens, greedy=False, seed=round_ * 100 + i))
+               for i in range(streams)]
+    done = [h.result(600) for h in handles]
+    wall = time.perf_counter() - t0
+    return sum(c.completion_tokens for c in done) / wall, [c.ttft_ms for c in done]
+
+
+def make_lora(loaded: LoadedModel, out: Path) -> Path:
+    """A random r=16 LoRA on every linear layer of the default model (timing only)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.01)  # a nudge, not noise: replies stay text
+    peft.save_pretrained(out)
+    return out
+
+
+def activation_ms(engine: Engine, registry: AdapterRegistry, adapter_dir: Path, trials: int,
+                  tokens: int) -> list[float]:
+    """Publish -> activate -> first token from the new version, while 4 streams keep decoding."""
+    stop = threading.Event()
+
+    def background(i: int) -> None:
+        while not stop.is_set():
+            engine.generate(essay(i), params(tokens, greedy=False, seed=i), timeout=600)
+
+    workers = [threading.Thread(target=background, args=(i,), daemon=True) for i in range(4)]
+    for w in workers:
+        w.start()
+    time.sleep(2)
+    out = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        version = registry.publish(adapter_dir, {"parent": "base", "algorithm": "benchmark"})
+        engine.activate(version)
+        handle = engine.submit(essay(1), params(1))
+        next(iter(handle), None)
+        done = handle.result(600)
+        assert done.adapter_version == version
+        out.append((time.perf_counter() - t0) * 1000)
+    stop.set()
+    for w in workers:
+        w.join(600)
+    return out
+
+
+def llamacpp_tok_s(tokens: int) -> float | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    src = default_model_source()
+    llm = Llama(model_path=str(Path(src.path) / src.gguf_file), n_ctx=2048, n_threads=torch.get_num_threads(),
+                verbose=False)
+    rates = []
+    for _ in range(2):
+        first, n = None, 0
+        for _chunk in llm.create_chat_completion(essay(0), max_tokens=tokens, temperature=0.0, stream=True):
+            if first is None:
+                first = time.perf_counter()
+            n += 1
+        rates.append((n - 1) / (time.perf_counter() - first))
+    return max(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=64, help="reply length per request")
+    ap.add_argument("--rounds", type=int, default=3, help="repetitions of each measurement")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    settings = Settings()
+    steps = tqdm(total=8, desc="serving benchmark", unit="step")
+
+    loaded = load_model(settings.model, settings.models_dir, device="cpu", dtype="float32")
+    tmp = Path(tempfile.mkdtemp(prefix="chatloop-bench-"))
+    registry = AdapterRegistry(tmp / "adapters")
+    engine = Engine(loaded, registry, max_batch=16, queue_size=64)
+    engine.start()
+    engine.generate(essay(0), params(4))  # warm-up
+    steps.update()
+
+    singles, bares, first = [], [], None
+    for _ in range(args.rounds):  # interleaved, so drift in machine load hits both alike
+        c = single(engine, args.tokens)
+        first = first or c
+        singles.append(decode_tok_s(c))
+        bares.append(bare_greedy_tok_s(loaded, essay(0), c.completion_tokens))
+    single_tok_s, bare_tok_s = statistics.median(singles), statistics.median(bares)
+    steps.update()
+
+    c8, ttfts = [], []
+    for r in range(args.rounds):
+        rate, t = concurrent(engine, 8, args.tokens, r)
+        c8.append(rate)
+        ttfts += t
+    c16 = [concurrent(engine, 16, args.tokens, r)[0] for r in range(max(1, args.rounds - 1))]
+    ttfts.sort()
+    steps.update()
+
+    adapter_dir = make_lora(loaded, tmp / "lora")
+    lora_v = registry.publish(adapter_dir, {"parent": "base"})
+    engine.activate(lora_v)
+    base_rates, lora_rates = [], []
+    for _ in range(args.rounds):
+        base_rates.append(decode_tok_s(single(engine, args.tokens, adapter="base")))
+        lora_rates.append(decode_tok_s(single(engine, args.tokens, adapter=lora_v)))
+    engine.activate("base")
+    steps.update()
+
+    act = activation_ms(engine, registry, adapter_dir, trials=5, tokens=args.tokens)
+    engine.activate("base")
+    engine.stop()
+    steps.update()
+
+    bf16_rate, bf16_same = None, None
+    loaded16 = load_model(settings.model, settings.models_dir, device="cpu", dtype="bfloat16")
+    engine16 = Engine(loaded16, AdapterRegistry(tmp / "adapters16"))
+    engine16.start()
+    engine16.generate(essay(0), params(4))
+    runs16 = [single(engine16, args.tokens) for _ in range(max(1, args.rounds - 1))]
+    engine16.stop()
+    bf16_rate = statistics.median(decode_tok_s(c) for c in runs16)
+    ref = first.token_ids
+    same = next((i for i, (a, b) in enumerate(zip(ref, runs16[0].token_ids)) if a != b), min(len(ref), len(runs16[0].token_ids)))
+    bf16_same = same
+    del loaded16, engine16
+    steps.update()
+
+    llama = llamacpp_tok_s(args.tokens)
+    steps.update()
+    steps.close()
+
+    c8_rate = statistics.median(c8)
+    result: dict[str, object] = {
+        "device": f"cpu, {torch.get_num_threads()} torch threads, fp32",
+        "tokens_per_reply": args.tokens,
+        "single_tok_s": round(single_tok_s, 2),
+        "bare_tok_s": round(bare_tok_s, 2),
+        "single_vs_bare": round(single_tok_s / bare_tok_s, 3),
+        "concurrent8_tok_s": round(c8_rate, 2),
+        "concurrent8_vs_single": round(c8_rate / single_tok_s, 2),
+        "concurrent16_tok_s": round(statistics.median(c16), 2),
+        "ttft_p50_ms": round(statistics.median(ttfts), 1),
+        "ttft_p95_ms": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1),
+        "activation_ms_p50": round(statistics.median(act), 1),
+        "activation_ms_max": round(max(act), 1),
+        "lora_tok_s": round(statistics.median(lora_rates), 2),
+        "lora_vs_base": round(statistics.median(lora_rates) / statistics.median(base_rates), 3),
+        "bf16_single_tok_s": round(bf16_rate, 2),
+        "bf16_vs_fp32": round(bf16_rate / single_tok_s, 3),
+        "bf16_greedy_same_prefix": f"{bf16_same}/{len(ref)} tokens",
+    }
+    if llama is not None:
+        result |= {
+            "llamacpp_tok_s": round(llama, 2),
+            "single_vs_llamacpp": round(single_tok_s / llama, 3),
+            "concurrent8_vs_llamacpp": round(c8_rate / llama, 3),
+        }
+    print_report(result, args.json)
+
+
+if __name__ == "__main__":
+    main()
