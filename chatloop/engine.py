@@ -15,7 +15,9 @@ Invariants:
   of one batch may use different versions: PEFT's mixed-batch LoRA forward applies each row's
   own adapter, so activation between decode steps never changes the adapter of a reply in
   flight, and the reply reports the version that produced it.
-- Adapters that are neither active nor used by a running request are unloaded, so memory does
+- Adapters live in LoRA "slots" (PEFT adapter names). A version that is neither active nor used
+  by a running request frees its slot; a new version is hot-swapped into a free slot's weights
+  when its shape allows, else gets a new slot. At most one free slot is kept, so memory does
   not grow with the number of activations. A corrupt or mismatched adapter is refused and the
   active one keeps serving.
 - Greedy decoding (temperature 0) equals ``model.generate(do_sample=False)`` token for token
@@ -270,7 +272,12 @@ class Engine:
         self._control: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._loaded_adapters: set[str] = set()
+        # LoRA slots in the model (PEFT adapter names) and the version each holds (None = spare).
+        # A new version is hot-swapped into a spare slot's weights (about 4x faster than building
+        # new LoRA modules); slots exist only for versions in use plus at most one spare.
+        self._slots: dict[str, str | None] = {}
+        self._slot_of: dict[str, str] = {}  # version -> slot
+        self._slot_counter = 0
         self._active = BASE_VERSION
         self._rows: list[_Row] = []
         self.peak_batch = 0  # the most rows that have shared one forward pass
@@ -310,7 +317,12 @@ class Engine:
 
     @property
     def loaded_adapters(self) -> set[str]:
-        return set(self._loaded_adapters)
+        return set(self._slot_of)
+
+    @property
+    def adapter_slots(self) -> int:
+        """LoRA slots in the model: versions in use plus at most one spare."""
+        return len(self._slots)
 
     def queue_depth(self) -> int:
         return self._requests.qsize()
@@ -380,20 +392,42 @@ class Engine:
         return previous
 
     def _ensure_loaded(self, version: str) -> None:
-        if version in self._loaded_adapters:
+        if version in self._slot_of:
             return
-        path = self.registry.path(version)
+        path = str(self.registry.path(version))
+        spare = next((slot for slot, held in self._slots.items() if held is None), None)
+        if spare is not None:
+            try:
+                with _quiet("transformers.integrations.peft"):
+                    self.model.load_adapter(path, adapter_name=spare, hotswap=True)
+                self._assign(spare, version)
+                return
+            except Exception as exc:  # another rank or target modules, or a bad file: start afresh
+                log.info("adapter %s cannot reuse slot %s (%s); loading it anew", version, spare, exc)
+                self._drop_slot(spare)
+        self._slot_counter += 1
+        slot = f"slot{self._slot_counter}"
         try:
             # transformers reports every other loaded adapter's weights as "missing" from this
             # checkpoint: noise for us (a real mismatch raises), so keep it out of the log
             with _quiet("transformers.integrations.peft"):
-                self.model.load_adapter(str(path), adapter_name=version, hotswap=False)
+                self.model.load_adapter(path, adapter_name=slot, hotswap=False)
         except Exception as exc:
-            if version in getattr(self.model, "peft_config", {}):
-                self.model.delete_adapter(version)
+            if slot in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(slot)
             raise AdapterError(f"adapter {version} cannot be loaded: {exc}") from exc
-        self._loaded_adapters.add(version)
+        self._assign(slot, version)
         self._hook_lora_layers()
+
+    def _assign(self, slot: str, version: str) -> None:
+        self._slots[slot] = version
+        self._slot_of[version] = slot
+
+    def _drop_slot(self, slot: str) -> None:
+        held = self._slots.pop(slot)
+        if held is not None:
+            self._slot_of.pop(held, None)
+        self.model.delete_adapter(slot)
 
     def _hook_lora_layers(self) -> None:
         """Give every LoRA layer the batch's per-row adapter names (PEFT's mixed-batch forward).
@@ -412,11 +446,12 @@ class Engine:
         return args, kwargs
 
     def _unload_unused(self) -> None:
+        """Free the slots of versions nobody uses; keep one spare for the next activation."""
         in_use = {self._active} | {r.version for r in self._rows}
-        for v in list(self._loaded_adapters):
-            if v not in in_use:
-                self.model.delete_adapter(v)
-                self._loaded_adapters.discard(v)
+        for version in [v for v in self._slot_of if v not in in_use]:
+            self._slots[self._slot_of.pop(version)] = None
+        for slot in [s for s, held in self._slots.items() if held is None][1:]:
+            self._drop_slot(slot)
 
     # ---- the batch loop (engine thread) ------------------------------------------------------
     def _loop(self) -> None:
@@ -442,9 +477,8 @@ class Engine:
         for row in self._rows:
             row.handle._finish(None, RuntimeError("the engine has stopped"))
         self._rows, self._cache, self._mask = [], None, None
-        for v in list(self._loaded_adapters):  # leave the model as the engine found it
-            self.model.delete_adapter(v)
-            self._loaded_adapters.discard(v)
+        for slot in list(self._slots):  # leave the model as the engine found it
+            self._drop_slot(slot)
         while True:
             try:
                 self._requests.get_nowait().handle._finish(None, RuntimeError("the engine has stopped"))
@@ -484,8 +518,8 @@ class Engine:
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, position_ids: torch.Tensor,
                  mask: torch.Tensor | None, cache: DynamicCache) -> torch.Tensor:
         """One forward pass for ``rows``; returns float logits of each row's last position."""
-        self._row_adapters = ([r.version if r.version != BASE_VERSION else "__base__" for r in rows]
-                              if self._loaded_adapters else None)
+        self._row_adapters = ([self._slot_of[r.version] if r.version != BASE_VERSION else "__base__"
+                               for r in rows] if self._slots else None)
         try:
             out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)

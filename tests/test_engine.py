@@ -21,13 +21,13 @@ def greedy(max_tokens=24, **kw) -> GenerationParams:
     return GenerationParams.from_request(GenerationDefaults(), temperature=0.0, max_tokens=max_tokens, **kw)
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int) -> Path:
+def make_adapter(model_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
     """A LoRA adapter with random (non-zero) weights, so it visibly changes the output."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    peft = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
                                            init_lora_weights=False, task_type="CAUSAL_LM"))
     with torch.no_grad():
         for n, p in peft.named_parameters():
