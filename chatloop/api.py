@@ -88,6 +88,13 @@ class RetrainRequest(BaseModel):
     wait: bool = False
 
 
+class ScheduleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["cron", "interval", "feedback"]
+    spec: str = Field(max_length=200)  # crontab line | minutes | number of new feedback events
+    algo: Literal["dpo", "kto", "ppo"] = "dpo"
+
+
 class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str
@@ -103,7 +110,9 @@ def _user_id(raw: str | None, default: str = "api") -> str:
 
 
 # ---- the app -------------------------------------------------------------------------------------
-def create_app(service: Service, admin_token: str) -> FastAPI:
+def create_app(service: Service, admin_token: str, schedules: Any = None) -> FastAPI:
+    """The HTTP app. ``schedules`` is the process's ``jobs.scheduler.RetrainScheduler`` (the
+    composition root passes it in; without one the /admin/jobs routes answer 503)."""
     app = FastAPI(title="chatloop", version="0.1.0")
     app.state.service = service
 
@@ -306,6 +315,42 @@ def create_app(service: Service, admin_token: str) -> FastAPI:
             raise ApiError(400, str(exc), "sql_refused") from None
         return {"columns": res.columns, "rows": [list(map(_jsonable, r)) for r in res.rows],
                 "truncated": res.truncated}
+
+    def scheduler() -> Any:
+        if schedules is None:
+            raise ApiError(503, "this process runs no scheduler", "unavailable")
+        return schedules
+
+    @admin.get("/jobs")
+    def jobs():
+        return {"jobs": scheduler().list()}
+
+    @admin.post("/jobs", status_code=201)
+    def add_job(body: ScheduleRequest):
+        try:
+            return scheduler().add(body.kind, body.spec, body.algo, created_by="api")
+        except ValueError as exc:  # ScheduleError: a bad crontab line or number
+            raise ApiError(400, str(exc)) from None
+
+    @admin.delete("/jobs/{schedule_id}")
+    def remove_job(schedule_id: int):
+        try:
+            scheduler().remove(schedule_id)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), "not_found_error") from None
+        return {"removed": schedule_id}
+
+    @admin.post("/jobs/{schedule_id}/run", status_code=202)
+    def run_job(schedule_id: int):
+        try:
+            run_id = scheduler().run_now(schedule_id)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), "not_found_error") from None
+        except CycleBusy as exc:
+            raise ApiError(409, str(exc), "conflict_error") from None
+        except NotEnoughFeedback as exc:
+            raise ApiError(422, str(exc), "not_enough_feedback") from None
+        return {"run_id": run_id, "status": "running"}
 
     app.include_router(admin)
     return app

@@ -43,7 +43,7 @@ def serve(settings: Settings) -> int:
 
     from chatloop.api import create_app
     from chatloop.service import Service
-    from jobs.scheduler import build_scheduler
+    from jobs.scheduler import RetrainScheduler
     from ui.app import build_ui
 
     token = settings.admin_token
@@ -63,11 +63,10 @@ def serve(settings: Settings) -> int:
     service = Service(settings).start()
     log.info("model %s loaded in %.1f s on %s (%s); serving adapter %s", service.model_name,
              service.load_s, service.loaded.device, service.loaded.dtype, service.engine.active_version)
-    app = create_app(service, token)
-    demo = build_ui(service, token)
+    scheduler = RetrainScheduler(settings, service.retrainer, service.store).start()
+    app = create_app(service, token, scheduler)
+    demo = build_ui(service, token, scheduler)
     app = gr.mount_gradio_app(app, demo, path="/")
-    scheduler = build_scheduler(settings, service.retrainer)
-    scheduler.start()
 
     url = f"http://{settings.host}:{settings.port}"
     info = {"url": url, "pid": os.getpid(), "admin_token": token, "started_at": time.time()}
@@ -80,7 +79,7 @@ def serve(settings: Settings) -> int:
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     finally:
-        scheduler.shutdown(wait=False)
+        scheduler.shutdown()
         service.close()
         try:
             if json.loads(settings.service_file.read_text()).get("pid") == os.getpid():
@@ -153,7 +152,7 @@ def _progress_bar(total: int):
     return tqdm(total=total or None, desc="training", unit="step", file=sys.stderr)
 
 
-def retrain(settings: Settings, algo: str, url: str | None) -> int:
+def retrain(settings: Settings, algo: str, url: str | None, trigger: str = "cli") -> int:
     remote = find_service(settings, url)
     if remote is not None:
         started = remote.call("POST", "/admin/retrain", json={"algo": algo})
@@ -196,7 +195,7 @@ def retrain(settings: Settings, algo: str, url: str | None) -> int:
             state["bar"].refresh()
 
     try:
-        run = retrainer.run_cycle(algo, trigger="cli", on_progress=on_progress)
+        run = retrainer.run_cycle(algo, trigger=trigger, on_progress=on_progress)
     except NotEnoughFeedback as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -258,6 +257,71 @@ def adapters_cmd(settings: Settings, action: str, version: str | None, url: str 
     raise SystemExit(f"error: unknown adapters action {action!r}")
 
 
+def jobs_cmd(settings: Settings, args: argparse.Namespace) -> int:
+    """Retraining schedules: through the running service, or the store when none runs (the
+    service picks them up at its next start)."""
+    remote = find_service(settings, args.url)
+    action = args.action
+    if action == "add":
+        given = [(k, v) for k, v in (("cron", args.cron), ("interval", args.interval),
+                                     ("feedback", args.after_feedback)) if v is not None]
+        if len(given) != 1:
+            raise SystemExit("error: jobs add needs exactly one of --cron, --interval or --after-feedback")
+        kind, spec = given[0]
+        if remote is not None:
+            job = remote.call("POST", "/admin/jobs", json={"kind": kind, "spec": str(spec), "algo": args.algo})
+        else:
+            from jobs.scheduler import ScheduleError, build_trigger
+
+            try:
+                build_trigger(kind, str(spec))
+            except ScheduleError as exc:
+                raise SystemExit(f"error: {exc}")
+            local = Local(settings)
+            job = local.store.get_schedule(local.store.add_schedule(kind, str(spec), args.algo, "cli"))
+        print(f"schedule {job['id']}: {kind} {spec} -> {args.algo}")
+        return 0
+    if action == "list":
+        jobs = (remote.call("GET", "/admin/jobs")["jobs"] if remote is not None
+                else Local(settings).store.list_schedules())
+        if not jobs:
+            print("no retraining schedules")
+        for j in jobs:
+            extra = f"next {j['next_run']}" if j.get("next_run") else ""
+            if j.get("events_until_next") is not None:
+                extra = f"{j['events_until_next']} events to go"
+            print(f"{j['id']!s:>18}  {j['kind']:<8} {j['spec']:<14} {j['algo']:<4} {extra}")
+        return 0
+    if args.id is None:
+        raise SystemExit(f"error: jobs {action} needs a schedule ID (see `chatloop jobs list`)")
+    if action == "remove":
+        if remote is not None:
+            remote.call("DELETE", f"/admin/jobs/{args.id}")
+        else:
+            from chatloop.store import NotFound
+
+            try:
+                Local(settings).store.remove_schedule(args.id)
+            except NotFound as exc:
+                raise SystemExit(f"error: {exc}")
+        print(f"schedule {args.id} removed")
+        return 0
+    if action == "run":
+        if remote is not None:
+            run_id = remote.call("POST", f"/admin/jobs/{args.id}/run")["run_id"]
+            print(f"retraining run {run_id} started on the running service (see `chatloop retrain` or "
+                  f"the Admin tab for progress)")
+            return 0
+        from chatloop.store import NotFound
+
+        try:
+            algo = Local(settings).store.get_schedule(args.id)["algo"]
+        except NotFound as exc:
+            raise SystemExit(f"error: {exc}")
+        return retrain(settings, algo, None, trigger=f"cli:schedule-{args.id}")
+    raise SystemExit(f"error: unknown jobs action {action!r}")
+
+
 def sql_cmd(settings: Settings, query: str, url: str | None) -> int:
     remote = find_service(settings, url)
     if remote is not None:
@@ -299,6 +363,13 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("adapters", parents=[common], help="list, activate or roll back adapters")
     a.add_argument("action", choices=["list", "activate", "rollback"])
     a.add_argument("version", nargs="?")
+    j = sub.add_parser("jobs", parents=[common], help="list, add, remove or run retraining schedules")
+    j.add_argument("action", choices=["list", "add", "remove", "run"])
+    j.add_argument("id", nargs="?", type=int, help="schedule id (remove, run)")
+    j.add_argument("--cron", help='crontab line in UTC, e.g. "0 3 * * *"')
+    j.add_argument("--interval", type=int, metavar="MINUTES")
+    j.add_argument("--after-feedback", type=int, metavar="N", help="after N new thumbs or A/B votes")
+    j.add_argument("--algo", default="dpo", choices=["dpo", "kto", "ppo"])
     q = sub.add_parser("sql", parents=[common], help="read-only SQL over the feedback log")
     q.add_argument("query")
     return p
@@ -323,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return retrain(settings, args.algo, args.url)
     if args.cmd == "adapters":
         return adapters_cmd(settings, args.action, args.version, args.url)
+    if args.cmd == "jobs":
+        return jobs_cmd(settings, args)
     if args.cmd == "sql":
         return sql_cmd(settings, args.query, args.url)
     return 2

@@ -128,6 +128,24 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX feedback_message ON feedback_events(message_id);
         """,
     ),
+    (
+        2,
+        "retraining schedules",
+        """
+        CREATE SEQUENCE schedule_seq;
+        CREATE TABLE schedules (
+            id BIGINT PRIMARY KEY DEFAULT nextval('schedule_seq'),
+            kind VARCHAR NOT NULL,            -- cron | interval | feedback
+            spec VARCHAR NOT NULL,            -- crontab line | minutes | number of new events
+            algo VARCHAR NOT NULL,            -- dpo | kto | ppo
+            created_at TIMESTAMP NOT NULL,
+            created_by VARCHAR NOT NULL,
+            feedback_mark BIGINT NOT NULL,    -- feedback_count() when it last fired (or was made)
+            last_fired_at TIMESTAMP,
+            last_run_id BIGINT
+        );
+        """,
+    ),
 ]
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -392,6 +410,33 @@ class Store:
     def feedback_count(self) -> int:
         return self._one("SELECT (SELECT count(*) FROM feedback_events) +"
                          " (SELECT count(*) FROM comparisons)")[0]
+
+    # ---- retraining schedules ----------------------------------------------------------------
+    def add_schedule(self, kind: str, spec: str, algo: str, created_by: str) -> int:
+        row = self._one(
+            "INSERT INTO schedules (kind, spec, algo, created_at, created_by, feedback_mark)"
+            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+            [kind, spec, algo, now(), created_by, self.feedback_count()])
+        return int(row[0])
+
+    def list_schedules(self) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM schedules ORDER BY id")
+
+    def get_schedule(self, schedule_id: int) -> dict[str, Any]:
+        rows = self._dicts("SELECT * FROM schedules WHERE id = ?", [schedule_id])
+        if not rows:
+            raise NotFound(f"unknown schedule {schedule_id}")
+        return rows[0]
+
+    def remove_schedule(self, schedule_id: int) -> None:
+        self.get_schedule(schedule_id)
+        with self._lock:
+            self._con.execute("DELETE FROM schedules WHERE id = ?", [schedule_id])
+
+    def schedule_fired(self, schedule_id: int, run_id: int | None, feedback_mark: int) -> None:
+        with self._lock:
+            self._con.execute("UPDATE schedules SET last_fired_at = ?, last_run_id = ?, feedback_mark = ?"
+                              " WHERE id = ?", [now(), run_id, feedback_mark, schedule_id])
 
     # ---- training runs and adapters ----------------------------------------------------------
     def start_run(self, algo: str, trigger: str, parent_version: str, settings: dict) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from chatloop.store import NotFound, SqlRefused, Store, StoreError
+from chatloop.store import MIGRATIONS, NotFound, SqlRefused, Store, StoreError
 from conftest import generation as rec
 
 
@@ -21,10 +21,10 @@ def store(tmp_path):
 
 def test_migrations_are_recorded_and_idempotent(tmp_path):
     s = Store(tmp_path / "x.duckdb")
-    assert s.schema_version() == 1
+    assert s.schema_version() == len(MIGRATIONS)
     s.close()
     s = Store(tmp_path / "x.duckdb")  # reopening applies nothing twice
-    assert s._all("SELECT count(*) FROM schema_migrations")[0][0] == 1
+    assert s._all("SELECT count(*) FROM schema_migrations")[0][0] == len(MIGRATIONS)
     s.close()
 
 
@@ -109,7 +109,7 @@ def test_sql_console_refuses_hostile_queries(store, sql, message):
     with pytest.raises(SqlRefused, match=message):
         store.query_readonly(sql)
     assert store._all("SELECT count(*) FROM messages")[0][0] == 0
-    assert store.schema_version() == 1
+    assert store.schema_version() == len(MIGRATIONS)
 
 
 def test_sql_console_reads_with_row_and_time_limits(store):

@@ -13,9 +13,12 @@ Invariants:
 
 from __future__ import annotations
 
+import csv
 import hmac
 import json
+import os
 import random
+import tempfile
 import uuid
 from typing import Any
 
@@ -64,7 +67,9 @@ def training_curve(history: list[dict[str, Any]], title: str):
     return fig
 
 
-def build_ui(service: Service, admin_token: str) -> gr.Blocks:
+def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Blocks:
+    """The Gradio app. ``schedules`` is the process's ``jobs.scheduler.RetrainScheduler``
+    (the Admin tab's schedule editor is hidden without one)."""
     g = service.settings.generation
 
     with gr.Blocks(title="chatloop") as demo:
@@ -240,17 +245,38 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                     activate_btn = gr.Button("Activate", elem_id="admin-activate")
                     rollback_btn = gr.Button("Roll back", elem_id="admin-rollback")
                 action_md = gr.Markdown("", elem_id="admin-action")
+                with gr.Accordion("Retraining schedules", open=False, visible=schedules is not None):
+                    jobs_df = gr.Dataframe(label="Schedules", interactive=False, elem_id="admin-jobs")
+                    with gr.Row():
+                        job_kind = gr.Dropdown(["cron", "interval", "feedback"], value="feedback", label="Trigger",
+                                               elem_id="admin-job-kind")
+                        job_spec = gr.Textbox(label="crontab (UTC) | minutes | new feedback events", value="50",
+                                              elem_id="admin-job-spec")
+                        job_algo = gr.Dropdown(["dpo", "kto", "ppo"], value="dpo", label="Algorithm")
+                        job_add = gr.Button("Add schedule", elem_id="admin-job-add")
+                    with gr.Row():
+                        job_id = gr.Number(label="Schedule id", precision=0, elem_id="admin-job-id")
+                        job_run = gr.Button("Run now", elem_id="admin-job-run")
+                        job_remove = gr.Button("Remove", variant="stop", elem_id="admin-job-remove")
+                    jobs_md = gr.Markdown("", elem_id="admin-jobs-msg")
                 sql_box = gr.Textbox(label="SQL (read-only)", lines=3,
                                      value="SELECT adapter_version, count(*) AS replies FROM generations GROUP BY 1",
                                      elem_id="admin-sql")
                 sql_btn = gr.Button("Run query", elem_id="admin-sql-run")
                 sql_df = gr.Dataframe(label="Result", interactive=False, visible=False, elem_id="admin-sql-result")
+                sql_csv = gr.File(label="Download CSV", visible=False, elem_id="admin-sql-csv")
                 sql_msg = gr.Markdown("")
                 timer = gr.Timer(2.0, active=False)
 
+            def _jobs_table():
+                jcols = ["id", "kind", "spec", "algo", "source", "next_run", "events_until_next",
+                         "last_fired_at", "last_run_id"]
+                rows = [[j.get(c) for c in jcols] for j in (schedules.list() if schedules else [])]
+                return {"headers": jcols, "data": rows or [[None] * len(jcols)]}
+
             def _refresh(ok):
                 if not ok:
-                    return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 st = service.status()
                 cyc = st.pop("cycle")
                 status_text = " · ".join(f"**{k}**: {v}" for k, v in st.items())
@@ -268,7 +294,8 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                 acols = ["version", "active", "parent", "algo", "run_id", "train_pairs", "verdict"]
                 ad_rows = [[a.get(c) for c in acols] for a in ad]
                 return (status_text, cycle_text, {"headers": cols, "data": runs_rows or [[None] * len(cols)]},
-                        {"headers": acols, "data": ad_rows or [[None] * len(acols)]}, _curve(runs, cyc))
+                        {"headers": acols, "data": ad_rows or [[None] * len(acols)]}, _curve(runs, cyc),
+                        _jobs_table())
 
             def _curve(runs, cyc):
                 """Per-step loss and reward margin of the running cycle, else of the latest finished one."""
@@ -281,7 +308,7 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
                     title = f"run {done['id']} ({done['status']})" if done else "no finished run yet"
                 return training_curve(history, title)
 
-            refresh_outs = [status_md, cycle_md, runs_df, adapters_df, curve]
+            refresh_outs = [status_md, cycle_md, runs_df, adapters_df, curve, jobs_df]
 
             def _login(tok):
                 ok = bool(admin_token) and hmac.compare_digest((tok or "").encode(), admin_token.encode())
@@ -330,19 +357,51 @@ def build_ui(service: Service, admin_token: str) -> gr.Blocks:
             activate_btn.click(_activate, [signed_in, version_box], [action_md]).then(_refresh, [signed_in], refresh_outs)
             rollback_btn.click(_rollback, [signed_in], [action_md]).then(_refresh, [signed_in], refresh_outs)
 
+            def _add_job(ok, kind, spec, algo_v):
+                _guard(ok)
+                try:
+                    job = schedules.add(kind, spec, algo_v, created_by="ui")
+                except ValueError as exc:
+                    return f"⚠️ {exc}", _jobs_table()
+                return f"Added schedule {job['id']}: {kind} {spec} → {algo_v}.", _jobs_table()
+
+            def _job_action(action):
+                def handler(ok, jid):
+                    _guard(ok)
+                    if jid is None:
+                        return "⚠️ Enter a schedule id first.", _jobs_table()
+                    try:
+                        if action == "remove":
+                            schedules.remove(int(jid))
+                            return f"Removed schedule {int(jid)}.", _jobs_table()
+                        run_id = schedules.run_now(int(jid))
+                        return f"Started retraining run {run_id} for schedule {int(jid)}.", _jobs_table()
+                    except (NotFound, CycleBusy, NotEnoughFeedback) as exc:
+                        return f"⚠️ {exc}", _jobs_table()
+                return handler
+
+            job_add.click(_add_job, [signed_in, job_kind, job_spec, job_algo], [jobs_md, jobs_df])
+            job_remove.click(_job_action("remove"), [signed_in, job_id], [jobs_md, jobs_df])
+            job_run.click(_job_action("run"), [signed_in, job_id], [jobs_md, jobs_df])
+
             def _sql(ok, q):
                 _guard(ok)
                 lim = service.settings.limits
                 try:
                     res = service.store.query_readonly(q, lim.sql_max_rows, lim.sql_timeout_s)
                 except SqlRefused as exc:
-                    return gr.update(visible=False), f"⚠️ {exc}"
+                    return gr.update(visible=False), f"⚠️ {exc}", gr.update(visible=False)
                 rows = [[v if isinstance(v, (int, float, str, type(None))) else json.dumps(v, default=str)
                          for v in r] for r in res.rows]
                 note = f"{len(rows)} row(s)" + (" (truncated)" if res.truncated else "")
                 table = {"headers": res.columns, "data": rows or [[None] * len(res.columns)]}
-                return gr.update(value=table, visible=True), note
+                fd, path = tempfile.mkstemp(prefix="chatloop-query-", suffix=".csv")
+                with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+                    writer = csv.writer(fh)
+                    writer.writerow(res.columns)
+                    writer.writerows(rows)
+                return gr.update(value=table, visible=True), note, gr.update(value=path, visible=True)
 
-            sql_btn.click(_sql, [signed_in, sql_box], [sql_df, sql_msg])
+            sql_btn.click(_sql, [signed_in, sql_box], [sql_df, sql_msg, sql_csv])
 
     return demo
