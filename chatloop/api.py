@@ -95,6 +95,11 @@ class ScheduleRequest(BaseModel):
     algo: Literal["dpo", "kto", "ppo"] = "dpo"
 
 
+class OverrideRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=500)
+
+
 class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str
@@ -284,6 +289,18 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
         cur = service.retrainer.current
         r["progress"] = cur.as_dict() if cur and cur.run_id == run_id else None
         return r
+
+    @admin.post("/runs/{run_id}/override")
+    def override(run_id: int, body: OverrideRequest):
+        try:
+            previous = service.override(run_id, body.reason)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), "not_found_error") from None
+        except (InvalidRequest, AdapterError) as exc:
+            raise ApiError(409 if "only a rejected" in str(exc) else 400, str(exc)) from None
+        run = service.store.get_run(run_id)
+        return {"active": run["candidate_version"], "previous": previous, "run": run["id"],
+                "status": run["status"]}
 
     @admin.get("/adapters")
     def adapters():

@@ -81,7 +81,13 @@ class TrainingDefaults:
     ppo_max_new_tokens: int = 48
     ppo_init_kl_coef: float = 0.05
     ppo_target_kl: float = 6.0
-    ppo_eval_prompts: int = 16
+    # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
+    gate_prompts: int = 16  # held-out prompts both sides answer (0 = no behavioural checks)
+    gate_max_new_tokens: int = 48
+    gate_reward_model: bool = True  # train a reward model on the snapshot for DPO/KTO's win rate too
+    gate_win_rate: float = 0.5  # the reward model must prefer the candidate's replies this often
+    gate_max_kl: float = 1.0  # nats per token, candidate vs base model, on its own replies
+    gate_max_degenerate_increase: float = 0.1  # share of empty/repetitive replies vs the reference
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,23 @@
 """The promotion gate: decide whether a trained candidate adapter replaces the active one.
 
-Owns: the verdict (promote or reject, with reasons) from a candidate's training metrics.
+Owns: the verdict (promote or reject, with one reason per check) from a candidate's metrics.
+The measurements come from the training child: the training loop's held-out metrics and the
+judge's behaviour on held-out prompts (``chatloop.train.judge``).
 
-The reference (the active adapter) has implicit-reward margin 0 on every pair by construction,
-so its preference accuracy is 0.5 (ties count half). A candidate is promoted when:
-- its losses are finite, and
-- DPO/KTO: on held-out data (contexts it never trained on), its preference accuracy (KTO: the
-  share of replies whose implicit reward has the thumb's sign) is not worse than the reference's
-  0.5; with too little data for a held-out set, its training loss must have fallen below the
-  starting loss (it learned something, and nothing diverged);
-- PPO: the reward model scores its replies on held-out prompts at least as high as the
-  reference's (same prompts, same sampling seed).
+A candidate is promoted only when every check passes:
+1. its training loss is finite;
+2. preference accuracy on held-out data is not worse than the active adapter's.
+   - DPO/KTO: the implicit reward. The active adapter is the reference, whose implicit reward is
+     0 on every pair, so its accuracy is 0.5 with ties counting half. KTO uses the share of replies
+     whose implicit reward has the thumb's sign.
+   - PPO: the reward model's held-out pair accuracy, which must beat chance.
+   - With too little data for a held-out set, the training loss must have fallen instead.
+3. the reward model prefers the candidate's replies to the active adapter's on held-out prompts
+   at least ``gate_win_rate`` of the time (ties count half). The check is skipped, and says so,
+   when no reward model could be trained or no prompts were held out;
+4. KL to the base model on the candidate's own replies is at most ``gate_max_kl`` nats per token;
+5. its share of degenerate replies (empty or repetitive) exceeds the reference's by at most
+   ``gate_max_degenerate_increase``.
 
 Invariant: the verdict and every reason are returned for the caller to store; nothing here
 activates anything.
@@ -22,6 +29,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatloop.config import TrainingDefaults
+
 REFERENCE_ACCURACY = 0.5
 
 
@@ -29,41 +38,79 @@ REFERENCE_ACCURACY = 0.5
 class Verdict:
     promote: bool
     reasons: list[str] = field(default_factory=list)
+    checks: dict[str, bool | None] = field(default_factory=dict)  # None = skipped
 
     @property
     def summary(self) -> str:
         return ("promoted: " if self.promote else "rejected: ") + "; ".join(self.reasons)
 
+    def as_dict(self) -> dict[str, Any]:
+        return {"promote": self.promote, "reasons": self.reasons, "checks": self.checks}
 
-def gate(metrics: dict[str, Any]) -> Verdict:
+
+def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
+    t = t or TrainingDefaults()
     final = metrics.get("final_loss")
     if final is None or not math.isfinite(final):
-        return Verdict(False, [f"training loss is not finite ({final})"])
+        return Verdict(False, [f"✗ training loss is not finite ({final})"], {"finite_loss": False})
+    verdict = Verdict(True)
+
+    def check(name: str, ok: bool | None, reason: str) -> None:
+        verdict.checks[name] = ok
+        verdict.reasons.append(("✓ " if ok else "✗ " if ok is False else "– ") + reason)
+        if ok is False:
+            verdict.promote = False
+
+    check("accuracy", *_accuracy(metrics))
+    judged = metrics.get("judge") or {}
+    if not judged.get("prompts"):
+        why = judged.get("skipped", "no behavioural evaluation")
+        check("win_rate", None, f"reward-model win rate not measured ({why})")
+        check("kl", None, "KL to base not measured")
+        check("degenerate", None, "degenerate replies not measured")
+        return verdict
+    n = judged["prompts"]
+    reward = judged.get("reward")
+    if reward:
+        ok = reward["win_rate"] >= t.gate_win_rate
+        check("win_rate", ok, f"reward model prefers the candidate on {reward['win_rate']:.2f} of {n} held-out "
+                              f"prompts ({'>=' if ok else '<'} {t.gate_win_rate:.2f}; mean score "
+                              f"{reward['candidate']:.3f} vs {reward['reference']:.3f})")
+    else:
+        rm = judged.get("reward_model")
+        check("win_rate", None, f"reward-model win rate not measured ({rm if isinstance(rm, str) else 'no reward model'})")
+    kl = judged["kl_to_base"]
+    ok = math.isfinite(kl) and kl <= t.gate_max_kl
+    check("kl", ok, f"KL to base {kl:.3f} nats/token ({'<=' if ok else '>'} {t.gate_max_kl:g})")
+    deg = judged["degenerate"]
+    ok = deg["candidate"] <= deg["reference"] + t.gate_max_degenerate_increase
+    check("degenerate", ok, f"degenerate replies {deg['candidate']:.2f} vs reference {deg['reference']:.2f} "
+                            f"({'within' if ok else 'beyond'} +{t.gate_max_degenerate_increase:g})")
+    return verdict
+
+
+def _accuracy(metrics: dict[str, Any]) -> tuple[bool, str]:
     if metrics.get("algo") == "ppo":
-        return _gate_ppo(metrics)
+        rm = metrics.get("reward_model") or {}
+        held = rm.get("held_out") or {}
+        if held.get("pairs"):
+            ok = held["accuracy"] >= REFERENCE_ACCURACY
+            return ok, (f"reward model held-out pair accuracy {held['accuracy']:.3f} on {held['pairs']} pairs "
+                        f"({'>=' if ok else '<'} chance {REFERENCE_ACCURACY})")
+        return True, "reward model has no held-out pairs (too little feedback); its win rate decides"
     held = metrics.get("held_out") or {}
     n = held.get("pairs") or held.get("examples")
     if n:
         acc = held["accuracy"]
         ok = acc >= REFERENCE_ACCURACY
         what = "preference" if held.get("pairs") else "thumb-sign"
-        return Verdict(ok, [f"held-out {what} accuracy {acc:.3f} on {n} {'pairs' if held.get('pairs') else 'replies'} "
-                            f"{'>=' if ok else '<'} reference {REFERENCE_ACCURACY}"])
+        unit = "pairs" if held.get("pairs") else "replies"
+        return ok, (f"held-out {what} accuracy {acc:.3f} on {n} {unit} "
+                    f"({'>=' if ok else '<'} active adapter's {REFERENCE_ACCURACY})")
     train = metrics.get("train_eval") or {}
     first = metrics.get("first_loss")
     if not train or first is None:
-        return Verdict(False, ["no evaluation metrics"])
+        return False, "no evaluation metrics"
     ok = train["loss"] < first
-    return Verdict(ok, [f"no held-out data (too little feedback); training loss {train['loss']:.4f} "
-                        f"{'<' if ok else '>='} starting loss {first:.4f}, accuracy {train['accuracy']:.3f}"])
-
-
-def _gate_ppo(metrics: dict[str, Any]) -> Verdict:
-    """PPO: the reward model must score the candidate's replies at least as high as the reference's."""
-    ev = metrics.get("reward_eval") or {}
-    if not ev.get("prompts"):
-        return Verdict(False, ["no reward-model evaluation of the candidate"])
-    ok = ev["policy"] >= ev["reference"]
-    return Verdict(ok, [f"reward model: candidate {ev['policy']:.3f} {'>=' if ok else '<'} reference "
-                        f"{ev['reference']:.3f} on {ev['prompts']} prompts (win rate {ev['win_rate']:.2f}), "
-                        f"KL to reference {metrics.get('final_kl', float('nan')):.3f}"])
+    return ok, (f"no held-out data (too little feedback); training loss {train['loss']:.4f} "
+                f"{'<' if ok else '>='} starting loss {first:.4f}")

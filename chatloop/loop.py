@@ -131,9 +131,18 @@ class Retrainer:
         t = self.settings.training
         try:
             parent = self._active_version()
+            timings: dict[str, float] = {}
+            clock = time.perf_counter()
+
+            def lap(name: str) -> None:
+                nonlocal clock
+                timings[f"{name}_s"] = round(time.perf_counter() - clock, 3)
+                clock = time.perf_counter()
+
             self._stage("snapshot", on_progress)
             job_dir = self.settings.runs_dir / f"run-{run_id}"
             snap = self._snapshot(algo, job_dir)
+            lap("snapshot")
             self.store.update_run(run_id, snapshot_dir=str(job_dir), n_pairs=snap["n_train"],
                                   n_eval_pairs=snap["n_eval"], feedback_ids=snap["feedback_ids"],
                                   comparison_ids=snap["comparison_ids"])
@@ -147,9 +156,11 @@ class Retrainer:
 
             self._stage("training", on_progress)
             metrics = self._train_in_child(job_dir, on_progress)
+            lap("train_and_judge")
 
             self._stage("gate", on_progress)
-            verdict = evaluate.gate(metrics)
+            verdict = evaluate.gate(metrics, t)
+            metrics["gate"] = verdict.as_dict()
             self._stage("publishing", on_progress)
             meta = {"parent": parent, "algo": algo, "run_id": run_id, "settings": job["settings"],
                     "train_pairs": snap["n_train"], "eval_pairs": snap["n_eval"], "capped": snap["capped"],
@@ -161,6 +172,8 @@ class Retrainer:
                                       str(self.registry.path(version)), meta["metrics"])
             if verdict.promote:
                 self._activate(version, "gate", verdict.summary)
+            lap("publish")
+            metrics["timings"] = timings
             status = "promoted" if verdict.promote else "rejected"
             self.store.finish_run(run_id, status, candidate_version=version, metrics=metrics,
                                   verdict=verdict.summary)
@@ -204,15 +217,17 @@ class Retrainer:
         train_t, held_t = prefs.split_by_context(thumbs, t.eval_fraction, hold)
         if not (train_t if algo == "kto" else train_p):  # a degenerate draw: train on everything
             train_p, held_p, train_t, held_t = pairs, [], thumbs, []
-        uses_pairs, uses_thumbs = algo in ("dpo", "ppo"), algo in ("kto", "ppo")
+        # Every algorithm gets pairs and thumbs: the reward model (PPO's, and the gate's for
+        # DPO/KTO) trains on both; held-out prompts are what the gate's judge asks both sides.
+        uses_pairs = algo in ("dpo", "ppo") or t.gate_reward_model
+        uses_thumbs = algo in ("kto", "ppo") or t.gate_reward_model
         prefs.write_jsonl(job_dir / "train.jsonl", train_p if uses_pairs else [])
         prefs.write_jsonl(job_dir / "eval.jsonl", held_p if uses_pairs else [])
         prefs.write_jsonl(job_dir / "train_thumbs.jsonl", train_t if uses_thumbs else [])
         prefs.write_jsonl(job_dir / "eval_thumbs.jsonl", held_t if uses_thumbs else [])
-        if algo == "ppo":
-            train_q, held_q = prefs.split_by_context(prefs.logged_prompts(self.store), t.eval_fraction, hold)
-            prefs.write_jsonl(job_dir / "train_prompts.jsonl", train_q)
-            prefs.write_jsonl(job_dir / "eval_prompts.jsonl", held_q)
+        train_q, held_q = prefs.split_by_context(prefs.logged_prompts(self.store), t.eval_fraction, hold)
+        prefs.write_jsonl(job_dir / "train_prompts.jsonl", train_q if algo == "ppo" else [])
+        prefs.write_jsonl(job_dir / "eval_prompts.jsonl", held_q)
         used_pairs = train_p if uses_pairs else []
         used_thumbs = train_t if uses_thumbs else []
         return {

@@ -185,6 +185,21 @@ class Service:
         log.info("activated %s (was %s) by %s", version, previous, actor)
         return previous
 
+    def override(self, run_id: int, reason: str, actor: str = "operator") -> str:
+        """Promote a candidate the gate rejected; the override and its reason are recorded with
+        the run and the activation. Returns the previously active version."""
+        reason = (reason or "").strip()
+        if not reason:
+            raise InvalidRequest("say why you override the gate (a reason is required)")
+        run = self.store.get_run(run_id)  # NotFound
+        if run["status"] != "rejected" or not run.get("candidate_version"):
+            raise InvalidRequest(f"run {run_id} is {run['status']}: only a rejected candidate can be promoted "
+                                 f"by override")
+        version = run["candidate_version"]
+        previous = self.activate(version, actor="override", reason=f"{actor} overrode the gate: {reason}")
+        self.store.update_run(run_id, status="overridden", override=f"{actor}: {reason}")
+        return previous
+
     def rollback(self, actor: str = "operator") -> tuple[str, str]:
         target = self.registry.rollback_target()
         previous = self.engine.activate(target)

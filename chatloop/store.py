@@ -90,8 +90,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE TABLE training_runs (
             id BIGINT PRIMARY KEY DEFAULT nextval('run_seq'),
             algo VARCHAR NOT NULL,
-            trigger VARCHAR NOT NULL,         -- cli | api | ui | schedule
-            status VARCHAR NOT NULL,          -- running | promoted | rejected | failed | refused
+            trigger VARCHAR NOT NULL,         -- cli | api | ui | <kind>:schedule-N | manual:schedule-N
+            status VARCHAR NOT NULL,          -- running | promoted | rejected | overridden | failed | refused
             started_at TIMESTAMP NOT NULL,
             finished_at TIMESTAMP,
             parent_version VARCHAR NOT NULL,
@@ -144,6 +144,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             last_fired_at TIMESTAMP,
             last_run_id BIGINT
         );
+        ALTER TABLE training_runs ADD COLUMN override VARCHAR;  -- who promoted a rejected run, and why
         """,
     ),
 ]
@@ -448,7 +449,7 @@ class Store:
         return int(row[0])
 
     _RUN_FIELDS = {"status", "candidate_version", "snapshot_dir", "n_pairs", "n_eval_pairs",
-                   "feedback_ids", "comparison_ids", "metrics", "verdict", "error", "finished_at"}
+                   "feedback_ids", "comparison_ids", "metrics", "verdict", "error", "finished_at", "override"}
 
     def update_run(self, run_id: int, **fields: Any) -> None:
         bad = set(fields) - self._RUN_FIELDS
@@ -474,7 +475,7 @@ class Store:
     def list_runs(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self._dicts(
             "SELECT id, algo, trigger, status, started_at, finished_at, parent_version,"
-            " candidate_version, n_pairs, n_eval_pairs, verdict, error"
+            " candidate_version, n_pairs, n_eval_pairs, verdict, override, error"
             " FROM training_runs ORDER BY id DESC LIMIT ?", [limit])
         return rows
 

@@ -148,3 +148,32 @@ def test_a_client_that_goes_away_frees_the_engine_and_keeps_what_it_saw(client):
     stored = rows(client, f"SELECT m.content, g.finish_reason FROM messages m JOIN generations g "
                           f"ON g.message_id = m.id WHERE m.id = '{turn.message_id}'")
     assert stored[0][1] == "cancelled" and stored[0][0].startswith(seen)
+
+
+def test_operator_override_promotes_a_rejected_candidate_and_records_why(client, tiny_model_dir, tmp_path):
+    from test_engine import make_adapter
+
+    service = client.service
+    version = service.registry.publish(make_adapter(tiny_model_dir, tmp_path / "cand", 5), {"parent": "base"})
+    run_id = service.store.start_run("dpo", "api", service.engine.active_version, {})
+    service.store.finish_run(run_id, "rejected", candidate_version=version, verdict="rejected: ✗ KL to base 2.0")
+    before = service.engine.active_version
+    assert client.post(f"/admin/runs/{run_id}/override", json={"reason": "x"}).status_code == 401
+    r = client.post(f"/admin/runs/{run_id}/override", json={"reason": ""}, headers=ADMIN)
+    assert r.status_code == 400
+    r = client.post(f"/admin/runs/{run_id}/override", json={"reason": "  "}, headers=ADMIN)
+    assert r.status_code == 400 and "reason" in r.json()["error"]["message"]
+    assert service.engine.active_version == before
+    r = client.post(f"/admin/runs/{run_id}/override", json={"reason": "reviewed the replies by hand"},
+                    headers=ADMIN)
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] == version and service.engine.active_version == version
+    run = client.get(f"/admin/runs/{run_id}", headers=ADMIN).json()
+    assert run["status"] == "overridden" and "reviewed the replies by hand" in run["override"]
+    assert rows(client, "SELECT actor, reason FROM adapter_activations ORDER BY id DESC LIMIT 1") == [
+        ["override", "operator overrode the gate: reviewed the replies by hand"]]
+    again = client.post(f"/admin/runs/{run_id}/override", json={"reason": "again"}, headers=ADMIN)
+    assert again.status_code == 409
+    assert client.post("/admin/runs/9999/override", json={"reason": "x"}, headers=ADMIN).status_code == 404
+    client.post("/admin/rollback", headers=ADMIN)
+    assert service.engine.active_version == before

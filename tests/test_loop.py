@@ -3,6 +3,7 @@ at a time, cancellation, and a failing child that leaves serving untouched."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -123,13 +124,55 @@ def test_ppo_cycle_trains_a_reward_model_then_the_policy(parts):
     settings, store, registry, retrainer, activations = parts
     retrainer.settings = settings.replace(training=settings.training.__class__(**{
         **settings.training.__dict__, "ppo_rollouts": 2, "ppo_rollout_batch_size": 4, "ppo_minibatch_size": 2,
-        "ppo_epochs": 1, "ppo_max_new_tokens": 6, "ppo_eval_prompts": 4, "reward_epochs": 1}))
-    seed_pairs(store, 6)
+        "ppo_epochs": 1, "ppo_max_new_tokens": 6, "gate_prompts": 4, "gate_max_new_tokens": 8,
+        "reward_epochs": 1, "min_eval_pairs": 1, "eval_fraction": 0.3}))
+    seed_pairs(store, 10)
     seed_thumbs(store, 4)
     run = retrainer.run_cycle("ppo")
     m = run["metrics"]
     assert m["algo"] == "ppo" and len(m["history"]) == 2
-    assert m["reward_model"]["train_pairs"] == 6 and m["reward_eval"]["prompts"] == 4
-    assert "reward model: candidate" in run["verdict"]
+    assert m["reward_model"]["train_pairs"] == run["n_pairs"] and m["reward_model"]["held_out"]["pairs"]
+    assert 0 < m["judge"]["prompts"] <= 4 and "win_rate" in m["judge"]["reward"]
+    assert "reward model prefers the candidate" in run["verdict"]
     assert (settings.runs_dir / f"run-{run['id']}" / "reward" / "head.safetensors").is_file()
     assert run["status"] in ("promoted", "rejected")
+
+
+def with_training(retrainer, settings, **changes):
+    retrainer.settings = settings.replace(training=settings.training.__class__(
+        **{**settings.training.__dict__, **changes}))
+
+
+def test_dpo_gate_judges_held_out_prompts_with_a_reward_model(parts):
+    settings, store, registry, retrainer, activations = parts
+    with_training(retrainer, settings, min_eval_pairs=1, eval_fraction=0.3, gate_prompts=3,
+                  gate_max_new_tokens=8, reward_epochs=1)
+    seed_pairs(store, 10)
+    run = retrainer.run_cycle("dpo")
+    judged, gate = run["metrics"]["judge"], run["metrics"]["gate"]
+    assert judged["prompts"] == 3 and judged["reward"] and math.isfinite(judged["kl_to_base"])
+    assert set(judged["degenerate"]) == {"candidate", "reference"}
+    assert set(gate["checks"]) == {"accuracy", "win_rate", "kl", "degenerate"}
+    assert all(v is not None for v in gate["checks"].values())
+    assert run["status"] == ("promoted" if all(gate["checks"].values()) else "rejected")
+    assert set(run["metrics"]["timings"]) == {"snapshot_s", "train_and_judge_s", "publish_s"}
+
+
+def test_gate_rejects_a_deliberately_worse_candidate_and_serving_is_untouched(parts):
+    settings, store, registry, retrainer, activations = parts
+    seed_pairs(store, 10)
+    with_training(retrainer, settings, min_eval_pairs=1, eval_fraction=0.3, gate_prompts=3,
+                  gate_max_new_tokens=8, gate_reward_model=False)
+    good = retrainer.run_cycle("dpo")
+    registry.set_active(good["candidate_version"])  # whatever its verdict, it is what serves now
+    assert good["metrics"]["judge"]["kl_to_base"] < 0.3
+    # a learning rate 1000x too high drags the model far from base (~0.7-1 nats/token here)
+    with_training(retrainer, settings, min_eval_pairs=1, eval_fraction=0.3, gate_prompts=3,
+                  gate_max_new_tokens=8, gate_reward_model=False, learning_rate=1.0, epochs=3,
+                  gate_max_kl=0.3)
+    bad = retrainer.run_cycle("dpo")
+    assert bad["status"] == "rejected", bad["verdict"]
+    checks = bad["metrics"]["gate"]["checks"]
+    assert checks.get("kl") is False or checks.get("finite_loss") is False
+    assert registry.active() == good["candidate_version"]
+    assert ("v2", "gate") not in activations

@@ -244,6 +244,11 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     version_box = gr.Textbox(label="Version to activate (e.g. v2, or base)", elem_id="admin-version")
                     activate_btn = gr.Button("Activate", elem_id="admin-activate")
                     rollback_btn = gr.Button("Roll back", elem_id="admin-rollback")
+                with gr.Row():
+                    override_run = gr.Number(label="Rejected run to promote anyway", precision=0,
+                                             elem_id="admin-override-run")
+                    override_reason = gr.Textbox(label="Why (recorded)", elem_id="admin-override-reason")
+                    override_btn = gr.Button("Override the gate", variant="stop", elem_id="admin-override")
                 action_md = gr.Markdown("", elem_id="admin-action")
                 with gr.Accordion("Retraining schedules", open=False, visible=schedules is not None):
                     jobs_df = gr.Dataframe(label="Schedules", interactive=False, elem_id="admin-jobs")
@@ -288,7 +293,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     cycle_text = "No cycle running."
                 runs = service.store.list_runs(20)
                 cols = ["id", "algo", "trigger", "status", "started_at", "parent_version",
-                        "candidate_version", "n_pairs", "verdict", "error"]
+                        "candidate_version", "n_pairs", "verdict", "override", "error"]
                 runs_rows = [[r.get(c) for c in cols] for r in runs]
                 ad = service.registry.list()
                 acols = ["version", "active", "parent", "algo", "run_id", "train_pairs", "verdict"]
@@ -354,6 +359,18 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     return f"⚠️ {exc}"
                 return f"Rolled back from {prev} to {now_active}."
 
+            def _override(ok, run_id, why):
+                _guard(ok)
+                if run_id is None:
+                    return "⚠️ Enter the id of a rejected run."
+                try:
+                    prev = service.override(int(run_id), why or "", actor="operator (UI)")
+                except (NotFound, InvalidRequest, AdapterError) as exc:
+                    return f"⚠️ {exc}"
+                return f"Run {int(run_id)} promoted by override (was {prev}); the reason is recorded."
+
+            override_btn.click(_override, [signed_in, override_run, override_reason], [action_md]).then(
+                _refresh, [signed_in], refresh_outs)
             activate_btn.click(_activate, [signed_in, version_box], [action_md]).then(_refresh, [signed_in], refresh_outs)
             rollback_btn.click(_rollback, [signed_in], [action_md]).then(_refresh, [signed_in], refresh_outs)
 

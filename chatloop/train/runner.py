@@ -63,6 +63,7 @@ def train_dpo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
                         read_jsonl(job_dir / "eval.jsonl"), cfg, **hooks)
     model.save_pretrained(job_dir / "adapter")
+    metrics["judge"] = judge_candidate(job_dir, job, s, model, loaded.tokenizer, hooks)
     return metrics
 
 
@@ -79,7 +80,53 @@ def train_kto_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     metrics = train_kto(model, loaded.tokenizer, read_jsonl(job_dir / "train_thumbs.jsonl"),
                         read_jsonl(job_dir / "eval_thumbs.jsonl"), cfg, **hooks)
     model.save_pretrained(job_dir / "adapter")
+    metrics["judge"] = judge_candidate(job_dir, job, s, model, loaded.tokenizer, hooks)
     return metrics
+
+
+def _reference(job: dict):
+    """The parent adapter as a frozen model, or None when the parent is the base model (the judge
+    then uses the candidate with its adapter disabled)."""
+    from peft import PeftModel
+
+    if not job.get("parent_adapter"):
+        return None
+    ref = PeftModel.from_pretrained(_load(job).model, job["parent_adapter"])
+    return ref.eval().requires_grad_(False)
+
+
+def _reward_fn(rm, tokenizer, s: dict):
+    from chatloop.train.reward import RewardConfig, score
+
+    cfg = RewardConfig(max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"])
+    return lambda items: score(rm, tokenizer, items, cfg)
+
+
+def judge_candidate(job_dir: Path, job: dict, s: dict, candidate, tokenizer, hooks: dict,
+                    reference=None, rm=None) -> dict:
+    """The gate's behavioural checks on held-out prompts (see ``chatloop.train.judge``). DPO/KTO
+    train a reward model on the snapshot first when ``gate_reward_model`` is on and there are pairs."""
+    from chatloop.prefs import read_jsonl
+    from chatloop.train.judge import judge
+
+    contexts = [p["prompt"] for p in read_jsonl(job_dir / "eval_prompts.jsonl")][: s["gate_prompts"]]
+    if not contexts:
+        return {"prompts": 0, "skipped": "no held-out prompts (too little feedback to hold any out)"}
+    note = None
+    if rm is None and s["gate_reward_model"]:
+        if len(read_jsonl(job_dir / "train.jsonl")) >= 2:
+            reward_metrics, rm = train_reward_job(job_dir, job, s, {"on_step": lambda m: None,
+                                                                    "should_stop": hooks["should_stop"]})
+            note = {k: v for k, v in reward_metrics.items() if k != "history"}
+        else:
+            note = "no reward model: fewer than 2 training pairs"
+    if reference is None:
+        reference = _reference(job)
+    out = judge(candidate, reference, tokenizer, contexts, _reward_fn(rm, tokenizer, s) if rm is not None else None,
+                s["max_prompt_tokens"], s["gate_max_new_tokens"], seed=s["seed"] + 12345)
+    if note is not None:
+        out["reward_model"] = note
+    return out
 
 
 def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict):
@@ -110,12 +157,10 @@ def train_ppo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     from peft import PeftModel
 
     from chatloop.prefs import read_jsonl
-    from chatloop.train.ppo import PpoConfig, sample_replies, train_ppo
-    from chatloop.train.reward import RewardConfig, score
+    from chatloop.train.ppo import PpoConfig, train_ppo
 
     reward_metrics, rm = train_reward_job(job_dir, job, s, {"on_step": lambda m: None,
                                                             "should_stop": hooks["should_stop"]})
-    rm_cfg = RewardConfig(max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"])
     loaded = _load(job)
     policy = _policy(loaded, job, s)
     ref_loaded = _load(job)
@@ -128,21 +173,11 @@ def train_ppo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
                     max_new_tokens=s["ppo_max_new_tokens"], max_prompt_tokens=s["max_prompt_tokens"],
                     init_kl_coef=s["ppo_init_kl_coef"], target_kl=s["ppo_target_kl"], seed=s["seed"])
     prompts = [p["prompt"] for p in read_jsonl(job_dir / "train_prompts.jsonl")]
-    reward_fn = lambda items: score(rm, tok, items, rm_cfg)  # noqa: E731
+    reward_fn = _reward_fn(rm, tok, s)
     metrics = train_ppo(policy, reference, tok, prompts, reward_fn, cfg, **hooks)
-    eval_prompts = ([p["prompt"] for p in read_jsonl(job_dir / "eval_prompts.jsonl")] or prompts)[: s["ppo_eval_prompts"]]
-    enc = [list(tok.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-           [-cfg.max_prompt_tokens:] for p in eval_prompts]
-    sides = {}
-    for name, model in (("policy", policy), ("reference", reference)):
-        replies = sample_replies(model, tok, enc, cfg, generator_seed=12345)
-        texts = [tok.decode(r, skip_special_tokens=True) for r in replies]
-        sides[name] = score(rm, tok, list(zip(eval_prompts, texts)), rm_cfg)
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(sides["policy"], sides["reference"]))
-    metrics["reward_eval"] = {"policy": sum(sides["policy"]) / len(enc), "reference": sum(sides["reference"]) / len(enc),
-                              "win_rate": wins / len(enc), "prompts": len(enc)}
     metrics["reward_model"] = {k: v for k, v in reward_metrics.items() if k != "history"}
     policy.save_pretrained(job_dir / "adapter")
+    metrics["judge"] = judge_candidate(job_dir, job, s, policy, tok, hooks, reference=reference, rm=rm)
     return metrics
 
 

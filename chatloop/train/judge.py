@@ -1,0 +1,120 @@
+"""How a candidate adapter behaves next to the reference, measured in the training child.
+
+Owns: sampling replies from the candidate and the reference on the same held-out prompts (same
+seed, the serving defaults' temperature and top-p), and the gate's behavioural measurements:
+- the reward model's mean score of each side and the candidate's win rate (ties count half);
+- KL to the base model: the mean per-token log-ratio log p_candidate - log p_base over the
+  candidate's own sampled replies (the usual sample estimate);
+- the share of degenerate replies on each side (empty, or mostly repeated 3-grams);
+- mean reply length on each side (length gaming shows up here).
+
+Invariants: prompts are held-out contexts the candidate never trained on (the snapshot's
+``eval_prompts.jsonl``); nothing here decides anything (``chatloop.evaluate.gate`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from chatloop.train.common import Encoded, collate
+from chatloop.train.ppo import token_forward
+
+TEMPERATURE, TOP_P = 0.7, 0.9  # the serving defaults: judge what users would see
+
+
+def is_degenerate(tokens: Sequence[int], eos_id: int | None) -> bool:
+    """Empty, or (8+ tokens) fewer than half of its 3-grams distinct."""
+    body = [t for t in tokens if t != eos_id]
+    if not body:
+        return True
+    if len(body) >= 8:
+        grams = [tuple(body[i:i + 3]) for i in range(len(body) - 2)]
+        return len(set(grams)) / len(grams) < 0.5
+    return False
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int,
+           batch_size: int = 16) -> list[list[int]]:
+    """One sampled reply per prompt (token ids without padding, EOS kept when the model stopped)."""
+    device = next(model.parameters()).device
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):  # left padding for generation
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        torch.manual_seed(seed + start)
+        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                             temperature=TEMPERATURE, top_p=TOP_P, top_k=0, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=eos)
+        for row in gen[:, width:].tolist():
+            reply = []
+            for t in row:
+                reply.append(t)
+                if t == eos:
+                    break
+            out.append(reply)
+    return out
+
+
+@torch.no_grad()
+def kl_to_base(candidate, tokenizer, prompts: list[list[int]], replies: list[list[int]],
+               batch_size: int = 8) -> float:
+    """Mean per-token log p_candidate(y) - log p_base(y) over the candidate's replies ``y``."""
+    device = next(candidate.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        items = [Encoded(p, r) for p, r in zip(prompts[start:start + batch_size], replies[start:start + batch_size])
+                 if r]
+        if not items:
+            continue
+        batch = collate(items, tokenizer.pad_token_id).to(device)
+        lp_c, _, _, mask = token_forward(candidate, None, batch)
+        with candidate.disable_adapter():
+            lp_b, _, _, _ = token_forward(candidate, None, batch)
+        total += float(((lp_c - lp_b) * mask).sum())
+        count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def judge(candidate, reference, tokenizer, contexts: list[list[dict[str, str]]],
+          reward_fn: Callable[[list[tuple[list[dict], str]]], list[float]] | None,
+          max_prompt_tokens: int, max_new_tokens: int, seed: int = 12345) -> dict[str, Any]:
+    """Measure ``candidate`` (a PeftModel) against ``reference`` (a model, or None for the base
+    model under the candidate's adapter) on ``contexts``."""
+    if not contexts:
+        return {"prompts": 0}
+    enc = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                              return_dict=True)["input_ids"])[-max_prompt_tokens:] for c in contexts]
+    eos = tokenizer.eos_token_id
+    candidate.eval()
+    replies: dict[str, list[list[int]]] = {}
+    for side, model in (("candidate", candidate), ("reference", reference if reference is not None else candidate)):
+        ctx = candidate.disable_adapter() if (side == "reference" and reference is None) else nullcontext()
+        with ctx:
+            replies[side] = sample(model, tokenizer, enc, max_new_tokens, seed)
+    n = len(contexts)
+    out: dict[str, Any] = {
+        "prompts": n,
+        "kl_to_base": kl_to_base(candidate, tokenizer, enc, replies["candidate"]),
+        "degenerate": {s: sum(is_degenerate(r, eos) for r in rs) / n for s, rs in replies.items()},
+        "mean_reply_tokens": {s: sum(len([t for t in r if t != eos]) for r in rs) / n for s, rs in replies.items()},
+    }
+    texts = {s: [tokenizer.decode(r, skip_special_tokens=True) for r in rs] for s, rs in replies.items()}
+    out["examples"] = [{"prompt": contexts[i][-1]["content"][:200], "candidate": texts["candidate"][i][:300],
+                        "reference": texts["reference"][i][:300]} for i in range(min(3, n))]
+    if reward_fn is not None:
+        scores = {s: reward_fn(list(zip(contexts, t))) for s, t in texts.items()}
+        wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores["candidate"], scores["reference"]))
+        out["reward"] = {"candidate": sum(scores["candidate"]) / n, "reference": sum(scores["reference"]) / n,
+                         "win_rate": wins / n}
+    return out

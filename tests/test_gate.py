@@ -1,0 +1,78 @@
+"""The promotion gate on hand-made metrics: each check can reject on its own, skipped checks
+say so, and the reasons name the numbers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from chatloop.config import TrainingDefaults
+from chatloop.evaluate import gate
+
+GOOD = {
+    "algo": "dpo", "final_loss": 0.6, "first_loss": 0.69,
+    "held_out": {"accuracy": 0.7, "pairs": 10},
+    "judge": {"prompts": 8, "kl_to_base": 0.05, "degenerate": {"candidate": 0.0, "reference": 0.125},
+              "reward": {"candidate": 0.4, "reference": 0.1, "win_rate": 0.75}},
+}
+
+
+def worse(path: str, value):
+    m = copy.deepcopy(GOOD)
+    *keys, last = path.split(".")
+    node = m
+    for k in keys:
+        node = node[k]
+    node[last] = value
+    return m
+
+
+def test_a_good_candidate_passes_every_check():
+    v = gate(GOOD)
+    assert v.promote and v.checks == {"accuracy": True, "win_rate": True, "kl": True, "degenerate": True}
+    assert "0.75 of 8 held-out prompts" in v.summary and "KL to base 0.050" in v.summary
+
+
+@pytest.mark.parametrize("path, value, check", [
+    ("held_out.accuracy", 0.4, "accuracy"),
+    ("judge.reward.win_rate", 0.375, "win_rate"),
+    ("judge.kl_to_base", 1.5, "kl"),
+    ("judge.kl_to_base", float("nan"), "kl"),
+    ("judge.degenerate.candidate", 0.5, "degenerate"),
+])
+def test_each_check_rejects_on_its_own(path, value, check):
+    v = gate(worse(path, value))
+    assert not v.promote and v.checks[check] is False
+    assert [k for k, ok in v.checks.items() if ok is False] == [check]
+
+
+def test_thresholds_come_from_the_settings():
+    strict = TrainingDefaults(gate_win_rate=0.8, gate_max_kl=0.01)
+    v = gate(GOOD, strict)
+    assert not v.promote and v.checks["win_rate"] is False and v.checks["kl"] is False
+
+
+def test_non_finite_loss_and_missing_measurements():
+    assert not gate(worse("final_loss", float("inf"))).promote
+    no_rm = copy.deepcopy(GOOD)
+    del no_rm["judge"]["reward"]
+    no_rm["judge"]["reward_model"] = "no reward model: fewer than 2 training pairs"
+    v = gate(no_rm)
+    assert v.promote and v.checks["win_rate"] is None and "fewer than 2 training pairs" in v.summary
+    no_judge = worse("judge", {"prompts": 0, "skipped": "no held-out prompts"})
+    v = gate(no_judge)
+    assert v.promote and v.checks["kl"] is None and "no held-out prompts" in v.summary
+    # without held-out pairs the training loss must fall
+    m = worse("held_out", {})
+    m["train_eval"] = {"loss": 0.7, "accuracy": 0.5}
+    assert gate(m).checks["accuracy"] is False
+
+
+def test_ppo_uses_the_reward_models_held_out_accuracy():
+    m = copy.deepcopy(GOOD)
+    m["algo"] = "ppo"
+    m["reward_model"] = {"held_out": {"accuracy": 0.3, "pairs": 6}}
+    assert gate(m).checks["accuracy"] is False
+    m["reward_model"]["held_out"]["accuracy"] = 0.66
+    assert gate(m).promote
