@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatloop.adapters import AdapterError
@@ -332,6 +332,16 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             raise ApiError(400, str(exc), "sql_refused") from None
         return {"columns": res.columns, "rows": [list(map(_jsonable, r)) for r in res.rows],
                 "truncated": res.truncated}
+
+    @admin.get("/export")
+    def export(what: Literal["pairs", "feedback", "conversations"] = "feedback",
+               format: Literal["jsonl", "parquet"] = "jsonl"):  # noqa: A002 - the query parameter's name
+        from chatloop.export import encode, export_rows
+
+        body = encode(export_rows(service.store, what, service.settings.training), format)
+        media = "application/x-ndjson" if format == "jsonl" else "application/vnd.apache.parquet"
+        return Response(body, media_type=media,
+                        headers={"Content-Disposition": f'attachment; filename="chatloop-{what}.{format}"'})
 
     def scheduler() -> Any:
         if schedules is None:

@@ -20,6 +20,7 @@ import os
 import secrets
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from chatloop.config import ConfigError, Settings, load_settings
@@ -322,6 +323,25 @@ def jobs_cmd(settings: Settings, args: argparse.Namespace) -> int:
     raise SystemExit(f"error: unknown jobs action {action!r}")
 
 
+def export_cmd(settings: Settings, what: str, fmt: str, out: str | None, url: str | None) -> int:
+    """Write pairs, feedback or conversations as JSON Lines or Parquet (through the running
+    service, which holds the database, or from the file when none runs)."""
+    target = Path(out or f"chatloop-{what}.{fmt}")
+    remote = find_service(settings, url)
+    if remote is not None:
+        r = remote.client.get("/admin/export", params={"what": what, "format": fmt})
+        if r.status_code >= 400:
+            raise SystemExit(f"error: {r.json().get('error', {}).get('message', r.text)}")
+        data = r.content
+    else:
+        from chatloop.export import encode, export_rows
+
+        data = encode(export_rows(Local(settings).store, what, settings.training), fmt)
+    target.write_bytes(data)
+    print(f"wrote {target} ({len(data)} bytes)")
+    return 0
+
+
 def sql_cmd(settings: Settings, query: str, url: str | None) -> int:
     remote = find_service(settings, url)
     if remote is not None:
@@ -370,6 +390,10 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--interval", type=int, metavar="MINUTES")
     j.add_argument("--after-feedback", type=int, metavar="N", help="after N new thumbs or A/B votes")
     j.add_argument("--algo", default="dpo", choices=["dpo", "kto", "ppo"])
+    e = sub.add_parser("export", parents=[common], help="export pairs, feedback or conversations")
+    e.add_argument("--what", default="feedback", choices=["pairs", "feedback", "conversations"])
+    e.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
+    e.add_argument("--out", help="output file (default chatloop-WHAT.FORMAT)")
     q = sub.add_parser("sql", parents=[common], help="read-only SQL over the feedback log")
     q.add_argument("query")
     return p
@@ -396,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         return adapters_cmd(settings, args.action, args.version, args.url)
     if args.cmd == "jobs":
         return jobs_cmd(settings, args)
+    if args.cmd == "export":
+        return export_cmd(settings, args.what, args.format, args.out, args.url)
     if args.cmd == "sql":
         return sql_cmd(settings, args.query, args.url)
     return 2

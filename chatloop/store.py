@@ -402,6 +402,45 @@ class Store:
             r["context"] = json.loads(r["context"])
         return rows
 
+    def all_feedback(self) -> list[dict[str, Any]]:
+        """Every thumb and every A/B vote (append-only history, not just the latest), oldest first,
+        with the rated replies, their context and the adapter version that wrote them."""
+        rows = self._dicts(
+            """
+            SELECT 'thumb' AS kind, f.id, f.created_at, f.user_id, f.message_id, NULL AS message_b,
+                   f.rating, NULL AS choice, f.reason, f.comment, g.adapter_version,
+                   NULL AS adapter_version_b, g.context, m.content AS reply, NULL AS reply_b
+            FROM feedback_events f
+            JOIN messages m ON m.id = f.message_id
+            LEFT JOIN generations g ON g.message_id = f.message_id
+            UNION ALL
+            SELECT 'ab', c.id, c.created_at, c.user_id, c.message_a, c.message_b, NULL, c.choice, NULL, NULL,
+                   ga.adapter_version, gb.adapter_version, ga.context, ma.content, mb.content
+            FROM comparisons c
+            JOIN messages ma ON ma.id = c.message_a
+            JOIN messages mb ON mb.id = c.message_b
+            LEFT JOIN generations ga ON ga.message_id = c.message_a
+            LEFT JOIN generations gb ON gb.message_id = c.message_b
+            ORDER BY created_at, kind, id
+            """
+        )
+        for r in rows:
+            r["context"] = json.loads(r["context"]) if r["context"] else None
+        return rows
+
+    def all_conversations(self) -> list[dict[str, Any]]:
+        """Every conversation with its messages in order (assistant messages carry their adapter)."""
+        convs = self._dicts("SELECT id, user_id, source, created_at FROM conversations ORDER BY created_at, id")
+        msgs = self._dicts(
+            "SELECT m.conversation_id, m.id, m.role, m.content, m.created_at, g.adapter_version"
+            " FROM messages m LEFT JOIN generations g ON g.message_id = m.id ORDER BY m.created_at, m.id")
+        by_conv: dict[str, list[dict[str, Any]]] = {}
+        for m in msgs:
+            by_conv.setdefault(m.pop("conversation_id"), []).append(m)
+        for c in convs:
+            c["messages"] = by_conv.get(c["id"], [])
+        return convs
+
     def distinct_contexts(self, limit: int = 10000) -> list[tuple[str, list[dict[str, str]]]]:
         """(context_hash, context) of every distinct context that got a reply, oldest first."""
         rows = self._all("SELECT context_hash, any_value(context) FROM generations GROUP BY context_hash"

@@ -177,3 +177,15 @@ def test_operator_override_promotes_a_rejected_candidate_and_records_why(client,
     assert client.post("/admin/runs/9999/override", json={"reason": "x"}, headers=ADMIN).status_code == 404
     client.post("/admin/rollback", headers=ADMIN)
     assert service.engine.active_version == before
+
+
+def test_export_through_the_api(client):
+    r = client.get("/admin/export", params={"what": "feedback", "format": "jsonl"}, headers=ADMIN)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+    assert 'filename="chatloop-feedback.jsonl"' in r.headers["content-disposition"]
+    stored = rows(client, "SELECT (SELECT count(*) FROM feedback_events) + (SELECT count(*) FROM comparisons)")[0][0]
+    assert len(r.text.splitlines()) == stored
+    assert client.get("/admin/export", params={"what": "users"}, headers=ADMIN).status_code == 400
+    assert client.get("/admin/export").status_code == 401
+    parquet = client.get("/admin/export", params={"what": "conversations", "format": "parquet"}, headers=ADMIN)
+    assert parquet.status_code == 200 and parquet.content[:4] == b"PAR1"
