@@ -5,6 +5,7 @@ Layout under ``$DATA_DIR/adapters``::
     v1/ adapter_config.json  adapter_model.safetensors  chatloop.json
     v2/ ...
     active.json   {"version": "v2", "history": ["base", "v1"]}
+    compare.json  {"version": "v3"}  the candidate on one side of the Compare tab (or null)
 
 Owns: numbering, atomic publish, validation, the active pointer and rollback history.
 
@@ -30,6 +31,7 @@ from typing import Any
 BASE_VERSION = "base"
 META_FILE = "chatloop.json"
 ACTIVE_FILE = "active.json"
+COMPARE_FILE = "compare.json"
 _VERSION_RE = re.compile(r"^v(\d+)$")
 
 
@@ -181,6 +183,21 @@ class AdapterRegistry:
                 history = (state["history"] + [previous])[-100:]
                 _write_json_atomic(self.root / ACTIVE_FILE, {"version": version, "history": history})
             return previous
+
+    def compare_version(self) -> str | None:
+        """The version an operator put into live comparison against the active one, if any."""
+        try:
+            version = json.loads((self.root / COMPARE_FILE).read_text()).get("version")
+        except (OSError, ValueError):
+            return None
+        return version if version and version in self.versions() else None
+
+    def set_compare_version(self, version: str | None) -> None:
+        """Put ``version`` (validated) into live comparison, or stop it with None."""
+        if version is not None:
+            self.check(version)
+        with self._lock:
+            _write_json_atomic(self.root / COMPARE_FILE, {"version": version})
 
     def rollback_target(self) -> str:
         """The version a rollback would re-activate (the last one active before this one)."""

@@ -100,6 +100,11 @@ class OverrideRequest(BaseModel):
     reason: str = Field(min_length=1, max_length=500)
 
 
+class CompareRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = Field(default=None, max_length=32)  # null stops the live comparison
+
+
 class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str
@@ -301,6 +306,20 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
         run = service.store.get_run(run_id)
         return {"active": run["candidate_version"], "previous": previous, "run": run["id"],
                 "status": run["status"]}
+
+    @admin.get("/ratings")
+    def ratings():
+        return {"ratings": service.ratings(), "live_comparison": service.live_comparison()}
+
+    @admin.post("/compare")
+    def live_compare(body: CompareRequest):
+        try:
+            service.set_live_comparison(body.version)
+        except AdapterError as exc:
+            raise ApiError(404 if "unknown" in str(exc) else 400, str(exc)) from None
+        except InvalidRequest as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"live_comparison": service.live_comparison()}
 
     @admin.get("/adapters")
     def adapters():

@@ -17,10 +17,10 @@ from __future__ import annotations
 import logging
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
-from chatloop.adapters import AdapterRegistry
+from chatloop.adapters import BASE_VERSION, AdapterRegistry
 from chatloop.config import Settings
 from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest, StreamHandle
 from chatloop.loop import Retrainer
@@ -199,6 +199,24 @@ class Service:
         previous = self.activate(version, actor="override", reason=f"{actor} overrode the gate: {reason}")
         self.store.update_run(run_id, status="overridden", override=f"{actor}: {reason}")
         return previous
+
+    def set_live_comparison(self, version: str | None) -> None:
+        """Serve ``version`` (a published candidate) on one side of the Compare tab, against the
+        active version, until stopped with None."""
+        if version is not None and version in (BASE_VERSION, self.engine.active_version):
+            raise InvalidRequest(f"{version} is already what serves; pick a candidate version")
+        self.registry.set_compare_version(version)
+
+    def live_comparison(self) -> str | None:
+        version = self.registry.compare_version()
+        return None if version == self.engine.active_version else version
+
+    def ratings(self, bootstrap: int = 200) -> list[dict[str, Any]]:
+        """Bradley-Terry ratings of adapter versions from A/B votes (see ``chatloop.ratings``)."""
+        from chatloop.ratings import rate
+
+        votes = [(a, b, c) for _, a, b, c in self.store.version_votes()]
+        return [asdict(r) for r in rate(votes, bootstrap=bootstrap)]
 
     def rollback(self, actor: str = "operator") -> tuple[str, str]:
         target = self.registry.rollback_target()

@@ -428,6 +428,52 @@ class Store:
             r["context"] = json.loads(r["context"]) if r["context"] else None
         return rows
 
+    def browse_feedback(self, kind: str = "all", version: str | None = None, user: str | None = None,
+                        since: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """Newest feedback first, filtered: kind all | up | down | A/B, the adapter version that
+        wrote the rated reply (either side for A/B), the user, and a start date (YYYY-MM-DD)."""
+        where, params = [], []
+        if kind in ("up", "down"):
+            where.append("kind = 'thumb' AND rating = ?")
+            params.append(1 if kind == "up" else -1)
+        elif kind == "A/B":
+            where.append("kind = 'ab'")
+        elif kind != "all":
+            raise StoreError(f"unknown feedback kind {kind!r}; use all, up, down or A/B")
+        if version:
+            where.append("(adapter_version = ? OR adapter_version_b = ?)")
+            params += [version, version]
+        if user:
+            where.append("user_id = ?")
+            params.append(user)
+        if since:
+            try:
+                params.append(dt.datetime.strptime(since, "%Y-%m-%d"))
+            except ValueError:
+                raise StoreError(f"since must be a date like 2026-01-31 (got {since!r})") from None
+            where.append("created_at >= ?")
+        rows = self._dicts(
+            f"""
+            WITH fb AS (
+                SELECT 'thumb' AS kind, f.id, f.created_at, f.user_id, f.rating, NULL AS choice, f.reason,
+                       g.adapter_version, NULL AS adapter_version_b, g.context, m.content AS reply
+                FROM feedback_events f JOIN messages m ON m.id = f.message_id
+                LEFT JOIN generations g ON g.message_id = f.message_id
+                UNION ALL
+                SELECT 'ab', c.id, c.created_at, c.user_id, NULL, c.choice, NULL, ga.adapter_version,
+                       gb.adapter_version, ga.context, ma.content || '  ⟷  ' || mb.content
+                FROM comparisons c JOIN messages ma ON ma.id = c.message_a JOIN messages mb ON mb.id = c.message_b
+                LEFT JOIN generations ga ON ga.message_id = c.message_a
+                LEFT JOIN generations gb ON gb.message_id = c.message_b
+            )
+            SELECT * FROM fb {"WHERE " + " AND ".join(where) if where else ""}
+            ORDER BY created_at DESC, id DESC LIMIT ?
+            """, params + [max(1, min(limit, 5000))])
+        for r in rows:
+            ctx = json.loads(r.pop("context")) if r.get("context") else []
+            r["prompt"] = ctx[-1]["content"] if ctx else None
+        return rows
+
     def all_conversations(self) -> list[dict[str, Any]]:
         """Every conversation with its messages in order (assistant messages carry their adapter)."""
         convs = self._dicts("SELECT id, user_id, source, created_at FROM conversations ORDER BY created_at, id")
@@ -440,6 +486,22 @@ class Store:
         for c in convs:
             c["messages"] = by_conv.get(c["id"], [])
         return convs
+
+    def version_votes(self) -> list[tuple[Any, str, str, str]]:
+        """(time, version of A, version of B, choice) of the latest vote of each user on each pair
+        of replies, oldest first: what adapter ratings are fitted on."""
+        return [tuple(r) for r in self._all(
+            """
+            SELECT c.created_at, ga.adapter_version, gb.adapter_version, c.choice
+            FROM comparisons c
+            JOIN generations ga ON ga.message_id = c.message_a
+            JOIN generations gb ON gb.message_id = c.message_b
+            QUALIFY row_number() OVER (
+                PARTITION BY c.user_id, least(c.message_a, c.message_b),
+                             greatest(c.message_a, c.message_b)
+                ORDER BY c.created_at DESC, c.id DESC) = 1
+            ORDER BY c.created_at, c.id
+            """)]
 
     def distinct_contexts(self, limit: int = 10000) -> list[tuple[str, list[dict[str, str]]]]:
         """(context_hash, context) of every distinct context that got a reply, oldest first."""

@@ -189,3 +189,28 @@ def test_export_through_the_api(client):
     assert client.get("/admin/export").status_code == 401
     parquet = client.get("/admin/export", params={"what": "conversations", "format": "parquet"}, headers=ADMIN)
     assert parquet.status_code == 200 and parquet.content[:4] == b"PAR1"
+
+
+def test_live_comparison_and_ratings(client, tiny_model_dir, tmp_path):
+    from conftest import generation
+    from test_engine import make_adapter
+
+    service = client.service
+    candidate = service.registry.publish(make_adapter(tiny_model_dir, tmp_path / "live", 6), {"parent": "base"})
+    r = client.post("/admin/compare", json={"version": "v404"}, headers=ADMIN)
+    assert r.status_code == 404
+    r = client.post("/admin/compare", json={"version": service.engine.active_version}, headers=ADMIN)
+    assert r.status_code == 400 and "already what serves" in r.json()["error"]["message"]
+    r = client.post("/admin/compare", json={"version": candidate}, headers=ADMIN)
+    assert r.status_code == 200 and r.json()["live_comparison"] == candidate
+    store, conv = service.store, service.store.new_conversation("rater", "compare")
+    ctx = [{"role": "user", "content": "rate us"}]
+    for i in range(6):  # the candidate wins 5 of 6 blind votes
+        a = store.record_exchange(conv, generation(ctx, f"cand {i}", adapter=candidate))
+        b = store.record_exchange(conv, generation(ctx, f"active {i}", adapter=service.engine.active_version))
+        store.record_comparison(a, b, "a" if i else "b", f"rater{i}")
+    ratings = client.get("/admin/ratings", headers=ADMIN).json()
+    assert ratings["live_comparison"] == candidate
+    best = ratings["ratings"][0]
+    assert best["version"] == candidate and best["votes"] >= 6 and best["low"] <= best["rating"] <= best["high"]
+    assert client.post("/admin/compare", json={"version": None}, headers=ADMIN).json()["live_comparison"] is None

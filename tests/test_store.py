@@ -123,3 +123,28 @@ def test_sql_console_reads_with_row_and_time_limits(store):
     with pytest.raises(SqlRefused, match="time limit"):
         store.query_readonly("SELECT count(*) FROM range(10000000000) a", timeout_s=0.5)
     assert store.query_readonly("SELECT 42").rows == [(42,)]  # still usable afterwards
+
+
+def test_feedback_browser_filters_by_kind_version_user_and_date(store):
+    from conftest import generation
+
+    conv = store.new_conversation("u1", "ui")
+    ctx = [{"role": "user", "content": "hello there"}]
+    m1 = store.record_exchange(conv, generation(ctx, "reply one", adapter="v1"))
+    m2 = store.record_exchange(conv, generation(ctx, "reply two", adapter="v2"))
+    store.record_feedback(m1, "alice", 1, None, None)
+    store.record_feedback(m2, "bob", -1, "wrong", None)
+    store.record_comparison(m1, m2, "a", "carol")
+    assert [r["kind"] for r in store.browse_feedback()] == ["ab", "thumb", "thumb"]
+    assert [r["user_id"] for r in store.browse_feedback(kind="up")] == ["alice"]
+    down = store.browse_feedback(kind="down")
+    assert down[0]["reason"] == "wrong" and down[0]["prompt"] == "hello there" and down[0]["reply"] == "reply two"
+    assert {r["user_id"] for r in store.browse_feedback(version="v2")} == {"bob", "carol"}
+    assert [r["user_id"] for r in store.browse_feedback(kind="A/B")] == ["carol"]
+    assert store.browse_feedback(user="nobody") == []
+    assert len(store.browse_feedback(since="2000-01-01")) == 3 and store.browse_feedback(since="2999-01-01") == []
+    with pytest.raises(StoreError, match="date"):
+        store.browse_feedback(since="yesterday'; DROP TABLE messages; --")
+    with pytest.raises(StoreError, match="kind"):
+        store.browse_feedback(kind="sideways")
+    assert store.version_votes()[0][1:] == ("v1", "v2", "a")

@@ -54,7 +54,8 @@ def training_curve(history: list[dict[str, Any]], title: str):
 
     fig, ax = plt.subplots(figsize=(8, 2.8))
     steps = [h["step"] for h in history]
-    for key, label in (("loss", "loss"), ("reward_margin", "reward margin")):
+    for key, label in (("loss", "loss"), ("reward_margin", "reward margin"), ("mean_reward", "mean reward"),
+                       ("kl", "KL")):
         if history and key in history[0]:
             ax.plot(steps, [h[key] for h in history], marker="." if len(steps) < 30 else None, label=label)
     ax.set_xlabel("step")
@@ -62,6 +63,30 @@ def training_curve(history: list[dict[str, Any]], title: str):
     ax.grid(alpha=0.3)
     if history:
         ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def ratings_plot(points: list[tuple[Any, dict[str, float]]]):
+    """Ratings of adapter versions (Elo scale) as the A/B votes came in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    versions = sorted({v for _, r in points for v in r})
+    for v in versions:
+        xs = [t for t, r in points if v in r]
+        ax.plot(xs, [r[v] for t, r in points if v in r], marker=".", label=v)
+    ax.set_ylabel("rating (Elo scale)")
+    ax.set_title("Adapter ratings from A/B votes over time" if points else "no A/B votes between versions yet",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    if versions:
+        ax.legend(loc="best", fontsize=8)
+    fig.autofmt_xdate()
     fig.tight_layout()
     plt.close(fig)
     return fig
@@ -174,11 +199,9 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
             cstatus = gr.Markdown("", elem_id="compare-status")
 
             def _sides() -> list[str | None]:
-                active = service.engine.active_version
-                newer = [v for v in service.registry.versions() if v != active]
-                candidate = newer[-1] if newer and (active == "base" or
-                                                    int(newer[-1][1:]) > int(active[1:])) else None
-                sides = [None, candidate]  # None = the active version (a second sample if no candidate)
+                """The active version and the candidate an operator put into live comparison, in
+                random order (two samples of the active version when there is none)."""
+                sides = [None, service.live_comparison()]  # None = the active version
                 random.shuffle(sides)
                 return sides
 
@@ -264,6 +287,25 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                         job_run = gr.Button("Run now", elem_id="admin-job-run")
                         job_remove = gr.Button("Remove", variant="stop", elem_id="admin-job-remove")
                     jobs_md = gr.Markdown("", elem_id="admin-jobs-msg")
+                with gr.Accordion("Live comparison and ratings", open=False):
+                    with gr.Row():
+                        live_version = gr.Textbox(label="Candidate for the Compare tab (e.g. v3)",
+                                                  elem_id="admin-live-version")
+                        live_start = gr.Button("Start live comparison", elem_id="admin-live-start")
+                        live_stop = gr.Button("Stop", elem_id="admin-live-stop")
+                        ratings_btn = gr.Button("Refresh ratings", elem_id="admin-ratings-refresh")
+                    live_md = gr.Markdown("", elem_id="admin-live-msg")
+                    ratings_df = gr.Dataframe(label="Ratings (Bradley-Terry, 95% bootstrap interval)",
+                                              interactive=False, elem_id="admin-ratings")
+                    ratings_fig = gr.Plot(label="Ratings over time", elem_id="admin-ratings-plot")
+                with gr.Accordion("Feedback browser", open=False):
+                    with gr.Row():
+                        fb_rating = gr.Dropdown(["all", "up", "down", "A/B"], value="all", label="Kind")
+                        fb_version = gr.Textbox(label="Adapter version", elem_id="admin-fb-version")
+                        fb_user = gr.Textbox(label="User id")
+                        fb_since = gr.Textbox(label="Since (YYYY-MM-DD)")
+                        fb_btn = gr.Button("Show", elem_id="admin-fb-show")
+                    fb_df = gr.Dataframe(label="Feedback (newest first)", interactive=False, elem_id="admin-fb")
                 sql_box = gr.Textbox(label="SQL (read-only)", lines=3,
                                      value="SELECT adapter_version, count(*) AS replies FROM generations GROUP BY 1",
                                      elem_id="admin-sql")
@@ -400,6 +442,49 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
             job_add.click(_add_job, [signed_in, job_kind, job_spec, job_algo], [jobs_md, jobs_df])
             job_remove.click(_job_action("remove"), [signed_in, job_id], [jobs_md, jobs_df])
             job_run.click(_job_action("run"), [signed_in, job_id], [jobs_md, jobs_df])
+
+            def _ratings(ok, msg=""):
+                _guard(ok)
+                from chatloop.ratings import history
+
+                rcols = ["version", "rating", "low", "high", "votes", "wins"]
+                rows = [[r[c] if not isinstance(r[c], float) else round(r[c], 1) for c in rcols]
+                        for r in service.ratings()]
+                live = service.live_comparison()
+                note = msg or (f"Live comparison: **{live}** against the active version in the Compare tab."
+                               if live else "No live comparison: the Compare tab shows two samples of the active version.")
+                return (note, {"headers": rcols, "data": rows or [[None] * len(rcols)]},
+                        ratings_plot(history(service.store.version_votes())))
+
+            def _live(start):
+                def handler(ok, v):
+                    _guard(ok)
+                    try:
+                        service.set_live_comparison((v or "").strip() if start else None)
+                    except (AdapterError, InvalidRequest) as exc:
+                        return _ratings(ok, f"⚠️ {exc}")
+                    return _ratings(ok)
+                return handler
+
+            ratings_outs = [live_md, ratings_df, ratings_fig]
+            ratings_btn.click(_ratings, [signed_in], ratings_outs)
+            live_start.click(_live(True), [signed_in, live_version], ratings_outs)
+            live_stop.click(_live(False), [signed_in, live_version], ratings_outs)
+
+            def _browse(ok, kind, version, user, since):
+                _guard(ok)
+                try:
+                    found = service.store.browse_feedback(kind=kind, version=(version or "").strip() or None,
+                                                          user=(user or "").strip() or None,
+                                                          since=(since or "").strip() or None)
+                except StoreError as exc:
+                    raise gr.Error(str(exc))
+                fcols = ["kind", "id", "created_at", "user_id", "rating", "choice", "reason", "adapter_version",
+                         "prompt", "reply"]
+                rows = [[str(r.get(c)) if c == "created_at" else r.get(c) for c in fcols] for r in found]
+                return {"headers": fcols, "data": rows or [[None] * len(fcols)]}
+
+            fb_btn.click(_browse, [signed_in, fb_rating, fb_version, fb_user, fb_since], [fb_df])
 
             def _sql(ok, q):
                 _guard(ok)
