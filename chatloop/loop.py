@@ -170,13 +170,17 @@ class Retrainer:
             version = self.registry.publish(job_dir / "adapter", meta)
             self.store.record_adapter(version, parent, algo, run_id,
                                       str(self.registry.path(version)), meta["metrics"])
-            if verdict.promote:
+            staged = verdict.promote and t.gate_live_votes > 0
+            if staged:  # the last check is live: users' blind A/B votes against the active version
+                self.registry.set_compare_version(version)
+                verdict.reasons.append(f"– waiting for {t.gate_live_votes} live A/B votes against {parent}")
+            elif verdict.promote:
                 self._activate(version, "gate", verdict.summary)
             lap("publish")
             metrics["timings"] = timings
-            status = "promoted" if verdict.promote else "rejected"
-            self.store.finish_run(run_id, status, candidate_version=version, metrics=metrics,
-                                  verdict=verdict.summary)
+            status = "staged" if staged else "promoted" if verdict.promote else "rejected"
+            summary = ("staged: " + "; ".join(verdict.reasons)) if staged else verdict.summary
+            self.store.finish_run(run_id, status, candidate_version=version, metrics=metrics, verdict=summary)
             self._stage("done", on_progress)
             return self.store.get_run(run_id)
         except NotEnoughFeedback as exc:
@@ -187,6 +191,47 @@ class Retrainer:
             raise
         finally:
             self.current = None
+            self._lock.release()
+
+    def settle_live_comparisons(self) -> list[dict[str, Any]]:
+        """Decide staged candidates that have their live A/B votes: promote one that won at least
+        half of the votes against its parent (ties count half), reject it otherwise. Skipped
+        while a cycle runs; a candidate whose parent is no longer active is rejected as stale."""
+        need = self.settings.training.gate_live_votes
+        staged = [r for r in self.store.list_runs(500) if r["status"] == "staged"]
+        if not staged or not self._lock.acquire(blocking=False):
+            return []
+        try:
+            decided = []
+            votes = self.store.version_votes()
+            for run in staged:
+                cand, parent = run["candidate_version"], run["parent_version"]
+                between = [(a, b, c) for _, a, b, c in votes if {a, b} == {cand, parent}]
+                if self._active_version() != parent:
+                    ok, why = False, f"✗ stale: {parent} is no longer active"
+                elif len(between) < need:
+                    continue
+                else:
+                    def score(a: str, b: str, choice: str) -> float:
+                        if choice in ("tie", "both_bad"):
+                            return 0.5
+                        return 1.0 if (a if choice == "a" else b) == cand else 0.0
+
+                    wins = sum(score(*v) for v in between)
+                    share = wins / len(between)
+                    ok = share >= 0.5
+                    why = (f"{'✓' if ok else '✗'} live A/B: {cand} won {share:.2f} of {len(between)} "
+                           f"votes against {parent}")
+                if ok:
+                    self._activate(cand, "gate", why)
+                if self.registry.compare_version() == cand:
+                    self.registry.set_compare_version(None)
+                offline = (run["verdict"] or "").split(": ", 1)[-1].split("; – waiting for")[0]
+                verdict = ("promoted: " if ok else "rejected: ") + f"{offline}; {why}"
+                self.store.update_run(run["id"], status="promoted" if ok else "rejected", verdict=verdict)
+                decided.append(self.store.get_run(run["id"]))
+            return decided
+        finally:
             self._lock.release()
 
     def _snapshot(self, algo: str, job_dir: Path) -> dict[str, Any]:

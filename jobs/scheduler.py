@@ -12,6 +12,8 @@ Invariants:
   finds a cycle running is skipped with a log line (a feedback schedule keeps its mark and fires
   at the next poll). Missed runs are coalesced into one (``coalesce=True``), never repeated, and
   a job never runs twice at once (``max_instances=1``).
+- With ``gate_live_votes`` set, a second job settles staged candidates (see ``Retrainer.
+  settle_live_comparisons``) every ``poll_seconds``.
 - A feedback schedule fires when ``Store.feedback_count()`` (thumbs + A/B votes) has grown by N
   since it last fired or was created; the count is checked every ``poll_seconds``.
 """
@@ -98,6 +100,9 @@ class RetrainScheduler:
                 log.error("schedule %s is not started: %s", row["id"], exc)
         self.scheduler.add_job(self.poll_feedback, IntervalTrigger(seconds=self.poll_seconds),
                                id="feedback-poll", replace_existing=True)
+        if self.settings.training.gate_live_votes > 0:
+            self.scheduler.add_job(self.settle_live, IntervalTrigger(seconds=self.poll_seconds),
+                                   id="live-comparison", replace_existing=True)
         self.scheduler.start(paused=paused)
         return self
 
@@ -163,6 +168,14 @@ class RetrainScheduler:
             if run:
                 runs.append(run["id"])
         return runs
+
+    def settle_live(self) -> None:
+        """Promote or reject staged candidates whose live A/B votes are in (never raises)."""
+        try:
+            for run in self.retrainer.settle_live_comparisons():
+                log.info("live comparison decided run %s: %s", run["id"], run["status"])
+        except Exception:
+            log.exception("settling live comparisons failed")
 
     def _fire(self, schedule_id: int) -> None:
         try:

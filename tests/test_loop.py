@@ -176,3 +176,38 @@ def test_gate_rejects_a_deliberately_worse_candidate_and_serving_is_untouched(pa
     assert checks.get("kl") is False or checks.get("finite_loss") is False
     assert registry.active() == good["candidate_version"]
     assert ("v2", "gate") not in activations
+
+
+def vote(store, cand: str, other: str, winner: str | None, user: str) -> None:
+    from conftest import generation
+
+    conv = store.new_conversation(user, "compare")
+    ctx = [{"role": "user", "content": f"live {user}"}]
+    a = store.record_exchange(conv, generation(ctx, "from the candidate", adapter=cand))
+    b = store.record_exchange(conv, generation(ctx, "from the active one", adapter=other))
+    store.record_comparison(b, a, "tie" if winner is None else "b" if winner == cand else "a", user)
+
+
+@pytest.mark.parametrize("candidate_wins", [True, False])
+def test_live_votes_decide_a_staged_candidate(parts, candidate_wins):
+    settings, store, registry, retrainer, activations = parts
+    with_training(retrainer, settings, gate_live_votes=3)
+    seed_pairs(store, 6)
+    run = retrainer.run_cycle("dpo")
+    cand = run["candidate_version"]
+    assert run["status"] == "staged" and "waiting for 3 live A/B votes" in run["verdict"]
+    assert activations == [] and registry.compare_version() == cand
+    vote(store, cand, "base", cand if candidate_wins else "base", "r1")
+    vote(store, cand, "base", None, "r2")
+    assert retrainer.settle_live_comparisons() == []  # 2 of 3 votes: still waiting
+    vote(store, cand, "base", cand if candidate_wins else "base", "r3")
+    decided = retrainer.settle_live_comparisons()
+    assert [r["id"] for r in decided] == [run["id"]]
+    if candidate_wins:
+        assert decided[0]["status"] == "promoted" and activations == [(cand, "gate")]
+        assert "won 0.83 of 3 votes against base" in decided[0]["verdict"]
+    else:
+        assert decided[0]["status"] == "rejected" and activations == []
+        assert "won 0.17 of 3 votes" in decided[0]["verdict"]
+    assert registry.compare_version() is None
+    assert retrainer.settle_live_comparisons() == []
