@@ -247,3 +247,24 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     assert poll(lambda: active_adapter(server) == "base", what="/healthz to report base")
     expect(admin_status).to_contain_text("active_adapter: base", timeout=15_000)
     shot("admin-rolled-back")
+
+    # 6. Operator console: a schedule, the feedback browser, ratings, SQL with a CSV download ------
+    page.get_by_text("Retraining schedules").click()
+    page.locator("#admin-job-spec input, #admin-job-spec textarea").first.fill("25")
+    page.locator("#admin-job-add").click()
+    expect(page.locator("#admin-jobs-msg")).to_contain_text("Added schedule 1: feedback 25")
+    expect(page.locator("#admin-jobs")).to_contain_text("feedback", timeout=15_000)
+    assert admin_sql(server, "SELECT kind, spec, algo FROM schedules") == [
+        {"kind": "feedback", "spec": "25", "algo": "dpo"}]
+    shot("admin-schedule")
+    page.get_by_text("Feedback browser").click()
+    page.locator("#admin-fb-show").click()
+    expect(page.locator("#admin-fb")).to_contain_text("too long", timeout=15_000)  # the thumb's reason
+    shot("admin-feedback-browser")
+    page.get_by_text("Live comparison and ratings").click()
+    page.locator("#admin-ratings-refresh").click()
+    expect(page.locator("#admin-live-msg")).to_contain_text("No live comparison")
+    expect(page.locator("#admin-ratings-plot img")).to_be_visible(timeout=15_000)
+    page.locator("#admin-sql-run").click()
+    expect(page.locator("#admin-sql-csv")).to_contain_text(".csv", timeout=15_000)
+    shot("admin-console")

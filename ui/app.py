@@ -268,7 +268,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     activate_btn = gr.Button("Activate", elem_id="admin-activate")
                     rollback_btn = gr.Button("Roll back", elem_id="admin-rollback")
                 with gr.Row():
-                    override_run = gr.Number(label="Rejected run to promote anyway", precision=0,
+                    override_run = gr.Number(label="Rejected run to promote anyway", precision=0, value=None,
                                              elem_id="admin-override-run")
                     override_reason = gr.Textbox(label="Why (recorded)", elem_id="admin-override-reason")
                     override_btn = gr.Button("Override the gate", variant="stop", elem_id="admin-override")
@@ -283,7 +283,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                         job_algo = gr.Dropdown(["dpo", "kto", "ppo"], value="dpo", label="Algorithm")
                         job_add = gr.Button("Add schedule", elem_id="admin-job-add")
                     with gr.Row():
-                        job_id = gr.Number(label="Schedule id", precision=0, elem_id="admin-job-id")
+                        job_id = gr.Number(label="Schedule id", precision=0, value=None, elem_id="admin-job-id")
                         job_run = gr.Button("Run now", elem_id="admin-job-run")
                         job_remove = gr.Button("Remove", variant="stop", elem_id="admin-job-remove")
                     jobs_md = gr.Markdown("", elem_id="admin-jobs-msg")
