@@ -208,3 +208,20 @@ def test_schedules_through_the_api_and_cli_survive_a_service_restart(tmp_path, t
         assert len(httpx.get(server.url + "/admin/jobs", headers=admin).json()["jobs"]) == 1
     finally:
         stop_server(server)
+
+
+def test_missed_runs_are_coalesced_into_one(store):
+    fake = FakeRetrainer()
+    sched = RetrainScheduler(Settings(), fake, store).start(paused=True)
+    try:
+        job = sched.add("interval", "1", "dpo")
+        # while the scheduler is paused (as when the service was down), three runs fall due
+        end = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=3.2)
+        sched.scheduler.get_job(f"schedule-{job['id']}").reschedule(IntervalTrigger(seconds=1, end_date=end))
+        time.sleep(3.5)
+        sched.scheduler.resume()
+        assert fake.fired.wait(10)
+        time.sleep(1.0)  # uncoalesced, the other missed runs would land now (and no later ones exist)
+        assert fake.calls == [("dpo", f"interval:schedule-{job['id']}")]
+    finally:
+        sched.shutdown()
