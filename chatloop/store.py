@@ -4,9 +4,11 @@ Owns: the only connection to ``chatloop.duckdb`` in a process, the versioned sch
 (``schema_migrations``), typed record/query functions, and the read-only SQL console.
 
 Invariants:
-- One process owns the file; inside it all access goes through a ``Store``. Writes are
-  serialised by one lock; a write that spans rows (a reply and its generation record) is one
-  transaction, so a failure leaves nothing half-written.
+- One process owns the file; inside it all access goes through a ``Store`` and one lock.
+  Messages, replies, thumbs and A/B votes are written by the group-commit writer
+  (``chatloop.writer``): concurrent writes share a transaction, each call returns only after
+  its transaction committed (durable when acknowledged), and a write that spans rows (a reply
+  and its generation record) is never split, so a failure leaves nothing half-written.
 - Feedback and comparisons are append-only events: a changed vote is a new row and the latest
   row per (user, message) counts. Nothing here deletes or rewrites user data.
 - The database is opened with external access disabled and its configuration locked, so SQL
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import duckdb
+
+from chatloop.writer import GroupWriter
 
 BASE_VERSION = "base"
 
@@ -193,6 +197,29 @@ class GenerationRecord:
 
 
 @dataclass(frozen=True)
+class _Thumb:
+    """A thumb for the group-commit writer (validated inside its group's transaction)."""
+
+    message_id: str
+    user_id: str | None
+    rating: int
+    reason: str | None
+    comment: str | None
+
+
+@dataclass(frozen=True)
+class _Statements:
+    """Statements for the writer; the op's result is ``result``, else the last statement's
+    first returned value."""
+
+    statements: list[tuple[str, Sequence[Any]]]
+    result: Any = None
+
+
+_Write = _Thumb | _Statements
+
+
+@dataclass(frozen=True)
 class SqlResult:
     columns: list[str]
     rows: list[tuple]
@@ -213,11 +240,93 @@ class Store:
         )
         self._migrate()
         self._con.execute("SET lock_configuration = true")
+        # messages, replies and feedback are written by one thread, in groups (see writer.py)
+        self._writer = GroupWriter(self._apply_group)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
+        self._writer.close()
         with self._lock:
             self._con.close()
+
+    @property
+    def write_stats(self) -> tuple[int, int]:
+        """(group commits, writes) of the writer so far: writes per commit shows the grouping."""
+        return self._writer.groups, self._writer.writes
+
+    # ---- the group-commit writer's side --------------------------------------------------------
+    def _apply_group(self, ops: Sequence[_Write]) -> list[Any]:
+        """Apply ``ops`` in one transaction; results (or the exception of each op) in order.
+
+        If the transaction fails as a whole, each op is retried in a transaction of its own so
+        that one bad write cannot fail the writes it was grouped with.
+        """
+        with self._lock:
+            try:
+                self._con.execute("BEGIN TRANSACTION")
+                results = self._apply(ops)
+                self._con.execute("COMMIT")
+                return results
+            except Exception as exc:  # noqa: BLE001 - isolated below
+                self._con.execute("ROLLBACK")
+                if len(ops) == 1:
+                    return [exc]
+            out: list[Any] = []
+            for op in ops:
+                try:
+                    self._con.execute("BEGIN TRANSACTION")
+                    out.append(self._apply([op])[0])
+                    self._con.execute("COMMIT")
+                except Exception as exc:  # noqa: BLE001 - this op's own failure
+                    self._con.execute("ROLLBACK")
+                    out.append(exc)
+            return out
+
+    def _apply(self, ops: Sequence[_Write]) -> list[Any]:
+        results: list[Any] = [None] * len(ops)
+        thumbs = [(i, op) for i, op in enumerate(ops) if isinstance(op, _Thumb)]
+        if thumbs:
+            for i, res in zip([i for i, _ in thumbs], self._insert_thumbs([op for _, op in thumbs])):
+                results[i] = res
+        for i, op in enumerate(ops):
+            if isinstance(op, _Statements):
+                cur = None
+                for sql, params in op.statements:
+                    cur = self._con.execute(sql, list(params))
+                results[i] = op.result if op.result is not None else cur.fetchone()[0]
+        return results
+
+    def _insert_thumbs(self, thumbs: list[_Thumb]) -> list[Any]:
+        """Validate and insert many thumbs with a few statements (the hot path of ingest)."""
+        owners = dict(self._con.execute(
+            "SELECT m.id, c.user_id FROM messages m JOIN generations g ON g.message_id = m.id"
+            " JOIN conversations c ON c.id = m.conversation_id WHERE m.id IN (SELECT unnest(?))",
+            [sorted({t.message_id for t in thumbs})]).fetchall())
+        results: list[Any] = []
+        rows = []
+        for t in thumbs:
+            if t.message_id not in owners:
+                results.append(NotFound(f"unknown assistant message {t.message_id!r}"))
+                continue
+            rows.append((t, t.user_id or owners[t.message_id]))
+            results.append(None)
+        if not rows:
+            return results
+        created = now()
+        self._con.execute("INSERT INTO users SELECT unnest(?), 'anonymous', ? ON CONFLICT DO NOTHING",
+                          [sorted({u for _, u in rows}), created])
+        ids = [r[0] for r in self._con.execute("SELECT nextval('feedback_seq') FROM range(?)",
+                                               [len(rows)]).fetchall()]
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            params: list[Any] = []
+            for fid, (t, user) in zip(ids[start:start + 500], chunk):
+                params += [fid, t.message_id, user, t.rating, t.reason or None, t.comment or None, created]
+            self._con.execute(
+                "INSERT INTO feedback_events (id, message_id, user_id, rating, reason, comment, created_at)"
+                " VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)), params)
+        it = iter(ids)
+        return [next(it) if r is None else r for r in results]
 
     def _migrate(self) -> None:
         with self._lock:
@@ -312,8 +421,7 @@ class Store:
              rec.model, rec.adapter_version, json.dumps(rec.settings), rec.prompt_tokens,
              rec.completion_tokens, rec.ttft_ms, rec.latency_ms, rec.finish_reason, t],
         ))
-        self._transaction(stmts)
-        return msg_id
+        return self._writer.submit(_Statements(stmts, msg_id))
 
     def assistant_message(self, message_id: str) -> dict[str, Any]:
         rows = self._dicts(
@@ -334,15 +442,8 @@ class Store:
         """Append a thumb; ``user_id`` None means the user the reply was written for."""
         if rating not in (1, -1):
             raise StoreError("rating must be 1 (thumbs up) or -1 (thumbs down)")
-        owner = self.assistant_message(message_id)["user_id"]  # raises NotFound
-        user_id = user_id or owner
-        self.ensure_user(user_id)
-        row = self._one(
-            "INSERT INTO feedback_events (message_id, user_id, rating, reason, comment, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-            [message_id, user_id, rating, reason or None, comment or None, now()],
-        )
-        return int(row[0])
+        # validated, inserted and committed by the writer, grouped with concurrent thumbs
+        return int(self._writer.submit(_Thumb(message_id, user_id, rating, reason, comment)))
 
     def record_comparison(self, message_a: str, message_b: str, choice: str, user_id: str | None) -> int:
         """Append an A/B choice; ``user_id`` None means the user the replies were written for."""
@@ -355,13 +456,12 @@ class Store:
         if a["context_hash"] != b["context_hash"]:
             raise StoreError("message_a and message_b must answer the same context")
         user_id = user_id or a["user_id"]
-        self.ensure_user(user_id)
-        row = self._one(
-            "INSERT INTO comparisons (message_a, message_b, choice, user_id, created_at)"
-            " VALUES (?, ?, ?, ?, ?) RETURNING id",
-            [message_a, message_b, choice, user_id, now()],
-        )
-        return int(row[0])
+        t = now()
+        return int(self._writer.submit(_Statements([
+            ("INSERT INTO users VALUES (?, 'anonymous', ?) ON CONFLICT DO NOTHING", [user_id, t]),
+            ("INSERT INTO comparisons (message_a, message_b, choice, user_id, created_at)"
+             " VALUES (?, ?, ?, ?, ?) RETURNING id", [message_a, message_b, choice, user_id, t]),
+        ])))
 
     def latest_thumbs(self) -> list[dict[str, Any]]:
         """The latest thumb of each (user, message), with the reply and its context."""

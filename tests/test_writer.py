@@ -1,0 +1,122 @@
+"""The group-commit writer: concurrent writes share commits, each is acknowledged only after its
+commit, a bad write fails alone, and acknowledged feedback survives kill -9 of the service."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import httpx
+import pytest
+
+from chatloop.store import NotFound, Store
+from chatloop.writer import GroupWriter, WriterClosed
+from conftest import ADMIN_TOKEN, log_reply, start_server, stop_server
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "log.duckdb")
+    yield s
+    s.close()
+
+
+def test_concurrent_thumbs_share_commits_and_every_ack_is_a_row(store):
+    conv = store.new_conversation("u", "api")
+    msgs = [log_reply(store, conv, [{"role": "user", "content": f"q{i}"}], f"r{i}") for i in range(20)]
+    groups0, writes0 = store.write_stats
+    acks: list[int] = []
+    lock = threading.Lock()
+
+    def rate(worker: int) -> None:
+        for i in range(50):
+            fid = store.record_feedback(msgs[(worker + i) % 20], f"user{worker}", 1 if i % 2 else -1,
+                                        "because" if i % 3 else None, None)
+            with lock:
+                acks.append(fid)
+
+    threads = [threading.Thread(target=rate, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(acks) == len(set(acks)) == 800
+    assert store._all("SELECT count(*) FROM feedback_events")[0][0] == 800
+    assert sorted(r[0] for r in store._all("SELECT id FROM feedback_events")) == sorted(acks)
+    groups, writes = store.write_stats
+    assert writes - writes0 == 800 and groups - groups0 < 800, "writes should have shared commits"
+    assert store._all("SELECT count(DISTINCT user_id) FROM feedback_events")[0][0] == 16
+
+
+def test_a_bad_write_fails_alone_in_its_group(store):
+    conv = store.new_conversation("u", "api")
+    good = log_reply(store, conv, [{"role": "user", "content": "q"}], "r")
+    results: dict[str, object] = {}
+    barrier = threading.Barrier(9)
+
+    def write(name: str, message: str) -> None:
+        barrier.wait()
+        try:
+            results[name] = store.record_feedback(message, name, 1)
+        except Exception as exc:  # noqa: BLE001 - recorded for the assertions
+            results[name] = exc
+
+    threads = [threading.Thread(target=write, args=(f"u{i}", good)) for i in range(8)]
+    threads.append(threading.Thread(target=write, args=("bad", "msg-does-not-exist")))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results["bad"], NotFound)
+    assert all(isinstance(results[f"u{i}"], int) for i in range(8))
+    assert store._all("SELECT count(*) FROM feedback_events")[0][0] == 8
+
+
+def test_a_failing_group_is_retried_one_write_at_a_time():
+    calls: list[list[str]] = []
+
+    def apply(ops):
+        calls.append(list(ops))
+        if len(ops) > 1 and "boom" in ops:
+            raise RuntimeError("the group failed")
+        return [ValueError("boom") if op == "boom" else op.upper() for op in ops]
+
+    writer = GroupWriter(apply)
+    try:
+        assert writer.submit("a") == "A"
+        with pytest.raises(ValueError, match="boom"):
+            writer.submit("boom")
+    finally:
+        writer.close()
+    with pytest.raises(WriterClosed):
+        writer.submit("late")
+
+
+def test_acknowledged_feedback_survives_kill_9(tmp_path, tiny_model_dir):
+    data = tmp_path / "data"
+    server = start_server(data, str(tiny_model_dir))
+    acked = 0
+    try:
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                           json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).json()
+        for i in range(60):
+            r = httpx.post(server.url + "/v1/feedback", timeout=30,
+                           json={"message_id": reply["id"], "rating": 1 if i % 2 else -1, "user": f"k{i}"})
+            assert r.status_code == 200, r.text
+            acked += 1
+        os.kill(server.proc.pid, signal.SIGKILL)  # no shutdown hook runs
+        server.proc.wait(30)
+    finally:
+        if server.proc.poll() is None:
+            stop_server(server)
+    server = start_server(data, str(tiny_model_dir))
+    try:
+        r = httpx.post(server.url + "/admin/sql", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                       json={"sql": "SELECT count(*) FROM feedback_events"}, timeout=30)
+        assert r.json()["rows"] == [[acked]]
+        r = httpx.post(server.url + "/admin/sql", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                       json={"sql": "SELECT count(*) FROM generations"}, timeout=30)
+        assert r.json()["rows"] == [[1]]
+    finally:
+        stop_server(server)
