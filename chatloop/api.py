@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import hmac
+import math
 import json
 import time
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chatloop.adapters import AdapterError
 from chatloop.engine import EngineBusy, InvalidRequest
 from chatloop.loop import CycleBusy, NotEnoughFeedback
+from chatloop.ratelimit import RateLimited
 from chatloop.service import Service
 from chatloop.store import NotFound, SqlRefused, StoreError
 
@@ -147,6 +149,9 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             return ApiError(400, str(exc))
         if isinstance(exc, EngineBusy):
             return ApiError(503, str(exc), "server_busy", headers={"Retry-After": "2"})
+        if isinstance(exc, RateLimited):
+            return ApiError(429, str(exc), "rate_limit_error",
+                            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
         raise exc
 
     # ---- chat ----------------------------------------------------------------------------------
@@ -158,9 +163,13 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
                                             "owned_by": "chatloop",
                                             "chatloop_adapter": service.engine.active_version}]}
 
+    def rate_key(request: Request, user: str | None) -> str:
+        return f"user:{user}" if user else f"addr:{request.client.host if request.client else '?'}"
+
     @v1.post("/chat/completions")
-    def chat_completions(body: ChatCompletionRequest):
+    def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
+            service.check_rate("chat", rate_key(request, body.user))
             if body.n not in (None, 1):
                 raise InvalidRequest("n must be 1")
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -219,8 +228,9 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @v1.post("/feedback")
-    def feedback(body: FeedbackRequest):
+    def feedback(body: FeedbackRequest, request: Request):
         try:
+            service.check_rate("feedback", rate_key(request, body.user))
             user = _user_id(body.user, default="") or None
             fid = service.feedback(body.message_id, body.rating, user, body.reason, body.comment)
         except Exception as exc:
@@ -228,8 +238,9 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
         return {"id": fid, "message_id": body.message_id, "rating": body.rating}
 
     @v1.post("/comparisons")
-    def comparisons(body: ComparisonRequest):
+    def comparisons(body: ComparisonRequest, request: Request):
         try:
+            service.check_rate("feedback", rate_key(request, body.user))
             user = _user_id(body.user, default="") or None
             cid = service.compare(body.message_a, body.message_b, body.choice, user)
         except Exception as exc:

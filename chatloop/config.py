@@ -103,6 +103,8 @@ class Limits:
     max_comment_chars: int = 2000
     sql_max_rows: int = 1000
     sql_timeout_s: float = 10.0
+    chat_per_minute: int = 30  # per user (API: per `user`, else per client address); 0 = no limit
+    feedback_per_minute: int = 300  # thumbs and A/B votes together, per user; 0 = no limit
 
 
 @dataclass(frozen=True)

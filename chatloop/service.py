@@ -25,6 +25,7 @@ from chatloop.config import Settings
 from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest, StreamHandle
 from chatloop.loop import Retrainer
 from chatloop.models import LoadedModel, load_model
+from chatloop.ratelimit import RateLimiter
 from chatloop.store import GenerationRecord, Store, new_id
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ class Service:
         if failed:
             log.warning("marked %d interrupted training run(s) failed", failed)
         self.registry = AdapterRegistry(settings.adapters_dir)
+        self.limiter = RateLimiter()
         self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
                              settings.queue_size, settings.max_batch)
         self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,
@@ -143,6 +145,13 @@ class Service:
         self.store.close()
 
     # ---- chat --------------------------------------------------------------------------------
+    def check_rate(self, action: str, user_key: str) -> None:
+        """Raise RateLimited when ``user_key`` has used up its ``action`` allowance ('chat' or
+        'feedback', per ``[limits]``)."""
+        per_minute = (self.settings.limits.chat_per_minute if action == "chat"
+                      else self.settings.limits.feedback_per_minute)
+        self.limiter.check(action, user_key, per_minute)
+
     def params(self, **given: Any) -> GenerationParams:
         return GenerationParams.from_request(self.settings.generation, **given)
 

@@ -27,6 +27,7 @@ import gradio as gr
 from chatloop.adapters import AdapterError
 from chatloop.engine import EngineBusy, InvalidRequest
 from chatloop.loop import CycleBusy, NotEnoughFeedback
+from chatloop.ratelimit import RateLimited
 from chatloop.service import Service
 from chatloop.store import NotFound, SqlRefused, StoreError
 
@@ -34,7 +35,7 @@ NOTICE = ("**Your ratings improve this bot.** Replies you rate (👍/👎, with 
           "A/B choices are logged and used to retrain the model. Do not share personal information.")
 REASONS = ["", "helpful", "accurate", "well written", "wrong", "unhelpful", "repetitive",
            "too long", "unsafe or rude"]
-USER_ERRORS = (InvalidRequest, EngineBusy, StoreError, AdapterError)
+USER_ERRORS = (InvalidRequest, EngineBusy, StoreError, AdapterError, RateLimited)
 
 
 def _new_user() -> str:
@@ -127,6 +128,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 uid = uid or _new_user()
                 context = [{"role": t["role"], "content": t["content"]} for t in turns_v]
                 try:
+                    service.check_rate("chat", uid)
                     params = service.params(temperature=float(temp), max_tokens=int(maxt))
                     turn = service.chat(context, params, user_id=uid, conversation_id=conv, source="ui")
                 except NotFound as exc:
@@ -174,6 +176,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     return "Rating removed from view (your earlier rating stays until you rate again).", gr.skip()
                 rating = 1 if data.liked is True or data.liked == "Like" else -1
                 try:
+                    service.check_rate("feedback", uid)
                     service.feedback(turns_v[idx]["message_id"], rating, uid, reason=why or None)
                 except USER_ERRORS as exc:
                     raise gr.Error(str(exc))
@@ -214,6 +217,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 context = [{"role": "user", "content": text}]
                 answers, ids, conv = ["", ""], [None, None], None
                 try:
+                    service.check_rate("chat", uid)
                     for i, adapter in enumerate(_sides()):
                         turn = service.chat(context, service.params(), user_id=uid, conversation_id=conv,
                                             source="compare", adapter=adapter)
@@ -236,6 +240,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     if not pair_v:
                         raise gr.Error("Ask for two answers first.")
                     try:
+                        service.check_rate("feedback", uid)
                         service.compare(pair_v["a"], pair_v["b"], choice, uid)
                     except USER_ERRORS as exc:
                         raise gr.Error(str(exc))
