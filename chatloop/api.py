@@ -27,10 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from chatloop.adapters import AdapterError
 from chatloop.engine import EngineBusy, InvalidRequest
+from chatloop.identity import IdentityMiddleware, uid_from_cookies
 from chatloop.loop import CycleBusy, NotEnoughFeedback
 from chatloop.ratelimit import RateLimited
 from chatloop.service import Service
-from chatloop.store import NotFound, SqlRefused, StoreError
+from chatloop.store import Forbidden, NotFound, SqlRefused, StoreError
 
 
 class ApiError(Exception):
@@ -113,9 +114,12 @@ class SqlRequest(BaseModel):
     max_rows: int | None = Field(default=None, ge=1)
 
 
-def _user_id(raw: str | None, default: str = "api") -> str:
+def _user_id(raw: str | None, default: str = "api", request: Request | None = None) -> str:
+    """The caller: ``api:<user>`` when the body names one, else the browser's cookie user
+    (``ui:<id>``, see chatloop.identity), else ``default``."""
     if raw is None or raw == "":
-        return default
+        uid = uid_from_cookies(request.cookies) if request is not None else None
+        return f"ui:{uid}" if uid else default
     if len(raw) > 128 or not raw.isprintable():
         raise ApiError(400, "user must be a printable string of at most 128 characters")
     return "api:" + raw
@@ -127,6 +131,7 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     composition root passes it in; without one the /admin/jobs routes answer 503)."""
     app = FastAPI(title="chatloop", version="0.1.0")
     app.state.service = service
+    app.add_middleware(IdentityMiddleware)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
@@ -145,6 +150,8 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             return exc
         if isinstance(exc, NotFound):
             return ApiError(404, str(exc), "not_found_error")
+        if isinstance(exc, Forbidden):
+            return ApiError(403, str(exc), "permission_error")
         if isinstance(exc, (InvalidRequest, StoreError, AdapterError)):
             return ApiError(400, str(exc))
         if isinstance(exc, EngineBusy):
@@ -176,7 +183,7 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             params = service.params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                     max_tokens=max_tokens, repetition_penalty=body.repetition_penalty,
                                     stop=body.stop, seed=body.seed)
-            user = _user_id(body.user)
+            user = _user_id(body.user, request=request)
             turn = service.chat(body.messages, params, user_id=user,
                                 conversation_id=body.chatloop_conversation_id, source="api",
                                 adapter=body.chatloop_adapter)
@@ -231,7 +238,7 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     def feedback(body: FeedbackRequest, request: Request):
         try:
             service.check_rate("feedback", rate_key(request, body.user))
-            user = _user_id(body.user, default="") or None
+            user = _user_id(body.user, default="", request=request) or None
             fid = service.feedback(body.message_id, body.rating, user, body.reason, body.comment)
         except Exception as exc:
             raise translate(exc) from None
@@ -241,7 +248,7 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     def comparisons(body: ComparisonRequest, request: Request):
         try:
             service.check_rate("feedback", rate_key(request, body.user))
-            user = _user_id(body.user, default="") or None
+            user = _user_id(body.user, default="", request=request) or None
             cid = service.compare(body.message_a, body.message_b, body.choice, user)
         except Exception as exc:
             raise translate(exc) from None

@@ -26,7 +26,7 @@ from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest
 from chatloop.loop import Retrainer
 from chatloop.models import LoadedModel, load_model
 from chatloop.ratelimit import RateLimiter
-from chatloop.store import GenerationRecord, Store, new_id
+from chatloop.store import Forbidden, GenerationRecord, Store, new_id
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class Service:
         lim = self.settings.limits
         context = validate_messages(messages, lim.max_messages, lim.max_message_chars)
         if conversation_id is not None and self.store.conversation_owner(conversation_id) != user_id:
-            raise InvalidRequest("that conversation belongs to another user")
+            raise Forbidden("that conversation belongs to another user")
         # tokenizes once and checks the context limit: ContextTooLong, EngineBusy, AdapterError
         handle = self.engine.submit(context, params, adapter=adapter)
         if conversation_id is None:
@@ -181,10 +181,22 @@ class Service:
             raise InvalidRequest(f"reason is too long (at most {lim.max_reason_chars} characters)")
         if comment is not None and len(comment) > lim.max_comment_chars:
             raise InvalidRequest(f"comment is too long (at most {lim.max_comment_chars} characters)")
+        self._check_shown(user_id, message_id)
         return self.store.record_feedback(message_id, user_id, rating, reason, comment)
 
     def compare(self, message_a: str, message_b: str, choice: str, user_id: str | None = None) -> int:
+        self._check_shown(user_id, message_a, message_b)
         return self.store.record_comparison(message_a, message_b, choice, user_id)
+
+    def _check_shown(self, user_id: str | None, *message_ids: str) -> None:
+        """A user rates only replies they were shown (written into their own conversations);
+        ``user_id`` None means the user the reply was written for."""
+        if user_id is None:
+            return
+        for mid in message_ids:
+            if self.store.assistant_message(mid)["user_id"] != user_id:  # NotFound for unknown ids
+                raise Forbidden(f"you can only rate replies you were shown ({mid} was written for "
+                                f"another user)")
 
     # ---- adapters ----------------------------------------------------------------------------
     def activate(self, version: str, actor: str = "operator", reason: str = "") -> str:

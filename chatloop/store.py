@@ -168,6 +168,10 @@ class SqlRefused(StoreError):
     pass
 
 
+class Forbidden(StoreError):
+    """The user may not do this to that row (e.g. rate a reply they were never shown)."""
+
+
 def now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
@@ -317,6 +321,22 @@ class Store:
                           [sorted({u for _, u in rows}), created])
         ids = [r[0] for r in self._con.execute("SELECT nextval('feedback_seq') FROM range(?)",
                                                [len(rows)]).fetchall()]
+        if len(rows) >= 32:  # a big group: one columnar insert (binding many ? costs ~0.15 ms/row)
+            import pyarrow as pa
+
+            batch = pa.table({
+                "id": pa.array(ids, pa.int64()), "message_id": [t.message_id for t, _ in rows],
+                "user_id": [u for _, u in rows], "rating": pa.array([t.rating for t, _ in rows], pa.int16()),
+                "reason": pa.array([t.reason or None for t, _ in rows], pa.string()),
+                "comment": pa.array([t.comment or None for t, _ in rows], pa.string()),
+                "created_at": pa.array([created] * len(rows), pa.timestamp("us"))})
+            self._con.register("_thumb_batch", batch)
+            try:
+                self._con.execute("INSERT INTO feedback_events (id, message_id, user_id, rating, reason, comment,"
+                                  " created_at) SELECT * FROM _thumb_batch")
+            finally:
+                self._con.unregister("_thumb_batch")
+            rows = []
         for start in range(0, len(rows), 500):
             chunk = rows[start:start + 500]
             params: list[Any] = []

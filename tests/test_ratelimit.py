@@ -63,7 +63,7 @@ def test_api_answers_429_with_retry_after_and_writes_nothing(client):
     anonymous = {k: v for k, v in hi.items() if k != "user"}  # keyed by client address
     assert [client.post("/v1/chat/completions", json=anonymous).status_code for _ in range(3)] == [200, 200, 429]
     msg = first.json()["id"]
-    codes = [client.post("/v1/feedback", json={"message_id": msg, "rating": 1, "user": "carol"}).status_code
+    codes = [client.post("/v1/feedback", json={"message_id": msg, "rating": 1, "user": "alice"}).status_code
              for _ in range(4)]
     assert codes == [200, 200, 200, 429]
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

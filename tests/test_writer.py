@@ -30,23 +30,25 @@ def test_concurrent_thumbs_share_commits_and_every_ack_is_a_row(store):
     lock = threading.Lock()
 
     def rate(worker: int) -> None:
-        for i in range(50):
+        for i in range(20):
             fid = store.record_feedback(msgs[(worker + i) % 20], f"user{worker}", 1 if i % 2 else -1,
                                         "because" if i % 3 else None, None)
             with lock:
                 acks.append(fid)
 
-    threads = [threading.Thread(target=rate, args=(w,)) for w in range(16)]
-    for t in threads:
+    threads = [threading.Thread(target=rate, args=(w,)) for w in range(48)]  # groups big enough for
+    for t in threads:                                                        # the columnar insert too
         t.start()
     for t in threads:
         t.join()
-    assert len(acks) == len(set(acks)) == 800
-    assert store._all("SELECT count(*) FROM feedback_events")[0][0] == 800
+    assert len(acks) == len(set(acks)) == 960
+    assert store._all("SELECT count(*) FROM feedback_events")[0][0] == 960
     assert sorted(r[0] for r in store._all("SELECT id FROM feedback_events")) == sorted(acks)
     groups, writes = store.write_stats
-    assert writes - writes0 == 800 and groups - groups0 < 800, "writes should have shared commits"
-    assert store._all("SELECT count(DISTINCT user_id) FROM feedback_events")[0][0] == 16
+    assert writes - writes0 == 960 and groups - groups0 < 960, "writes should have shared commits"
+    assert store._all("SELECT count(DISTINCT user_id) FROM feedback_events")[0][0] == 48
+    reasons = store._all("SELECT count(*) FROM feedback_events WHERE reason = 'because'")[0][0]
+    assert reasons == 48 * sum(1 for i in range(20) if i % 3)
 
 
 def test_a_bad_write_fails_alone_in_its_group(store):
@@ -120,3 +122,19 @@ def test_acknowledged_feedback_survives_kill_9(tmp_path, tiny_model_dir):
         assert r.json()["rows"] == [[1]]
     finally:
         stop_server(server)
+
+
+def test_a_big_group_takes_the_columnar_path_with_the_same_result(store):
+    from chatloop.store import _Thumb
+
+    conv = store.new_conversation("owner", "api")
+    msg = log_reply(store, conv, [{"role": "user", "content": "q"}], "r")
+    ops = [_Thumb(msg, f"u{i}" if i % 2 else None, 1 if i % 3 else -1, "why" if i % 4 == 0 else None, None)
+           for i in range(40)] + [_Thumb("msg-missing", "x", 1, None, None)]
+    results = store._apply_group(ops)
+    assert isinstance(results[-1], NotFound)
+    ids = results[:-1]
+    rows = store._all("SELECT id, user_id, rating, reason FROM feedback_events ORDER BY id")
+    assert [r[0] for r in rows] == ids
+    assert [(r[1], r[2], r[3]) for r in rows] == [
+        (f"u{i}" if i % 2 else "owner", 1 if i % 3 else -1, "why" if i % 4 == 0 else None) for i in range(40)]

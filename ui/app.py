@@ -26,6 +26,7 @@ import gradio as gr
 
 from chatloop.adapters import AdapterError
 from chatloop.engine import EngineBusy, InvalidRequest
+from chatloop.identity import uid_from_cookies
 from chatloop.loop import CycleBusy, NotEnoughFeedback
 from chatloop.ratelimit import RateLimited
 from chatloop.service import Service
@@ -39,7 +40,14 @@ USER_ERRORS = (InvalidRequest, EngineBusy, StoreError, AdapterError, RateLimited
 
 
 def _new_user() -> str:
+    """A user for a session that came without the identity cookie (cookies blocked)."""
     return "ui:" + uuid.uuid4().hex[:16]
+
+
+def _browser_user(request: gr.Request | None) -> str:
+    """The browser's anonymous user from its ``chatloop_uid`` cookie (see chatloop.identity)."""
+    uid = uid_from_cookies(getattr(request, "cookies", None)) if request is not None else None
+    return f"ui:{uid}" if uid else _new_user()
 
 
 def _display(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -510,5 +518,8 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 return gr.update(value=table, visible=True), note, gr.update(value=path, visible=True)
 
             sql_btn.click(_sql, [signed_in, sql_box], [sql_df, sql_msg, sql_csv])
+
+        # the same browser is the same user across reloads: its identity cookie names it
+        demo.load(_browser_user, None, [user_id])
 
     return demo

@@ -1,0 +1,81 @@
+"""Identity: each browser gets an anonymous id cookie; a user continues only their own
+conversations and rates only replies they were shown; foreign and unknown ids are refused."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from chatloop.api import create_app
+from chatloop.identity import COOKIE, uid_from_cookies
+from chatloop.models import load_model
+from chatloop.service import Service
+from conftest import ADMIN_TOKEN, make_settings
+from ui.app import _browser_user
+
+HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+@pytest.fixture(scope="module")
+def app(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("identity")
+    service = Service(make_settings(d / "data", tiny_model_dir), load_model(str(tiny_model_dir), d / "models")).start()
+    yield create_app(service, ADMIN_TOKEN)
+    service.close()
+
+
+def test_a_browser_gets_one_id_cookie_and_keeps_it(app):
+    with TestClient(app) as browser:
+        first = browser.get("/healthz")
+        uid = first.cookies.get(COOKIE)
+        assert uid and uid_from_cookies({COOKIE: uid}) == uid
+        assert "httponly" in first.headers["set-cookie"].lower() and "samesite=lax" in first.headers["set-cookie"].lower()
+        again = browser.get("/healthz")
+        assert COOKIE not in again.cookies and "set-cookie" not in again.headers  # kept, not replaced
+    with TestClient(app) as other:
+        other.cookies.set(COOKIE, "<script>")  # malformed: ignored and replaced
+        r = other.get("/healthz")
+        assert r.cookies.get(COOKIE) not in (None, "<script>")
+
+
+def test_users_rate_only_replies_they_were_shown(app):
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(app) as alice, TestClient(app) as bob:
+        alice.get("/healthz")
+        bob.get("/healthz")
+        reply = alice.post("/v1/chat/completions", json=HI).json()
+        owner = alice.post("/admin/sql", headers=admin, json={
+            "sql": f"SELECT c.user_id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                   f"WHERE m.id = '{reply['id']}'"}).json()["rows"][0][0]
+        assert owner == "ui:" + alice.cookies.get(COOKIE)
+        assert alice.post("/v1/feedback", json={"message_id": reply["id"], "rating": 1}).status_code == 200
+        foreign = bob.post("/v1/feedback", json={"message_id": reply["id"], "rating": -1})
+        assert foreign.status_code == 403 and "you were shown" in foreign.json()["error"]["message"]
+        named = bob.post("/v1/feedback", json={"message_id": reply["id"], "rating": -1, "user": "mallory"})
+        assert named.status_code == 403
+        assert bob.post("/v1/feedback", json={"message_id": "msg-nope", "rating": 1}).status_code == 404
+        cont = bob.post("/v1/chat/completions",
+                        json={**HI, "chatloop_conversation_id": reply["chatloop_conversation_id"]})
+        assert cont.status_code == 403
+        assert alice.post("/v1/chat/completions",
+                          json={**HI, "chatloop_conversation_id": reply["chatloop_conversation_id"]}).status_code == 200
+        assert bob.post("/v1/chat/completions", json={**HI, "chatloop_conversation_id": "conv-nope"}).status_code == 404
+        # A/B votes: both replies must have been shown to the voter
+        second = alice.post("/v1/chat/completions", json=HI).json()
+        vote = {"message_a": reply["id"], "message_b": second["id"], "choice": "a"}
+        assert bob.post("/v1/comparisons", json=vote).status_code == 403
+        rows = alice.post("/admin/sql", headers=admin, json={
+            "sql": "SELECT count(*) FROM feedback_events WHERE rating = -1"}).json()["rows"]
+        assert rows == [[0]]
+
+
+class FakeRequest:
+    def __init__(self, cookies):
+        self.cookies = cookies
+
+
+def test_the_ui_user_comes_from_the_cookie():
+    uid = "A" * 22
+    assert _browser_user(FakeRequest({COOKIE: uid})) == f"ui:{uid}"
+    assert _browser_user(FakeRequest({COOKIE: "bad value"})).startswith("ui:")
+    assert _browser_user(FakeRequest({COOKIE: "bad value"})) != _browser_user(FakeRequest({}))
