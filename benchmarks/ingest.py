@@ -108,7 +108,8 @@ def http_path(seconds: float, clients: int) -> dict[str, float]:
                           extra_env={"CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0"})  # measure, do not throttle
     try:
         reply = httpx.post(server.url + "/v1/chat/completions", timeout=120,
-                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).json()
+                           json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+                                 "user": "bench"}).json()
         lat: list[float] = []
 
         async def run() -> int:
@@ -122,7 +123,7 @@ def http_path(seconds: float, clients: int) -> dict[str, float]:
                     while time.perf_counter() < stop:
                         t0 = time.perf_counter()
                         r = await client.post("/v1/feedback", json={"message_id": reply["id"],
-                                                                     "rating": 1 if i % 2 else -1, "user": f"h{c}"})
+                                                                     "rating": 1 if i % 2 else -1, "user": "bench"})
                         if r.status_code == 200:
                             acked += 1
                             lat.append((time.perf_counter() - t0) * 1000)
@@ -137,6 +138,8 @@ def http_path(seconds: float, clients: int) -> dict[str, float]:
                             json={"sql": "SELECT count(*) FROM feedback_events"}, timeout=30).json()["rows"][0][0]
     finally:
         stop_server(server)
+    if not lat:
+        raise RuntimeError("no HTTP feedback was acknowledged")
     return {"http_events_per_s": acked / wall, "http_ack_p99_ms": pct(lat, 0.99), "http_acked": acked,
             "http_stored": stored}
 

@@ -181,8 +181,8 @@ class Service:
             raise InvalidRequest(f"reason is too long (at most {lim.max_reason_chars} characters)")
         if comment is not None and len(comment) > lim.max_comment_chars:
             raise InvalidRequest(f"comment is too long (at most {lim.max_comment_chars} characters)")
-        self._check_shown(user_id, message_id)
-        return self.store.record_feedback(message_id, user_id, rating, reason, comment)
+        # the writer checks, in the same transaction, that the reply was shown to this user
+        return self.store.record_feedback(message_id, user_id, rating, reason, comment, shown_only=True)
 
     def compare(self, message_a: str, message_b: str, choice: str, user_id: str | None = None) -> int:
         self._check_shown(user_id, message_a, message_b)

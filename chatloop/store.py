@@ -209,6 +209,7 @@ class _Thumb:
     rating: int
     reason: str | None
     comment: str | None
+    shown_only: bool = False  # refuse (Forbidden) unless the reply was written for user_id
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,10 @@ class Store:
         for t in thumbs:
             if t.message_id not in owners:
                 results.append(NotFound(f"unknown assistant message {t.message_id!r}"))
+                continue
+            if t.shown_only and t.user_id is not None and t.user_id != owners[t.message_id]:
+                results.append(Forbidden(f"you can only rate replies you were shown ({t.message_id} was "
+                                         f"written for another user)"))
                 continue
             rows.append((t, t.user_id or owners[t.message_id]))
             results.append(None)
@@ -458,12 +463,14 @@ class Store:
 
     # ---- feedback ----------------------------------------------------------------------------
     def record_feedback(self, message_id: str, user_id: str | None, rating: int,
-                        reason: str | None = None, comment: str | None = None) -> int:
-        """Append a thumb; ``user_id`` None means the user the reply was written for."""
+                        reason: str | None = None, comment: str | None = None, shown_only: bool = False) -> int:
+        """Append a thumb; ``user_id`` None means the user the reply was written for. With
+        ``shown_only`` a thumb from anyone else is refused (Forbidden): the public paths use it,
+        imports and tests that simulate many raters do not."""
         if rating not in (1, -1):
             raise StoreError("rating must be 1 (thumbs up) or -1 (thumbs down)")
         # validated, inserted and committed by the writer, grouped with concurrent thumbs
-        return int(self._writer.submit(_Thumb(message_id, user_id, rating, reason, comment)))
+        return int(self._writer.submit(_Thumb(message_id, user_id, rating, reason, comment, shown_only)))
 
     def record_comparison(self, message_a: str, message_b: str, choice: str, user_id: str | None) -> int:
         """Append an A/B choice; ``user_id`` None means the user the replies were written for."""

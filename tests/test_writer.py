@@ -101,10 +101,11 @@ def test_acknowledged_feedback_survives_kill_9(tmp_path, tiny_model_dir):
     acked = 0
     try:
         reply = httpx.post(server.url + "/v1/chat/completions", timeout=60,
-                           json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}).json()
+                           json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4,
+                                 "user": "rater"}).json()
         for i in range(60):
             r = httpx.post(server.url + "/v1/feedback", timeout=30,
-                           json={"message_id": reply["id"], "rating": 1 if i % 2 else -1, "user": f"k{i}"})
+                           json={"message_id": reply["id"], "rating": 1 if i % 2 else -1, "user": "rater"})
             assert r.status_code == 200, r.text
             acked += 1
         os.kill(server.proc.pid, signal.SIGKILL)  # no shutdown hook runs
