@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -136,6 +137,16 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
         return _error(exc.status, exc.message, exc.type, exc.code, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException):
+        # e.g. a body that is not UTF-8 or not JSON: the same error shape as everything else
+        # ("detail" kept for clients, like Gradio's, that read FastAPI's default shape)
+        resp = _error(exc.status_code, str(exc.detail),
+                      "invalid_request_error" if exc.status_code < 500 else "server_error", headers=exc.headers)
+        body = json.loads(resp.body)
+        body["detail"] = exc.detail
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):

@@ -33,6 +33,17 @@ log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse control characters (other than newline, return and tab) and lone surrogates (text
+    that is not valid Unicode and could not be stored as UTF-8)."""
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat == "Cc" and ch not in "\n\r\t":
+            raise InvalidRequest(f"{what} contains control characters")
+        if cat == "Cs":
+            raise InvalidRequest(f"{what} is not valid Unicode (a lone surrogate)")
+
+
 def validate_messages(messages: Any, max_messages: int, max_chars: int) -> list[dict[str, str]]:
     """Check a chat request's messages; returns clean {role, content} dicts or raises InvalidRequest."""
     if not isinstance(messages, list) or not messages:
@@ -54,8 +65,7 @@ def validate_messages(messages: Any, max_messages: int, max_chars: int) -> list[
             raise InvalidRequest(f"messages[{i}].content must be a string")
         if len(content) > max_chars:
             raise InvalidRequest(f"messages[{i}] is too long: {len(content)} characters (at most {max_chars})")
-        if any(unicodedata.category(ch) == "Cc" and ch not in "\n\r\t" for ch in content):
-            raise InvalidRequest(f"messages[{i}] contains control characters")
+        check_text(content, f"messages[{i}]")
         if role == "user" and not content.strip():
             raise InvalidRequest(f"messages[{i}] is empty")
         clean.append({"role": role, "content": content})
@@ -181,6 +191,9 @@ class Service:
             raise InvalidRequest(f"reason is too long (at most {lim.max_reason_chars} characters)")
         if comment is not None and len(comment) > lim.max_comment_chars:
             raise InvalidRequest(f"comment is too long (at most {lim.max_comment_chars} characters)")
+        for what, text in (("reason", reason), ("comment", comment), ("message_id", message_id)):
+            if text is not None:
+                check_text(text, what)
         # the writer checks, in the same transaction, that the reply was shown to this user
         return self.store.record_feedback(message_id, user_id, rating, reason, comment, shown_only=True)
 
