@@ -81,7 +81,8 @@ def start_server(data_dir: Path, model: str, extra_env: dict | None = None, toke
     port = free_port()
     env = dict(os.environ, CHATLOOP_ADMIN_TOKEN=token, CHATLOOP_TRAINING__MIN_PAIRS="2",
                CHATLOOP_TRAINING__LEARNING_RATE="0.001", CHATLOOP_TRAINING__MAX_REPLY_TOKENS="32",
-               CHATLOOP_GENERATION__MAX_TOKENS="12", PYTHONUNBUFFERED="1", **(extra_env or {}))
+               CHATLOOP_GENERATION__MAX_TOKENS="12", PYTHONUNBUFFERED="1")
+    env.update(extra_env or {})
     log = open(data_dir.parent / f"server-{port}.log", "w")
     data_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "chatloop.cli", "serve", "--host", "127.0.0.1",
