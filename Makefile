@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 serve: setup
-	$(BIN)/chatloop serve --host $(HOST) --port $(PORT) --data-dir $(DATA)
+	$(BIN)/chatloop serve --local --host $(HOST) --port $(PORT) --data-dir $(DATA)
 
 # Debian's chromium for the browser tests (installed when missing and we may use apt-get).
 browser:

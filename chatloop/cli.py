@@ -48,14 +48,17 @@ def serve(settings: Settings) -> int:
     from ui.app import build_ui
 
     token = settings.admin_token
-    if not token:
-        if _is_loopback(settings.host):
-            token = secrets.token_urlsafe(18)
-            log.warning("no operator token configured; local mode on %s: generated one for this run "
-                        "(it is in %s)", settings.host, settings.service_file)
-        else:
-            log.warning("no operator token configured: admin routes and the Admin tab are disabled "
-                        "(set CHATLOOP_ADMIN_TOKEN)")
+    if not token and settings.local_mode:
+        if not _is_loopback(settings.host):
+            print(f"error: local mode (operator access without a token) only binds to loopback, not "
+                  f"{settings.host}; set CHATLOOP_ADMIN_TOKEN to serve operators elsewhere", file=sys.stderr)
+            return 2
+        token = secrets.token_urlsafe(18)
+        log.warning("local mode on %s: generated an operator token for this run (it is in %s, mode 0600)",
+                    settings.host, settings.service_file)
+    elif not token:
+        log.warning("no operator token configured: admin routes and the Admin tab are disabled "
+                    "(set CHATLOOP_ADMIN_TOKEN, or use --local on loopback)")
     if settings.torch_threads:
         import torch
 
@@ -375,6 +378,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", parents=[common], help="start the chat service")
     s.add_argument("--host")
+    s.add_argument("--local", action="store_true", default=None,
+                   help="local mode: no operator token needed; one is generated for this run (loopback only)")
     s.add_argument("--port", type=int)
     s.add_argument("--device", help="auto | cpu | cuda")
     s.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
@@ -406,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = {"data_dir": args.data_dir, "model": args.model,
                  "host": getattr(args, "host", None), "port": getattr(args, "port", None),
+                 "local_mode": getattr(args, "local", None),
                  "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None)}
     try:
         settings = load_settings(args.config, overrides)

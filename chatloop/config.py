@@ -63,7 +63,7 @@ class TrainingDefaults:
     eval_fraction: float = 0.2  # share of contexts held out for the gate, when there are enough
     min_eval_pairs: int = 4
     seed: int = 0
-    max_pairs_per_user: int = 0  # 0 = no cap
+    max_pairs_per_user: int = 100  # no user may contribute more pairs (or KTO thumbs) to a snapshot; 0 = no cap
     # KTO (unpaired thumbs)
     min_thumbs: int = 8
     kto_desirable_weight: float = 1.0
@@ -114,6 +114,7 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     admin_token: str = ""
+    local_mode: bool = False  # no token needed on loopback: one is generated per run (`serve --local`)
     host: str = "127.0.0.1"
     port: int = 7860
     torch_threads: int = 0  # 0 = leave torch's default

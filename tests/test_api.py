@@ -214,3 +214,13 @@ def test_live_comparison_and_ratings(client, tiny_model_dir, tmp_path):
     best = ratings["ratings"][0]
     assert best["version"] == candidate and best["votes"] >= 6 and best["low"] <= best["rating"] <= best["high"]
     assert client.post("/admin/compare", json={"version": None}, headers=ADMIN).json()["live_comparison"] is None
+
+
+def test_local_mode_binds_only_loopback(tmp_path):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "CHATLOOP_ADMIN_TOKEN"}
+    r = subprocess.run([sys.executable, "-m", "chatloop.cli", "serve", "--local", "--host", "0.0.0.0",
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "only binds to loopback" in r.stderr
