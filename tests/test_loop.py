@@ -211,3 +211,33 @@ def test_live_votes_decide_a_staged_candidate(parts, candidate_wins):
         assert "won 0.17 of 3 votes" in decided[0]["verdict"]
     assert registry.compare_version() is None
     assert retrainer.settle_live_comparisons() == []
+
+
+def test_a_child_killed_with_sigkill_fails_the_cycle_and_serving_is_untouched(parts):
+    import os
+    import signal
+    import subprocess
+
+    settings, store, registry, retrainer, activations = parts
+    registry.set_active("base")
+    with_training(retrainer, settings, epochs=50)  # long enough to be killed mid-training
+    seed_pairs(store, 6)
+    run_id = retrainer.start_cycle("dpo", trigger="test")
+    job_dir = settings.runs_dir / f"run-{run_id}"
+    deadline = time.monotonic() + 60
+    pid = None
+    while pid is None and time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-f", f"chatloop.train.runner {job_dir}"], capture_output=True, text=True)
+        pid = int(out.stdout.split()[0]) if out.stdout.strip() else None
+        time.sleep(0.1)
+    assert pid, "the training child did not start"
+    os.kill(pid, signal.SIGKILL)
+    while retrainer.current is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    run = store.get_run(run_id)
+    assert run["status"] == "failed" and "training process failed" in run["error"], run
+    assert registry.versions() == [] and activations == [] and registry.active() == "base"
+    assert retrainer.start_cycle("dpo", trigger="test")  # the next cycle may start (and is cancelled)
+    retrainer.cancel()
+    while retrainer.current is not None and time.monotonic() < deadline + 60:
+        time.sleep(0.1)
