@@ -9,6 +9,8 @@ Invariants:
   published into the registry atomically (see ``adapters``) before anything activates it.
 - A failure at any step marks the run failed with the error and leaves serving untouched.
 - The reference/parent is the version active when the snapshot is taken.
+- With ``gate_live_votes`` a candidate that passes is *staged* (served on one side of the
+  Compare tab) and promoted only by ``settle_live_comparisons`` once users' votes are in.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from chatloop.store import Store
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("dpo", "kto", "ppo")
+
+
+def _live_score(vote: tuple[str, str, str], candidate: str) -> float:
+    """The candidate's share of one A/B vote (version a, version b, choice): ties count half."""
+    a, b, choice = vote
+    if choice in ("tie", "both_bad"):
+        return 0.5
+    return 1.0 if (a if choice == "a" else b) == candidate else 0.0
 
 
 class CycleBusy(RuntimeError):
@@ -212,13 +222,7 @@ class Retrainer:
                 elif len(between) < need:
                     continue
                 else:
-                    def score(a: str, b: str, choice: str) -> float:
-                        if choice in ("tie", "both_bad"):
-                            return 0.5
-                        return 1.0 if (a if choice == "a" else b) == cand else 0.0
-
-                    wins = sum(score(*v) for v in between)
-                    share = wins / len(between)
+                    share = sum(_live_score(v, cand) for v in between) / len(between)
                     ok = share >= 0.5
                     why = (f"{'✓' if ok else '✗'} live A/B: {cand} won {share:.2f} of {len(between)} "
                            f"votes against {parent}")

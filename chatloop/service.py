@@ -1,14 +1,18 @@
 """The running service's application layer: what the HTTP API and the UI both call.
 
 Owns: wiring settings, store, registry, engine and retrainer together; validating chat input;
-recording every reply with the version that produced it; feedback and comparisons; activation
-and rollback (engine first, then the registry pointer, then the log).
+recording every reply with the version that produced it; feedback and comparisons; per-user rate
+limits; activation, override, live comparison, ratings and rollback (engine first, then the
+registry pointer, then the log).
 
 Invariants:
 - A reply is recorded once, after it ends (finished, stopped or cancelled), with its message id
   allocated when it starts, so streams can name it from the first chunk.
 - Activation goes engine -> registry -> store: if the engine refuses an adapter nothing else
   changes, and the registry's pointer never names a version the engine could not load.
+- A user continues only their own conversations and rates only replies written for them
+  (Forbidden otherwise); text that could not be stored (control characters, lone surrogates) is
+  refused before anything is written.
 - Nothing here knows about HTTP or Gradio.
 """
 
