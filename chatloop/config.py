@@ -85,6 +85,8 @@ class TrainingDefaults:
     gate_prompts: int = 16  # held-out prompts both sides answer (0 = no behavioural checks)
     gate_max_new_tokens: int = 48
     gate_reward_model: bool = True  # train a reward model on the snapshot for DPO/KTO's win rate too
+    gate_reward_refresh: float = 0.25  # DPO/KTO reuse the last reward model until the snapshot has this
+    #                                    much more training data than it saw (0 = train one every cycle)
     gate_win_rate: float = 0.5  # the reward model must prefer the candidate's replies this often
     gate_max_kl: float = 1.0  # nats per token, candidate vs base model, on its own replies
     gate_max_degenerate_increase: float = 0.1  # share of empty/repetitive replies vs the reference

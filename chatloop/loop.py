@@ -157,11 +157,12 @@ class Retrainer:
                                   n_eval_pairs=snap["n_eval"], feedback_ids=snap["feedback_ids"],
                                   comparison_ids=snap["comparison_ids"])
             parent_path = None if parent == BASE_VERSION else str(self.registry.path(parent))
+            reuse = self._reusable_reward_model(algo, snap["n_train"])
             job = {"algo": algo, "model_path": self.model_path,
                    "models_dir": str(self.settings.models_dir), "parent_adapter": parent_path,
                    "parent_version": parent, "device": self.settings.device,
                    "dtype": self.settings.dtype, "torch_threads": self.settings.torch_threads,
-                   "settings": dataclasses.asdict(t)}
+                   "settings": dataclasses.asdict(t), "reward_model": reuse}
             (job_dir / "job.json").write_text(json.dumps(job, indent=2))
 
             self._stage("training", on_progress)
@@ -237,6 +238,27 @@ class Retrainer:
             return decided
         finally:
             self._lock.release()
+
+    def _reusable_reward_model(self, algo: str, n_train: int) -> str | None:
+        """A recent reward model the gate's judge may reuse instead of training one (DPO/KTO only;
+        PPO always trains its own). It must come from the same base model and split, have had a
+        held-out side (so it never trained on a context that is held out now: the split is a
+        stable hash of the context), and have seen enough of today's training data."""
+        t = self.settings.training
+        if algo == "ppo" or not t.gate_reward_model or t.gate_reward_refresh <= 0:
+            return None
+        for run in self.store.list_runs(50):
+            path = self.settings.runs_dir / f"run-{run['id']}" / "reward"
+            try:
+                meta = json.loads((path / "reward.json").read_text())
+            except (OSError, ValueError):
+                continue
+            seen = (meta.get("metrics") or {}).get("train_pairs") or 0
+            held = ((meta.get("metrics") or {}).get("held_out") or {}).get("pairs")
+            if (meta.get("model_path") == self.model_path and meta.get("eval_fraction") == t.eval_fraction
+                    and held and (path / "head.safetensors").is_file()):
+                return str(path) if n_train <= seen * (1 + t.gate_reward_refresh) else None
+        return None
 
     def _snapshot(self, algo: str, job_dir: Path) -> dict[str, Any]:
         """Write the data this algorithm trains on into ``job_dir``; refuse if there is too little.

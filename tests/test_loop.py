@@ -241,3 +241,24 @@ def test_a_child_killed_with_sigkill_fails_the_cycle_and_serving_is_untouched(pa
     retrainer.cancel()
     while retrainer.current is not None and time.monotonic() < deadline + 60:
         time.sleep(0.1)
+
+
+def test_the_judge_reuses_a_recent_reward_model_until_the_data_grows(parts):
+    settings, store, registry, retrainer, activations = parts
+    with_training(retrainer, settings, min_eval_pairs=1, eval_fraction=0.3, gate_prompts=2,
+                  gate_max_new_tokens=6, reward_epochs=1, gate_reward_refresh=0.5)
+    seed_pairs(store, 10)
+    first = retrainer.run_cycle("dpo")
+    assert isinstance(first["metrics"]["judge"]["reward_model"], dict)  # trained here
+    assert (settings.runs_dir / f"run-{first['id']}" / "reward" / "head.safetensors").is_file()
+    second = retrainer.run_cycle("dpo")  # the same data: reuse
+    reused_from = settings.runs_dir / f"run-{first['id']}" / "reward"
+    assert second["metrics"]["judge"]["reward_model"] == f"reused {reused_from}"
+    assert "reward" in second["metrics"]["judge"]
+    conv = store.new_conversation("u9", "api")
+    for i in range(20):  # twice the data: too much the old model never saw
+        ctx = [{"role": "user", "content": f"new question {i}"}]
+        ids = [log_reply(store, conv, ctx, text) for text in (f"Glad to help {i}.", f"No {i}.")]
+        store.record_comparison(ids[0], ids[1], "a", "u9")
+    third = retrainer.run_cycle("dpo")
+    assert isinstance(third["metrics"]["judge"]["reward_model"], dict)

@@ -2,7 +2,8 @@
 
 Usage: ``python -m chatloop.train.runner JOB_DIR``
 
-JOB_DIR holds ``job.json`` (model path, parent adapter path or null, algorithm, settings) and
+JOB_DIR holds ``job.json`` (model path, parent adapter path or null, algorithm, settings, and a
+reward model the gate's judge may reuse, or null) and
 the snapshot: ``train.jsonl``/``eval.jsonl`` (pairs: DPO, and the reward model before PPO),
 ``train_thumbs.jsonl``/``eval_thumbs.jsonl`` (unpaired thumbs: KTO, and the reward model's
 pointwise term), ``train_prompts.jsonl``/``eval_prompts.jsonl`` (logged prompts: PPO rollouts).
@@ -113,6 +114,11 @@ def judge_candidate(job_dir: Path, job: dict, s: dict, candidate, tokenizer, hoo
     if not contexts:
         return {"prompts": 0, "skipped": "no held-out prompts (too little feedback to hold any out)"}
     note = None
+    if rm is None and s["gate_reward_model"] and job.get("reward_model"):
+        from chatloop.train.reward import RewardModel
+
+        rm = RewardModel.load(Path(job["reward_model"]), _load(job).model)
+        note = f"reused {job['reward_model']}"
     if rm is None and s["gate_reward_model"]:
         if len(read_jsonl(job_dir / "train.jsonl")) >= 2:
             reward_metrics, rm = train_reward_job(job_dir, job, s, {"on_step": lambda m: None,
@@ -146,8 +152,8 @@ def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict):
     metrics = train_reward(rm, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
                            read_jsonl(job_dir / "eval.jsonl"), cfg, read_jsonl(job_dir / "train_thumbs.jsonl"),
                            **hooks)
-    rm.save(job_dir / "reward", {"model_path": job["model_path"], "metrics": {
-        k: v for k, v in metrics.items() if k != "history"}})
+    rm.save(job_dir / "reward", {"model_path": job["model_path"], "eval_fraction": s["eval_fraction"],
+                                 "metrics": {k: v for k, v in metrics.items() if k != "history"}})
     return metrics, rm
 
 
