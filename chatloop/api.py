@@ -182,7 +182,12 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
                                             "chatloop_adapter": service.engine.active_version}]}
 
     def rate_key(request: Request, user: str | None) -> str:
-        return f"user:{user}" if user else f"addr:{request.client.host if request.client else '?'}"
+        """Whose allowance a request uses: the named user, else the browser's cookie, else the
+        client address."""
+        if user:
+            return f"user:{user}"
+        uid = uid_from_cookies(request.cookies)
+        return f"cookie:{uid}" if uid else f"addr:{request.client.host if request.client else '?'}"
 
     @v1.post("/chat/completions")
     def chat_completions(body: ChatCompletionRequest, request: Request):
