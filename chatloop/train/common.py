@@ -164,3 +164,34 @@ def fit(
         on_step(m)
     model.eval()
     return history
+
+
+@torch.no_grad()
+def sample_replies(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int,
+                   temperature: float = 1.0, top_p: float = 1.0, batch_size: int | None = None) -> list[list[int]]:
+    """Sample one reply per prompt (token ids, ending with EOS when the model stopped), prompts
+    left-padded together ``batch_size`` at a time; chunk k is seeded with ``seed + k * batch_size``."""
+    device = next(model.parameters()).device
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    step = batch_size or max(len(prompts), 1)
+    replies: list[list[int]] = []
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start:start + step]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(chunk):  # left padding for generation
+            ids[i, width - len(p):] = torch.tensor(p)
+            attn[i, width - len(p):] = 1
+        torch.manual_seed(seed + start)
+        out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
+                             temperature=temperature, top_k=0, top_p=top_p, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=eos)
+        for row in out[:, width:].tolist():
+            reply = []
+            for t in row:
+                reply.append(t)
+                if t == eos:
+                    break
+            replies.append(reply or [eos])
+    return replies

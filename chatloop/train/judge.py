@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from chatloop.train.common import Encoded, collate
+from chatloop.train.common import Encoded, collate, sample_replies
 from chatloop.train.ppo import token_forward
 
 TEMPERATURE, TOP_P = 0.7, 0.9  # the serving defaults: judge what users would see
@@ -35,35 +35,6 @@ def is_degenerate(tokens: Sequence[int], eos_id: int | None) -> bool:
         grams = [tuple(body[i:i + 3]) for i in range(len(body) - 2)]
         return len(set(grams)) / len(grams) < 0.5
     return False
-
-
-@torch.no_grad()
-def sample(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, seed: int,
-           batch_size: int = 16) -> list[list[int]]:
-    """One sampled reply per prompt (token ids without padding, EOS kept when the model stopped)."""
-    device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):  # left padding for generation
-            ids[i, width - len(p):] = torch.tensor(p)
-            attn[i, width - len(p):] = 1
-        torch.manual_seed(seed + start)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                             temperature=TEMPERATURE, top_p=TOP_P, top_k=0, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=eos)
-        for row in gen[:, width:].tolist():
-            reply = []
-            for t in row:
-                reply.append(t)
-                if t == eos:
-                    break
-            out.append(reply)
-    return out
 
 
 @torch.no_grad()
@@ -101,7 +72,8 @@ def judge(candidate, reference, tokenizer, contexts: list[list[dict[str, str]]],
     for side, model in (("candidate", candidate), ("reference", reference if reference is not None else candidate)):
         ctx = candidate.disable_adapter() if (side == "reference" and reference is None) else nullcontext()
         with ctx:
-            replies[side] = sample(model, tokenizer, enc, max_new_tokens, seed)
+            replies[side] = sample_replies(model, tokenizer, enc, max_new_tokens, seed,
+                                           temperature=TEMPERATURE, top_p=TOP_P, batch_size=16)
     n = len(contexts)
     out: dict[str, Any] = {
         "prompts": n,

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from chatloop.train.common import Batch, Encoded, collate, split_lm
+from chatloop.train.common import Batch, Encoded, collate, sample_replies, split_lm
 
 
 # ---- the math ------------------------------------------------------------------------------------
@@ -173,32 +173,6 @@ def token_forward(model: torch.nn.Module, value_head: torch.nn.Module | None, ba
     return lp, ent, val, mask
 
 
-@torch.no_grad()
-def sample_replies(model, tokenizer, prompts: list[list[int]], cfg: PpoConfig, generator_seed: int) -> list[list[int]]:
-    """Sample one reply per prompt (token ids, ending with EOS when the model stopped)."""
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding for generation
-        ids[i, width - len(p):] = torch.tensor(p)
-        attn[i, width - len(p):] = 1
-    torch.manual_seed(generator_seed)
-    out = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                         temperature=cfg.temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-                         pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
-    replies = []
-    for row in out[:, width:].tolist():
-        reply = []
-        for t in row:
-            reply.append(t)
-            if t == tokenizer.eos_token_id:
-                break
-        replies.append(reply or [tokenizer.eos_token_id])
-    return replies
-
-
 def ppo_update(policy, value_head, opt, params, ro: Rollout, cfg: PpoConfig, gen: torch.Generator,
                should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
     """``ppo_epochs`` passes of minibatch updates on one rollout batch; per-minibatch stats."""
@@ -267,7 +241,8 @@ def train_ppo(
             raise InterruptedError("training cancelled")
         pick = torch.randint(len(prompts), (cfg.rollout_batch_size,), generator=gen).tolist()
         policy.eval()
-        replies = sample_replies(policy, tokenizer, [encoded[i] for i in pick], cfg, cfg.seed * 1000 + r)
+        replies = sample_replies(policy, tokenizer, [encoded[i] for i in pick], cfg.max_new_tokens,
+                                 cfg.seed * 1000 + r, temperature=cfg.temperature)
         batch = collate([Encoded(encoded[i], y) for i, y in zip(pick, replies)], tokenizer.pad_token_id).to(device)
         texts = [tokenizer.decode(y, skip_special_tokens=True) for y in replies]
         scores = torch.tensor(reward_fn([(list(prompts[i]), t) for i, t in zip(pick, texts)]),
