@@ -200,6 +200,32 @@ class GenerationRecord:
     finish_reason: str
 
 
+# Every thumb and A/B vote as one row shape (the feedback export and the Admin tab's browser).
+_FEEDBACK_EVENTS = """
+    SELECT 'thumb' AS kind, f.id, f.created_at, f.user_id, f.message_id, NULL AS message_b,
+           f.rating, NULL AS choice, f.reason, f.comment, g.adapter_version,
+           NULL AS adapter_version_b, g.context, m.content AS reply, NULL AS reply_b
+    FROM feedback_events f
+    JOIN messages m ON m.id = f.message_id
+    LEFT JOIN generations g ON g.message_id = f.message_id
+    UNION ALL
+    SELECT 'ab', c.id, c.created_at, c.user_id, c.message_a, c.message_b, NULL, c.choice, NULL, NULL,
+           ga.adapter_version, gb.adapter_version, ga.context, ma.content, mb.content
+    FROM comparisons c
+    JOIN messages ma ON ma.id = c.message_a
+    JOIN messages mb ON mb.id = c.message_b
+    LEFT JOIN generations ga ON ga.message_id = c.message_a
+    LEFT JOIN generations gb ON gb.message_id = c.message_b
+"""
+
+# The vote that counts: the latest of each user on each unordered pair of replies.
+_LATEST_VOTE_PER_USER_AND_PAIR = """
+    QUALIFY row_number() OVER (
+        PARTITION BY c.user_id, least(c.message_a, c.message_b), greatest(c.message_a, c.message_b)
+        ORDER BY c.created_at DESC, c.id DESC) = 1
+"""
+
+
 @dataclass(frozen=True)
 class _Thumb:
     """A thumb for the group-commit writer (validated inside its group's transaction)."""
@@ -472,14 +498,21 @@ class Store:
         # validated, inserted and committed by the writer, grouped with concurrent thumbs
         return int(self._writer.submit(_Thumb(message_id, user_id, rating, reason, comment, shown_only)))
 
-    def record_comparison(self, message_a: str, message_b: str, choice: str, user_id: str | None) -> int:
-        """Append an A/B choice; ``user_id`` None means the user the replies were written for."""
+    def record_comparison(self, message_a: str, message_b: str, choice: str, user_id: str | None,
+                          shown_only: bool = False) -> int:
+        """Append an A/B choice; ``user_id`` None means the user the replies were written for.
+        With ``shown_only`` a vote by anyone else is refused (Forbidden), as for thumbs."""
         if choice not in ("a", "b", "tie", "both_bad"):
             raise StoreError("choice must be one of 'a', 'b', 'tie', 'both_bad'")
         if message_a == message_b:
             raise StoreError("message_a and message_b must be two different replies")
         a = self.assistant_message(message_a)
         b = self.assistant_message(message_b)
+        if shown_only and user_id is not None:
+            for m in (a, b):
+                if m["user_id"] != user_id:
+                    raise Forbidden(f"you can only rate replies you were shown ({m['id']} was written for "
+                                    f"another user)")
         if a["context_hash"] != b["context_hash"]:
             raise StoreError("message_a and message_b must answer the same context")
         user_id = user_id or a["user_id"]
@@ -511,17 +544,14 @@ class Store:
     def latest_comparisons(self) -> list[dict[str, Any]]:
         """The latest choice of each user on each unordered pair of replies."""
         rows = self._dicts(
-            """
+            f"""
             SELECT c.id AS comparison_id, c.user_id, c.choice, c.message_a, c.message_b,
                    ma.content AS reply_a, mb.content AS reply_b, g.context, g.context_hash
             FROM comparisons c
             JOIN messages ma ON ma.id = c.message_a
             JOIN messages mb ON mb.id = c.message_b
             JOIN generations g ON g.message_id = c.message_a
-            QUALIFY row_number() OVER (
-                PARTITION BY c.user_id, least(c.message_a, c.message_b),
-                             greatest(c.message_a, c.message_b)
-                ORDER BY c.created_at DESC, c.id DESC) = 1
+            {_LATEST_VOTE_PER_USER_AND_PAIR}
             ORDER BY c.id
             """
         )
@@ -532,25 +562,7 @@ class Store:
     def all_feedback(self) -> list[dict[str, Any]]:
         """Every thumb and every A/B vote (append-only history, not just the latest), oldest first,
         with the rated replies, their context and the adapter version that wrote them."""
-        rows = self._dicts(
-            """
-            SELECT 'thumb' AS kind, f.id, f.created_at, f.user_id, f.message_id, NULL AS message_b,
-                   f.rating, NULL AS choice, f.reason, f.comment, g.adapter_version,
-                   NULL AS adapter_version_b, g.context, m.content AS reply, NULL AS reply_b
-            FROM feedback_events f
-            JOIN messages m ON m.id = f.message_id
-            LEFT JOIN generations g ON g.message_id = f.message_id
-            UNION ALL
-            SELECT 'ab', c.id, c.created_at, c.user_id, c.message_a, c.message_b, NULL, c.choice, NULL, NULL,
-                   ga.adapter_version, gb.adapter_version, ga.context, ma.content, mb.content
-            FROM comparisons c
-            JOIN messages ma ON ma.id = c.message_a
-            JOIN messages mb ON mb.id = c.message_b
-            LEFT JOIN generations ga ON ga.message_id = c.message_a
-            LEFT JOIN generations gb ON gb.message_id = c.message_b
-            ORDER BY created_at, kind, id
-            """
-        )
+        rows = self._dicts(f"WITH fb AS ({_FEEDBACK_EVENTS}) SELECT * FROM fb ORDER BY created_at, kind, id")
         for r in rows:
             r["context"] = json.loads(r["context"]) if r["context"] else None
         return rows
@@ -580,25 +592,13 @@ class Store:
                 raise StoreError(f"since must be a date like 2026-01-31 (got {since!r})") from None
             where.append("created_at >= ?")
         rows = self._dicts(
-            f"""
-            WITH fb AS (
-                SELECT 'thumb' AS kind, f.id, f.created_at, f.user_id, f.rating, NULL AS choice, f.reason,
-                       g.adapter_version, NULL AS adapter_version_b, g.context, m.content AS reply
-                FROM feedback_events f JOIN messages m ON m.id = f.message_id
-                LEFT JOIN generations g ON g.message_id = f.message_id
-                UNION ALL
-                SELECT 'ab', c.id, c.created_at, c.user_id, NULL, c.choice, NULL, ga.adapter_version,
-                       gb.adapter_version, ga.context, ma.content || '  ⟷  ' || mb.content
-                FROM comparisons c JOIN messages ma ON ma.id = c.message_a JOIN messages mb ON mb.id = c.message_b
-                LEFT JOIN generations ga ON ga.message_id = c.message_a
-                LEFT JOIN generations gb ON gb.message_id = c.message_b
-            )
-            SELECT * FROM fb {"WHERE " + " AND ".join(where) if where else ""}
-            ORDER BY created_at DESC, id DESC LIMIT ?
-            """, params + [max(1, min(limit, 5000))])
+            f"WITH fb AS ({_FEEDBACK_EVENTS}) SELECT * FROM fb {'WHERE ' + ' AND '.join(where) if where else ''}"
+            " ORDER BY created_at DESC, id DESC LIMIT ?", params + [max(1, min(limit, 5000))])
         for r in rows:
             ctx = json.loads(r.pop("context")) if r.get("context") else []
             r["prompt"] = ctx[-1]["content"] if ctx else None
+            if r["kind"] == "ab":
+                r["reply"] = f"{r['reply']}  ⟷  {r['reply_b']}"
         return rows
 
     def all_conversations(self) -> list[dict[str, Any]]:
@@ -618,15 +618,12 @@ class Store:
         """(time, version of A, version of B, choice) of the latest vote of each user on each pair
         of replies, oldest first: what adapter ratings are fitted on."""
         return [tuple(r) for r in self._all(
-            """
+            f"""
             SELECT c.created_at, ga.adapter_version, gb.adapter_version, c.choice
             FROM comparisons c
             JOIN generations ga ON ga.message_id = c.message_a
             JOIN generations gb ON gb.message_id = c.message_b
-            QUALIFY row_number() OVER (
-                PARTITION BY c.user_id, least(c.message_a, c.message_b),
-                             greatest(c.message_a, c.message_b)
-                ORDER BY c.created_at DESC, c.id DESC) = 1
+            {_LATEST_VOTE_PER_USER_AND_PAIR}
             ORDER BY c.created_at, c.id
             """)]
 
