@@ -143,7 +143,8 @@ class RetrainScheduler:
             if job is not None:
                 out.append({"id": job_id, "kind": kind, "spec": spec, "algo": self.settings.training.algo,
                             "source": "settings", "next_run": _iso(getattr(job, "next_run_time", None))})
-        return out + [self._describe(row) for row in self.store.list_schedules()]
+        count = self.store.feedback_count()
+        return out + [self._describe(row, count) for row in self.store.list_schedules()]
 
     # ---- jobs ------------------------------------------------------------------------------
     def poll_feedback(self) -> list[int]:
@@ -195,13 +196,14 @@ class RetrainScheduler:
     def _job_id(schedule_id: int) -> str:
         return f"schedule-{schedule_id}"
 
-    def _describe(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _describe(self, row: dict[str, Any], feedback_count: int | None = None) -> dict[str, Any]:
         job = self.scheduler.get_job(self._job_id(row["id"]))
         d = {"id": row["id"], "kind": row["kind"], "spec": row["spec"], "algo": row["algo"],
              "source": row["created_by"], "last_fired_at": _iso(row["last_fired_at"]),
              "last_run_id": row["last_run_id"], "next_run": _iso(getattr(job, "next_run_time", None)) if job else None}
         if row["kind"] == "feedback":
-            d["events_until_next"] = max(0, row["feedback_mark"] + int(row["spec"]) - self.store.feedback_count())
+            count = self.store.feedback_count() if feedback_count is None else feedback_count
+            d["events_until_next"] = max(0, row["feedback_mark"] + int(row["spec"]) - count)
         return d
 
 
