@@ -75,7 +75,19 @@ def test_a_bad_write_fails_alone_in_its_group(store):
     assert store._all("SELECT count(*) FROM feedback_events")[0][0] == 8
 
 
-def test_a_failing_group_is_retried_one_write_at_a_time():
+def test_a_group_whose_transaction_fails_is_retried_one_write_at_a_time(store):
+    from chatloop.store import _Statements, _Thumb
+
+    conv = store.new_conversation("owner", "api")
+    msg = log_reply(store, conv, [{"role": "user", "content": "q"}], "r")
+    broken = _Statements([("INSERT INTO no_such_table VALUES (1)", [])], "never")
+    results = store._apply_group([_Thumb(msg, "a", 1, None, None), broken, _Thumb(msg, "b", -1, None, None)])
+    assert isinstance(results[0], int) and isinstance(results[2], int)
+    assert isinstance(results[1], Exception) and "no_such_table" in str(results[1])
+    assert store._all("SELECT user_id, rating FROM feedback_events ORDER BY id") == [("a", 1), ("b", -1)]
+
+
+def test_the_writer_delivers_each_writes_own_result_or_error_and_refuses_after_close():
     calls: list[list[str]] = []
 
     def apply(ops):
