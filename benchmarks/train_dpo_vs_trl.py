@@ -22,8 +22,9 @@ What "training phase" (the pairs/s) includes:
   forward (adapters disabled, no grad) inside every step. Its tokenization (in the trainer's
   constructor) is left out.
 
-Prints a table, and with --json a last line holding one JSON object with the keys pairs,
-ours_pairs_per_s, trl_pairs_per_s, speed_ratio, ours_peak_mb, trl_peak_mb, memory_ratio,
+Prints a table, and with --json a last line holding one JSON object with the keys
+ours_pairs_s, trl_pairs_s, speedup (ours/TRL pairs/s; goal >= 2), mem_ratio (ours/TRL peak
+RSS), loss0_abs_diff (|our loss - TRL's| at step 0), pairs, ours_peak_mb, trl_peak_mb,
 ours_loss0, trl_loss0 (and a few more).
 """
 
@@ -97,7 +98,7 @@ def child_ours(args, pairs, loaded) -> dict:
                         epochs=args.epochs, batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
                         max_reply_tokens=args.max_reply_tokens, seed=args.seed)
     marks: dict = {"step_end": [], "losses": [], "tokens": 0, "ref_done": False}
-    original_fill, original_collate = dpo.fill_reference, dpo.collate
+    original_fill, original_collate = dpo.fill_reference, dpo.collate_groups
 
     def timed_fill(*a, **kw):  # the reference pass: its start opens the training phase
         marks["ref_start"] = time.perf_counter()
@@ -106,10 +107,10 @@ def child_ours(args, pairs, loaded) -> dict:
         marks["ref_done"] = True
         return out
 
-    def counting_collate(items, pad_id):  # padded tokens fed to the model in the training steps
-        batch = original_collate(items, pad_id)
+    def counting_collate(groups, pad_id):  # padded tokens fed to the model in the training steps
+        batch = original_collate(groups, pad_id)
         if marks["ref_done"] and len(marks["step_end"]) < marks.get("total", math.inf):
-            marks["tokens"] += batch.input_ids.numel()
+            marks["tokens"] += batch.prompt_ids.numel() + batch.reply_ids.numel()  # one prompt pass per pair
         return batch
 
     def on_step(m):
@@ -117,13 +118,13 @@ def child_ours(args, pairs, loaded) -> dict:
         marks["losses"].append(m["loss"])
         marks["total"] = m["total"]
 
-    dpo.fill_reference, dpo.collate = timed_fill, counting_collate
+    dpo.fill_reference, dpo.collate_groups = timed_fill, counting_collate
     rss_before = rss_mb()
     t0 = time.perf_counter()
     try:
         metrics = dpo.train_dpo(model, loaded.tokenizer, pairs, [], cfg, on_step=on_step)
     finally:
-        dpo.fill_reference, dpo.collate = original_fill, original_collate
+        dpo.fill_reference, dpo.collate_groups = original_fill, original_collate
     call_s = time.perf_counter() - t0
     steps = len(marks["step_end"])
     phase = marks["step_end"][-1] - marks["ref_start"]
@@ -321,11 +322,12 @@ def main() -> int:
           f"{ours['pairs_per_s'] / trl['pairs_per_s']:.2f}x (goal >= 2x); TRL gradient checkpointing: "
           f"{'on' if args.trl_gradient_checkpointing else 'off'}; model cache ready in {convert_s:.1f} s")
     result = {
-        "pairs": ours["pairs"], "ours_pairs_per_s": round(ours["pairs_per_s"], 3),
-        "trl_pairs_per_s": round(trl["pairs_per_s"], 3),
-        "speed_ratio": round(ours["pairs_per_s"] / trl["pairs_per_s"], 3),
+        "ours_pairs_s": round(ours["pairs_per_s"], 3), "trl_pairs_s": round(trl["pairs_per_s"], 3),
+        "speedup": round(ours["pairs_per_s"] / trl["pairs_per_s"], 3),
+        "mem_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 3),
+        "loss0_abs_diff": abs(ours["loss0"] - trl["loss0"]),
+        "pairs": ours["pairs"], "epochs": args.epochs,
         "ours_peak_mb": round(ours["peak_rss_mb"], 1), "trl_peak_mb": round(trl["peak_rss_mb"], 1),
-        "memory_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 3),
         "ours_loss0": round(ours["loss0"], 6), "trl_loss0": round(trl["loss0"], 6),
         "ours_train_phase_s": round(ours["train_phase_s"], 2), "trl_train_phase_s": round(trl["train_phase_s"], 2),
         "ours_ref_pass_s": round(ours["ref_pass_s"], 2), "steps": ours["steps"],

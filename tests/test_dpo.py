@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from chatloop.train.common import collate, encode_reply, reply_logprobs
+from chatloop.train.common import collate_groups, encode_reply, grouped_reply_logprobs
 from chatloop.train.dpo import DpoConfig, dpo_loss, encode_pairs, fill_reference, train_dpo
 
 
@@ -41,21 +41,69 @@ def test_label_smoothing_and_ipo_match_hand_computation():
         dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="nope")
 
 
-def test_reply_logprobs_equal_full_logits_reference(tiny_loaded):
+def _full_logits_reply_logprob(model, e) -> float:
+    """The reference: one unpadded sequence, full logits over every position, a manual sum."""
+    ids = torch.tensor([e.prompt_ids + e.reply_ids])
+    logp = F.log_softmax(model(ids).logits[0].double(), dim=-1)
+    n = len(e.prompt_ids)
+    return sum(logp[t - 1, ids[0, t]] for t in range(n, ids.shape[1]))
+
+
+def _groups(tok):
+    """Three prompts of different lengths (system prompt, multi-turn), two replies each."""
+    contexts = [[{"role": "user", "content": "hello"}],
+                [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the capital of France?"},
+                 {"role": "assistant", "content": "Paris."}, {"role": "user", "content": "and of Spain, please?"}],
+                [{"role": "user", "content": "x"}]]
+    replies = [("hi there friend", "go away"), ("Madrid.", "I do not know what you mean by that at all"),
+               ("y", "zzz zz")]
+    return [tuple(encode_reply(tok, c, r, 64, 16) for r in rs) for c, rs in zip(contexts, replies)]
+
+
+def test_grouped_reply_logprobs_equal_full_logits_reference(tiny_loaded):
     tok, model = tiny_loaded.tokenizer, tiny_loaded.model
-    items = [encode_reply(tok, [{"role": "user", "content": "hello"}], "hi there friend", 64, 16),
-             encode_reply(tok, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what?"}],
-                          "nothing", 64, 16)]
-    batch = collate(items, tok.pad_token_id)
-    ours = reply_logprobs(model, batch)
-    for i, e in enumerate(items):  # reference: one unpadded sequence, full logits, manual sum
-        ids = torch.tensor([e.prompt_ids + e.reply_ids])
-        logp = F.log_softmax(model(ids).logits[0].float(), dim=-1)
-        n = len(e.prompt_ids)
-        ref = sum(logp[t - 1, ids[0, t]].item() for t in range(n, ids.shape[1]))
-        assert ours[i].item() == pytest.approx(ref, abs=1e-4)
-    avg = reply_logprobs(model, batch, average=True)
-    assert avg[1].item() == pytest.approx(ours[1].item() / len(items[1].reply_ids), abs=1e-5)
+    groups = _groups(tok)
+    ours = grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id))
+    rows = [g[0] for g in groups] + [g[1] for g in groups]  # row k * B + b is reply k of prompt b
+    for i, e in enumerate(rows):
+        assert ours[i].item() == pytest.approx(_full_logits_reply_logprob(model, e).item(), abs=1e-4)
+    avg = grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id), average=True)
+    assert avg[4].item() == pytest.approx(ours[4].item() / len(rows[4].reply_ids), abs=1e-5)
+
+
+def test_shared_prompt_pass_has_the_gradients_of_separate_passes(tiny_model_dir):
+    """Both replies continue from one prompt pass; the LoRA gradients equal those of running each
+    (prompt, reply) as its own padded sequence (what TRL does), so nothing is lost by sharing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      init_lora_weights=False))  # non-zero B: the adapter changes the prompt's states
+    groups = _groups(tok)
+    rows = [g[0] for g in groups] + [g[1] for g in groups]
+    weights = torch.arange(1.0, len(rows) + 1)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+
+    shared = grads((grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id)) * weights).sum())
+    separate = grads(sum(w * _full_logits_reply_logprob(model, e).float() for w, e in zip(weights, rows)))
+    assert shared.abs().max() > 1  # the gradient is far from zero, so agreement means something
+    torch.testing.assert_close(shared, separate, rtol=1e-4, atol=1e-4)
+
+
+def test_collate_groups_refuses_replies_of_different_prompts(tiny_loaded):
+    tok = tiny_loaded.tokenizer
+    a = encode_reply(tok, [{"role": "user", "content": "a"}], "x", 64, 8)
+    b = encode_reply(tok, [{"role": "user", "content": "b"}], "y", 64, 8)
+    with pytest.raises(ValueError, match="share"):
+        collate_groups([(a, b)], tok.pad_token_id)
+    with pytest.raises(ValueError, match="same number"):
+        collate_groups([(a, a), (b,)], tok.pad_token_id)
 
 
 def test_encode_reply_uses_template_and_keeps_the_end_of_long_contexts(tiny_loaded):

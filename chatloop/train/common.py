@@ -10,6 +10,10 @@ Invariants:
 - Truncation keeps the *end* of the context (the latest turns) and the *start* of the reply.
 - Log-probs are computed only at reply positions: the LM head runs on those hidden states alone,
   never over the prompt. Padding positions never count.
+- Replies to the same prompt share one pass over it (``PromptGroups``): the prompt is run once,
+  left-padded, and every reply continues from its key/value cache, with gradients flowing back
+  through that cache. This equals running each (prompt, reply) on its own (tested), and it is
+  where most of the training speed comes from: chat prompts are usually longer than the replies.
 """
 
 from __future__ import annotations
@@ -69,6 +73,100 @@ def collate(items: Sequence[Encoded], pad_id: int) -> Batch:
     return Batch(ids, attn, mask)
 
 
+@dataclass
+class PromptGroups:
+    """B prompts, each with K replies, laid out for one shared prompt pass.
+
+    Prompts are left-padded so they all end at the same column (the position that predicts every
+    reply's first token); replies are right-padded. Reply row ``k * B + b`` is reply ``k`` of
+    prompt ``b``, so chosen/rejected (or matched/mismatched) come out as contiguous halves.
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    reply_ids: torch.Tensor  # (K*B, R) right-padded
+    reply_mask: torch.Tensor  # (K*B, R) True on real reply tokens
+
+    @property
+    def replies_per_prompt(self) -> int:
+        return self.reply_ids.shape[0] // self.prompt_ids.shape[0]
+
+    def to(self, device: torch.device) -> "PromptGroups":
+        return PromptGroups(self.prompt_ids.to(device), self.prompt_mask.to(device),
+                            self.reply_ids.to(device), self.reply_mask.to(device))
+
+
+def collate_groups(groups: Sequence[Sequence[Encoded]], pad_id: int) -> PromptGroups:
+    """``groups[b]`` are K encodings of one prompt (same ``prompt_ids``, any replies)."""
+    k = len(groups[0])
+    if any(len(g) != k for g in groups):
+        raise ValueError("every prompt needs the same number of replies")
+    for g in groups:
+        if any(e.prompt_ids != g[0].prompt_ids for e in g[1:]):
+            raise ValueError("replies grouped under one prompt must share its tokens")
+    b = len(groups)
+    plen = max(len(g[0].prompt_ids) for g in groups)
+    rlen = max(len(e.reply_ids) for g in groups for e in g)
+    prompt_ids = torch.full((b, plen), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((b, plen), dtype=torch.long)
+    reply_ids = torch.full((k * b, rlen), pad_id, dtype=torch.long)
+    reply_mask = torch.zeros((k * b, rlen), dtype=torch.bool)
+    for i, g in enumerate(groups):
+        p = g[0].prompt_ids
+        if not p:
+            raise ValueError("a prompt must have at least one token")
+        prompt_ids[i, plen - len(p):] = torch.tensor(p)
+        prompt_mask[i, plen - len(p):] = 1
+        for j, e in enumerate(g):
+            if not e.reply_ids:
+                raise ValueError("a reply must have at least one token")
+            reply_ids[j * b + i, : len(e.reply_ids)] = torch.tensor(e.reply_ids)
+            reply_mask[j * b + i, : len(e.reply_ids)] = True
+    return PromptGroups(prompt_ids, prompt_mask, reply_ids, reply_mask)
+
+
+def grouped_hidden(model: torch.nn.Module, g: PromptGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run each prompt once and all its replies on top of its cache.
+
+    Returns ``(predicting, reply_hidden)``, both (K*B, R, H): ``reply_hidden[:, j]`` is the last
+    layer's state *at* reply token j, ``predicting[:, j]`` the state that predicts reply token j
+    (the prompt's last state for j = 0, else ``reply_hidden[:, j - 1]``).
+    """
+    decoder, _ = split_lm(model)
+    k = g.replies_per_prompt
+    prompt_pos = (g.prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=g.prompt_ids, attention_mask=g.prompt_mask, position_ids=prompt_pos, use_cache=True)
+    cache = out.past_key_values
+    if k > 1:
+        # row order k * B + b: repeat the whole batch K times (not interleave), through autograd
+        for layer in cache.layers:
+            layer.keys = layer.keys.repeat(k, 1, 1, 1)
+            layer.values = layer.values.repeat(k, 1, 1, 1)
+    prompt_mask = g.prompt_mask.repeat(k, 1)
+    start = prompt_mask.sum(dim=1, keepdim=True)  # each reply continues its prompt's positions
+    reply_pos = start + torch.arange(g.reply_ids.shape[1], device=start.device)[None]
+    mask = torch.cat([prompt_mask, g.reply_mask.to(prompt_mask.dtype)], dim=1)
+    reply_hidden = decoder(input_ids=g.reply_ids, attention_mask=mask, position_ids=reply_pos,
+                           past_key_values=cache, use_cache=True).last_hidden_state
+    prompt_last = out.last_hidden_state[:, -1:].repeat(k, 1, 1)
+    return torch.cat([prompt_last, reply_hidden[:, :-1]], dim=1), reply_hidden
+
+
+def grouped_reply_logprobs(model: torch.nn.Module, g: PromptGroups, average: bool = False) -> torch.Tensor:
+    """Sum (or mean) of reply-token log-probs for every reply row of ``g`` (K*B values), the LM
+    head run on reply positions only; equal to running each (prompt, reply) on its own."""
+    _, head = split_lm(model)
+    predicting, _ = grouped_hidden(model, g)
+    rows, cols = g.reply_mask.nonzero(as_tuple=True)
+    logits = head(predicting[rows, cols]).float()
+    targets = g.reply_ids[rows, cols]
+    token_lp = torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None]).squeeze(1)
+    out = torch.zeros(g.reply_ids.shape[0], dtype=token_lp.dtype, device=token_lp.device).index_add(0, rows, token_lp)
+    if average:
+        out = out / g.reply_mask.sum(dim=1).clamp(min=1)
+    return out
+
+
 def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder stack, LM head) of a causal LM, through a PEFT wrapper if there is one.
 
@@ -76,26 +174,6 @@ def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.get_decoder(), inner.get_output_embeddings()
-
-
-def reply_logprobs(model: torch.nn.Module, batch: Batch, average: bool = False) -> torch.Tensor:
-    """Sum (or mean) of log p(reply token | everything before it), one value per row.
-
-    Runs the decoder over the whole sequence but the LM head only on the hidden states that
-    predict reply tokens (position t predicts token t+1).
-    """
-    decoder, head = split_lm(model)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-    predict = batch.reply_mask[:, 1:]  # targets at t+1
-    rows, cols = predict.nonzero(as_tuple=True)
-    logits = head(hidden[rows, cols]).float()  # (N, V) only reply positions
-    targets = batch.input_ids[rows, cols + 1]
-    token_lp = torch.gather(F.log_softmax(logits, dim=-1), 1, targets[:, None]).squeeze(1)
-    out = torch.zeros(batch.input_ids.shape[0], dtype=token_lp.dtype, device=token_lp.device)
-    out = out.index_add(0, rows, token_lp)
-    if average:
-        out = out / predict.sum(dim=1).clamp(min=1)
-    return out
 
 
 def batches(n: int, batch_size: int, epochs: int, seed: int,

@@ -7,7 +7,8 @@ Invariants:
 - The policy starts as a copy of the reference (the adapter active when the snapshot was taken),
   so reference log-probs are the policy's own log-probs before the first update: computed once
   per pair, in eval mode, before training; no second model is held in memory.
-- Only LoRA parameters train; log-probs cover reply tokens only (see ``common``).
+- Only LoRA parameters train; log-probs cover reply tokens only, and chosen and rejected share
+  one pass over their prompt (see ``common``).
 - IPO uses length-averaged log-probs (as in the IPO paper's and TRL's implementations);
   sigmoid DPO uses summed log-probs.
 """
@@ -21,7 +22,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from chatloop.train.common import Encoded, collate, encode_reply, fit, reply_logprobs
+from chatloop.train.common import Encoded, collate_groups, encode_reply, fit, grouped_reply_logprobs
 
 
 def dpo_loss(
@@ -85,9 +86,10 @@ def encode_pairs(tokenizer, pairs: list[dict], cfg: DpoConfig) -> list[EncodedPa
 
 def _pair_logprobs(model, items: list[EncodedPair], pad_id: int, average: bool,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected log-probs for a batch of pairs in one forward pass."""
-    batch = collate([e.chosen for e in items] + [e.rejected for e in items], pad_id).to(device)
-    lp = reply_logprobs(model, batch, average=average)
+    """Chosen and rejected log-probs for a batch of pairs: one pass over each prompt, both replies
+    continuing from its cache."""
+    groups = collate_groups([(e.chosen, e.rejected) for e in items], pad_id).to(device)
+    lp = grouped_reply_logprobs(model, groups, average=average)
     return lp[: len(items)], lp[len(items):]
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from chatloop.train.common import Encoded, collate, encode_reply, fit, reply_logprobs
+from chatloop.train.common import Encoded, collate_groups, encode_reply, fit, grouped_reply_logprobs
 
 
 def kto_loss(
@@ -83,8 +83,9 @@ def encode_examples(tokenizer, rows: list[dict], cfg: KtoConfig) -> list[KtoExam
 
 
 def _logps(model, items: list[KtoExample], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = collate([e.matched for e in items] + [e.mismatched for e in items], pad_id).to(device)
-    lp = reply_logprobs(model, batch)
+    """Matched and mismatched log-probs: one pass over each prompt, both replies on its cache."""
+    groups = collate_groups([(e.matched, e.mismatched) for e in items], pad_id).to(device)
+    lp = grouped_reply_logprobs(model, groups)
     return lp[: len(items)], lp[len(items):]
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from chatloop.train.common import Batch, Encoded, collate, encode_reply, fit, split_lm
+from chatloop.train.common import Encoded, PromptGroups, collate_groups, encode_reply, fit, grouped_hidden
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -44,10 +44,10 @@ class RewardModel(torch.nn.Module):
         torch.nn.init.normal_(self.head.weight, std=1 / (hidden_size + 1) ** 0.5)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        decoder, _ = split_lm(self.lm)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        last = batch.attention_mask.sum(dim=1) - 1  # right padding: the last real token
+    def forward(self, groups: PromptGroups) -> torch.Tensor:
+        """One score per reply row of ``groups`` (each prompt is run once for all its replies)."""
+        _, hidden = grouped_hidden(self.lm, groups)
+        last = groups.reply_mask.sum(dim=1) - 1  # right-padded replies: the last real token
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         return self.head(h.to(self.head.weight.dtype)).squeeze(-1)
 
@@ -88,29 +88,36 @@ class RewardConfig:
 
 
 @torch.no_grad()
-def score(rm: RewardModel, tokenizer, items: Sequence[tuple[list[dict], str]], cfg: RewardConfig,
-          batch_size: int = 8) -> list[float]:
-    """Scores of (context, reply) pairs."""
+def _score_groups(rm: RewardModel, groups: list[tuple[Encoded, ...]], pad_id: int, batch_size: int) -> list[list[float]]:
+    """Scores of every reply of every group (replies of one group share a prompt pass)."""
     rm.eval()
     device = rm.head.weight.device
-    enc = [encode_reply(tokenizer, c, r, cfg.max_prompt_tokens, cfg.max_reply_tokens) for c, r in items]
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))  # similar lengths together: less padding
-    out = [0.0] * len(enc)
+    order = sorted(range(len(groups)), key=lambda i: max(len(e) for e in groups[i]))  # less padding
+    out: list[list[float]] = [[] for _ in groups]
     for s in range(0, len(order), batch_size):
         idx = order[s: s + batch_size]
-        for i, v in zip(idx, rm(collate([enc[i] for i in idx], tokenizer.pad_token_id).to(device)).float().tolist()):
-            out[i] = v
+        flat = rm(collate_groups([groups[i] for i in idx], pad_id).to(device)).float().tolist()
+        for j, i in enumerate(idx):  # row k * B + j is reply k of group j
+            out[i] = flat[j::len(idx)]
     return out
 
 
-@torch.no_grad()
-def evaluate_pairs(rm: RewardModel, tokenizer, pairs: list[dict], cfg: RewardConfig) -> dict:
+def score(rm: RewardModel, tokenizer, items: Sequence[tuple[list[dict], str]], cfg: RewardConfig,
+          batch_size: int = 8) -> list[float]:
+    """Scores of (context, reply) pairs."""
+    enc = [(encode_reply(tokenizer, c, r, cfg.max_prompt_tokens, cfg.max_reply_tokens),) for c, r in items]
+    return [v[0] for v in _score_groups(rm, enc, tokenizer.pad_token_id, batch_size)]
+
+
+def evaluate_pairs(rm: RewardModel, tokenizer, pairs: list[dict], cfg: RewardConfig,
+                   batch_size: int = 8) -> dict:
     """Pair accuracy (ties count half) and mean margin r(chosen) - r(rejected)."""
     if not pairs:
         return {}
-    rc = score(rm, tokenizer, [(p["prompt"], p["chosen"]) for p in pairs], cfg)
-    rr = score(rm, tokenizer, [(p["prompt"], p["rejected"]) for p in pairs], cfg)
-    margins = [a - b for a, b in zip(rc, rr)]
+    enc = [(encode_reply(tokenizer, p["prompt"], p["chosen"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
+            encode_reply(tokenizer, p["prompt"], p["rejected"], cfg.max_prompt_tokens, cfg.max_reply_tokens))
+           for p in pairs]
+    margins = [c - r for c, r in _score_groups(rm, enc, tokenizer.pad_token_id, batch_size)]
     acc = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
     return {"accuracy": acc, "margin": sum(margins) / len(margins), "pairs": len(pairs)}
 
@@ -139,13 +146,13 @@ def train_reward(
 
     def step(idx: list[int]):
         chunk = [enc[j] for j in idx]
-        r = rm(collate([c for c, _ in chunk] + [r for _, r in chunk], pad_id).to(device))
+        r = rm(collate_groups(chunk, pad_id).to(device))  # chosen and rejected share one prompt pass
         rc, rr = r[: len(chunk)], r[len(chunk):]
         loss = bradley_terry_loss(rc, rr, center_coefficient=cfg.center_coefficient)
         metrics = {"accuracy": float((rc > rr).float().mean()), "margin": float((rc - rr).detach().mean())}
         if pointwise:
             sample = [pointwise[j % len(pointwise)] for j in idx]
-            s = rm(collate([e for e, _ in sample], pad_id).to(device))
+            s = rm(collate_groups([[e] for e, _ in sample], pad_id).to(device))
             target = torch.tensor([y for _, y in sample], device=device)
             point = F.binary_cross_entropy_with_logits(s.float(), target)
             loss = loss + cfg.pointwise_weight * point
