@@ -150,10 +150,31 @@ class Local:
         return previous
 
 
-def _progress_bar(total: int):
-    from tqdm import tqdm
+class PhaseBars:
+    """One tqdm bar per training phase (e.g. "reward model", then "ppo"), on stderr, with the
+    latest loss (and mean reward, for PPO) beside it."""
 
-    return tqdm(total=total or None, desc="training", unit="step", file=sys.stderr)
+    def __init__(self) -> None:
+        self.bar, self.phase = None, None
+
+    def show(self, phase: str, step: int, total: int, last: dict[str, Any] | None) -> None:
+        from tqdm import tqdm
+
+        if not total:
+            return
+        if self.bar is None or phase != self.phase:
+            self.close()
+            self.bar, self.phase = tqdm(total=total, desc=phase or "training", unit="step", file=sys.stderr), phase
+        self.bar.update(step - self.bar.n)
+        if last:
+            shown = {k: f"{last[k]:.4f}" for k in ("loss", "mean_reward", "kl") if isinstance(last.get(k), (int, float))}
+            self.bar.set_postfix(shown)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def retrain(settings: Settings, algo: str, url: str | None, trigger: str = "cli") -> int:
@@ -162,22 +183,17 @@ def retrain(settings: Settings, algo: str, url: str | None, trigger: str = "cli"
         started = remote.call("POST", "/admin/retrain", json={"algo": algo})
         run_id = started["run_id"]
         print(f"retraining run {run_id} started on the running service", file=sys.stderr)
-        bar = None
-        while True:
-            run = remote.call("GET", f"/admin/runs/{run_id}")
-            prog = run.get("progress") or {}
-            if prog.get("total"):
-                if bar is None:
-                    bar = _progress_bar(prog["total"])
-                bar.update(prog["step"] - bar.n)
-                if prog.get("last"):
-                    bar.set_postfix(loss=f"{prog['last'].get('loss', 0):.4f}")
-                bar.refresh()
-            if run["status"] != "running":
-                break
-            time.sleep(0.5)
-        if bar is not None:
-            bar.close()
+        bars = PhaseBars()
+        try:
+            while True:
+                run = remote.call("GET", f"/admin/runs/{run_id}")
+                prog = run.get("progress") or {}
+                bars.show(prog.get("phase", ""), prog.get("step", 0), prog.get("total", 0), prog.get("last"))
+                if run["status"] != "running":
+                    break
+                time.sleep(0.5)
+        finally:
+            bars.close()
         return _report(run)
 
     from chatloop.loop import NotEnoughFeedback, Retrainer
@@ -187,16 +203,10 @@ def retrain(settings: Settings, algo: str, url: str | None, trigger: str = "cli"
     source = materialize(settings.model, settings.models_dir)
     retrainer = Retrainer(settings, local.store, local.registry, source.path,
                           activate=local.activate, active_version=local.registry.active)
-    state = {"bar": None}
+    bars = PhaseBars()
 
     def on_progress(cur) -> None:
-        if cur.total and state["bar"] is None:
-            state["bar"] = _progress_bar(cur.total)
-        if state["bar"] is not None:
-            state["bar"].update(cur.step - state["bar"].n)
-            if cur.last:
-                state["bar"].set_postfix(loss=f"{cur.last.get('loss', 0):.4f}")
-            state["bar"].refresh()
+        bars.show(cur.phase, cur.step, cur.total, cur.last)
 
     try:
         run = retrainer.run_cycle(algo, trigger=trigger, on_progress=on_progress)
@@ -207,8 +217,7 @@ def retrain(settings: Settings, algo: str, url: str | None, trigger: str = "cli"
         print(f"error: retraining failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        if state["bar"] is not None:
-            state["bar"].close()
+        bars.close()
     return _report(run)
 
 

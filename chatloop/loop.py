@@ -62,6 +62,7 @@ class CycleState:
     run_id: int
     algo: str
     stage: str = "starting"  # snapshot | training | gate | publishing | done
+    phase: str = ""  # inside training: the algorithm, "reward model" or "gate reward model"
     step: int = 0
     total: int = 0
     last: dict[str, Any] = field(default_factory=dict)
@@ -330,6 +331,7 @@ class Retrainer:
                             m = json.loads(line)
                             assert self.current is not None
                             self.current.step, self.current.total, self.current.last = m["step"], m["total"], m
+                            self.current.phase = m.get("phase", "")
                             self.current.history.append(m)
                             if on_progress:
                                 on_progress(self.current)

@@ -341,7 +341,8 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 cyc = st.pop("cycle")
                 status_text = " · ".join(f"**{k}**: {v}" for k, v in st.items())
                 if cyc:
-                    cycle_text = (f"Cycle run {cyc['run_id']} ({cyc['algo']}): {cyc['stage']}, step "
+                    phase = f" ({cyc['phase']})" if cyc.get("phase") and cyc["phase"] != cyc["algo"] else ""
+                    cycle_text = (f"Cycle run {cyc['run_id']} ({cyc['algo']}): {cyc['stage']}{phase}, step "
                                   f"{cyc['step']}/{cyc['total'] or '?'}"
                                   + (f", loss {cyc['last'].get('loss', 0):.4f}" if cyc["last"] else ""))
                 else:
@@ -359,8 +360,9 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
 
             def _curve(runs, cyc):
                 """Per-step loss and reward margin of the running cycle, else of the latest finished one."""
-                if cyc and cyc.get("history"):
-                    history, title = cyc["history"], f"run {cyc['run_id']} (running)"
+                if cyc and cyc.get("history"):  # the current phase's steps (each phase counts its own)
+                    history = [h for h in cyc["history"] if h.get("phase", "") == cyc.get("phase", "")]
+                    title = f"run {cyc['run_id']} (running{', ' + cyc['phase'] if cyc.get('phase') else ''})"
                 else:
                     done = next((r for r in runs if r["status"] in ("promoted", "rejected")), None)
                     history = ((service.store.get_run(done["id"]).get("metrics") or {}).get("history", [])

@@ -7,7 +7,8 @@ reward model the gate's judge may reuse, or null) and
 the snapshot: ``train.jsonl``/``eval.jsonl`` (pairs: DPO, and the reward model before PPO),
 ``train_thumbs.jsonl``/``eval_thumbs.jsonl`` (unpaired thumbs: KTO, and the reward model's
 pointwise term), ``train_prompts.jsonl``/``eval_prompts.jsonl`` (logged prompts: PPO rollouts).
-The child writes ``progress.jsonl`` (one line per step), then ``adapter/`` (a PEFT directory),
+The child writes ``progress.jsonl`` (one line per step, each naming its phase: the algorithm,
+``reward model`` or ``gate reward model``; each phase counts its own steps), then ``adapter/`` (a PEFT directory),
 ``reward/`` (PPO's reward model) and ``metrics.json``, and exits 0. Any failure writes
 ``error.txt`` and exits non-zero.
 
@@ -27,6 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def in_phase(hooks: dict, phase: str) -> dict:
+    """The same hooks, with every progress line naming its phase (each phase counts its own
+    steps: the reward model before PPO, or the gate's reward model after DPO/KTO). An inner
+    phase's name wins over the outer one's."""
+    return {"on_step": lambda m: hooks["on_step"]({"phase": phase, **m}), "should_stop": hooks["should_stop"]}
 
 
 def _lora(s: dict):
@@ -121,8 +129,7 @@ def judge_candidate(job_dir: Path, job: dict, s: dict, candidate, tokenizer, hoo
         note = f"reused {job['reward_model']}"
     if rm is None and s["gate_reward_model"]:
         if len(read_jsonl(job_dir / "train.jsonl")) >= 2:
-            reward_metrics, rm = train_reward_job(job_dir, job, s, {"on_step": lambda m: None,
-                                                                    "should_stop": hooks["should_stop"]})
+            reward_metrics, rm = train_reward_job(job_dir, job, s, in_phase(hooks, "gate reward model"))
             note = {k: v for k, v in reward_metrics.items() if k != "history"}
         else:
             note = "no reward model: fewer than 2 training pairs"
@@ -165,8 +172,7 @@ def train_ppo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     from chatloop.prefs import read_jsonl
     from chatloop.train.ppo import PpoConfig, train_ppo
 
-    reward_metrics, rm = train_reward_job(job_dir, job, s, {"on_step": lambda m: None,
-                                                            "should_stop": hooks["should_stop"]})
+    reward_metrics, rm = train_reward_job(job_dir, job, s, in_phase(hooks, "reward model"))
     loaded = _load(job)
     policy = _policy(loaded, job, s)
     ref_loaded = _load(job)
@@ -203,7 +209,7 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     hooks = {"on_step": lambda m: progress.write(json.dumps(m) + "\n"), "should_stop": lambda: stop["flag"]}
     try:
-        metrics = ALGORITHMS[job["algo"]](job_dir, job, job["settings"], hooks)
+        metrics = ALGORITHMS[job["algo"]](job_dir, job, job["settings"], in_phase(hooks, job["algo"]))
     finally:
         progress.close()
     metrics["total_s"] = time.perf_counter() - t0
