@@ -128,9 +128,14 @@ def test_ppo_cycle_trains_a_reward_model_then_the_policy(parts):
         "reward_epochs": 1, "min_eval_pairs": 1, "eval_fraction": 0.3}))
     seed_pairs(store, 10)
     seed_thumbs(store, 4)
-    run = retrainer.run_cycle("ppo")
+    seen: list[tuple[str, int, int]] = []
+    run = retrainer.run_cycle("ppo", on_progress=lambda s: seen.append((s.phase, s.step, s.total)))
     m = run["metrics"]
     assert m["algo"] == "ppo" and len(m["history"]) == 2
+    # progress shows the reward model's steps first, then PPO's, each phase counting its own
+    phases = [p for p, _, _ in seen if p]
+    assert phases[0] == "reward model" and phases[-1] == "ppo" and set(phases) == {"reward model", "ppo"}
+    assert [st for p, st, _ in seen if p == "ppo"][-1] == m["steps"]
     assert m["reward_model"]["train_pairs"] == run["n_pairs"] and m["reward_model"]["held_out"]["pairs"]
     assert 0 < m["judge"]["prompts"] <= 4 and "win_rate" in m["judge"]["reward"]
     assert "reward model prefers the candidate" in run["verdict"]
