@@ -18,6 +18,7 @@ import hmac
 import math
 import json
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -395,6 +396,32 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
         media = "application/x-ndjson" if format == "jsonl" else "application/vnd.apache.parquet"
         return Response(body, media_type=media,
                         headers={"Content-Disposition": f'attachment; filename="chatloop-{what}.{format}"'})
+
+    @admin.post("/import/{kind}")
+    async def import_data(kind: Literal["oasst", "hh"], request: Request, name: str = "upload",
+                          limit: int | None = None):
+        """Replay a public data set (the file's bytes are the body) into the log: OpenAssistant
+        trees (``*.jsonl``) or HH-RLHF pairs (``*.jsonl`` or ``*.jsonl.gz``)."""
+        import asyncio
+        import tempfile
+
+        from chatloop import importers
+
+        data = await request.body()
+        if not data:
+            raise ApiError(400, "the request body must hold the file to import")
+        suffix = ".jsonl.gz" if data[:2] == b"\x1f\x8b" else ".jsonl"
+        safe = "".join(ch for ch in Path(name).name if ch.isalnum() or ch in "._-")[:100] or "upload"
+        with tempfile.TemporaryDirectory(prefix="chatloop-import-") as tmp:
+            path = Path(tmp) / (safe.removesuffix(".gz").removesuffix(".jsonl") + suffix)
+            path.write_bytes(data)
+            try:  # in a worker thread: the import's writes must not stall the event loop
+                report = await asyncio.to_thread(
+                    (lambda: importers.import_oasst(service.store, path)) if kind == "oasst"
+                    else (lambda: importers.import_hh(service.store, path, limit)))
+            except (ValueError, KeyError, TypeError, OSError) as exc:  # json, gzip and shape errors
+                raise ApiError(400, f"cannot import this file as {kind}: {type(exc).__name__}: {exc}") from None
+        return report.as_dict()
 
     def scheduler() -> Any:
         if schedules is None:

@@ -151,6 +151,15 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE training_runs ADD COLUMN override VARCHAR;  -- who promoted a rejected run, and why
         """,
     ),
+    (
+        3,
+        "imported conversations: their origin, and a held-out mark that keeps them out of training",
+        """
+        ALTER TABLE conversations ADD COLUMN external_id VARCHAR;  -- e.g. oasst:<message id>, hh:<line>
+        ALTER TABLE conversations ADD COLUMN held_out BOOLEAN NOT NULL DEFAULT false;
+        CREATE INDEX conversations_external ON conversations(external_id);
+        """,
+    ),
 ]
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -436,13 +445,21 @@ class Store:
             )
         return user_id
 
-    def new_conversation(self, user_id: str, source: str) -> str:
+    def new_conversation(self, user_id: str, source: str, external_id: str | None = None,
+                         held_out: bool = False) -> str:
+        """A new conversation; imported ones name their origin (``external_id``) and may be held
+        out, which keeps every reply and vote in them out of training snapshots."""
         cid = new_id("conv")
-        self.ensure_user(user_id, "api" if source == "api" else "anonymous")
+        self.ensure_user(user_id, {"api": "api", "import": "import"}.get(source, "anonymous"))
         with self._lock:
-            self._con.execute("INSERT INTO conversations VALUES (?, ?, ?, ?)",
-                              [cid, user_id, source, now()])
+            self._con.execute("INSERT INTO conversations (id, user_id, source, created_at, external_id, held_out)"
+                              " VALUES (?, ?, ?, ?, ?, ?)", [cid, user_id, source, now(), external_id, held_out])
         return cid
+
+    def imported_ids(self, prefix: str) -> set[str]:
+        """External ids already imported that start with ``prefix`` (imports are idempotent)."""
+        return {r[0] for r in self._all("SELECT external_id FROM conversations WHERE starts_with(external_id, ?)",
+                                        [prefix])}
 
     def conversation_owner(self, conversation_id: str) -> str:
         row = self._one("SELECT user_id FROM conversations WHERE id = ?", [conversation_id])
@@ -524,7 +541,8 @@ class Store:
         ])))
 
     def latest_thumbs(self) -> list[dict[str, Any]]:
-        """The latest thumb of each (user, message), with the reply and its context."""
+        """The latest thumb of each (user, message), with the reply and its context; replies in
+        held-out (imported) conversations are left out: they never train."""
         rows = self._dicts(
             """
             SELECT f.id AS feedback_id, f.message_id, f.user_id, f.rating, f.reason,
@@ -532,6 +550,8 @@ class Store:
             FROM feedback_events f
             JOIN messages m ON m.id = f.message_id
             JOIN generations g ON g.message_id = f.message_id
+            JOIN conversations cv ON cv.id = m.conversation_id
+            WHERE NOT cv.held_out
             QUALIFY row_number() OVER (PARTITION BY f.user_id, f.message_id
                                        ORDER BY f.created_at DESC, f.id DESC) = 1
             ORDER BY f.id
@@ -542,7 +562,8 @@ class Store:
         return rows
 
     def latest_comparisons(self) -> list[dict[str, Any]]:
-        """The latest choice of each user on each unordered pair of replies."""
+        """The latest choice of each user on each unordered pair of replies (none from held-out
+        conversations)."""
         rows = self._dicts(
             f"""
             SELECT c.id AS comparison_id, c.user_id, c.choice, c.message_a, c.message_b,
@@ -551,6 +572,8 @@ class Store:
             JOIN messages ma ON ma.id = c.message_a
             JOIN messages mb ON mb.id = c.message_b
             JOIN generations g ON g.message_id = c.message_a
+            JOIN conversations cv ON cv.id = ma.conversation_id
+            WHERE NOT cv.held_out
             {_LATEST_VOTE_PER_USER_AND_PAIR}
             ORDER BY c.id
             """
@@ -628,9 +651,11 @@ class Store:
             """)]
 
     def distinct_contexts(self, limit: int = 10000) -> list[tuple[str, list[dict[str, str]]]]:
-        """(context_hash, context) of every distinct context that got a reply, oldest first."""
-        rows = self._all("SELECT context_hash, any_value(context) FROM generations GROUP BY context_hash"
-                         " ORDER BY min(created_at) LIMIT ?", [limit])
+        """(context_hash, context) of every distinct context that got a reply outside held-out
+        conversations, oldest first."""
+        rows = self._all("SELECT g.context_hash, any_value(g.context) FROM generations g"
+                         " JOIN messages m ON m.id = g.message_id JOIN conversations cv ON cv.id = m.conversation_id"
+                         " WHERE NOT cv.held_out GROUP BY g.context_hash ORDER BY min(g.created_at) LIMIT ?", [limit])
         return [(h, json.loads(c)) for h, c in rows]
 
     def feedback_count(self) -> int:
