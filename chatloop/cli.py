@@ -5,6 +5,8 @@ Commands:
   retrain --algo dpo          one retraining cycle (through the running service, else locally)
   adapters list|activate|rollback
   sql "SELECT ..."            read-only query of the feedback log
+  import oasst|hh FILE        replay OpenAssistant trees or HH-RLHF pairs as feedback
+  simulate --url URL          simulated users chat and rate through the HTTP API
 
 Invariant: when a service runs on the data directory (``service.json``), commands talk to its
 HTTP API and never open the DuckDB file; only when none runs do they open it directly.
@@ -354,6 +356,68 @@ def export_cmd(settings: Settings, what: str, fmt: str, out: str | None, url: st
     return 0
 
 
+def import_cmd(settings: Settings, kind: str, file: str, limit: int | None, url: str | None) -> int:
+    """Replay OpenAssistant trees or HH-RLHF pairs into the feedback log (through the running
+    service, else into the data directory); held-out rows are marked and never train."""
+    path = Path(file)
+    if not path.is_file():
+        raise SystemExit(f"error: no such file: {path}")
+    remote = find_service(settings, url)
+    if remote is not None:
+        params: dict[str, Any] = {"name": path.name}
+        if limit is not None:
+            params["limit"] = limit
+        report = remote.call("POST", f"/admin/import/{kind}", params=params, content=path.read_bytes(),
+                             timeout=None)
+    else:
+        from tqdm import tqdm
+
+        from chatloop import importers
+
+        store = Local(settings).store
+        with tqdm(desc=f"importing {kind}", unit=" trees" if kind == "oasst" else " pairs", file=sys.stderr) as bar:
+            tick = lambda _i: bar.update(1)  # noqa: E731
+            try:
+                report = (importers.import_oasst(store, path, on_tree=tick) if kind == "oasst"
+                          else importers.import_hh(store, path, limit, on_row=tick)).as_dict()
+            except (ValueError, KeyError, TypeError, OSError) as exc:
+                raise SystemExit(f"error: cannot import {path} as {kind}: {type(exc).__name__}: {exc}")
+    print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in report.items()))
+    return 0
+
+
+def simulate_cmd(settings: Settings, args: argparse.Namespace) -> int:
+    """Simulated users chat and rate through the public HTTP API of a running service."""
+    from tqdm import tqdm
+
+    from chatloop.oracles import load_oracle, load_prompts
+    from chatloop.simulate import SimulationError, simulate
+
+    remote = find_service(settings, args.url)
+    if remote is None:
+        raise SystemExit("error: no running service: start one (chatloop serve) or pass --url")
+    try:
+        oracle = load_oracle(args.oracle, args.threshold)
+        prompts = load_prompts(oracle, args.split, args.prompts)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}")
+    url = str(remote.client.base_url)
+    print(f"{args.users} simulated users, {args.events} events, oracle {oracle.name} "
+          f"(threshold {oracle.threshold}), {len(prompts)} {args.split} prompts, against {url}", file=sys.stderr)
+    with tqdm(total=args.events, desc="feedback events", unit="ev", file=sys.stderr) as bar:
+        def tick(r) -> None:
+            bar.update(r.events - bar.n)
+            bar.set_postfix(up=r.thumbs_up, down=r.thumbs_down, ab=r.ab)
+
+        try:
+            report = simulate(url, oracle, prompts, args.users, args.events, args.ab_fraction, args.max_tokens,
+                              args.seed, on_event=tick)
+        except (SimulationError, ValueError) as exc:
+            raise SystemExit(f"error: {exc}")
+    print(json.dumps(report.as_dict()))
+    return 0
+
+
 def sql_cmd(settings: Settings, query: str, url: str | None) -> int:
     remote = find_service(settings, url)
     if remote is not None:
@@ -408,6 +472,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--what", default="feedback", choices=["pairs", "feedback", "conversations"])
     e.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])
     e.add_argument("--out", help="output file (default chatloop-WHAT.FORMAT)")
+    i = sub.add_parser("import", parents=[common], help="replay a public feedback data set into the log")
+    i.add_argument("kind", choices=["oasst", "hh"], help="OpenAssistant trees or HH-RLHF pairs")
+    i.add_argument("file")
+    i.add_argument("--limit", type=int, help="hh: at most N pairs from each side (training, held-out)")
+    m = sub.add_parser("simulate", parents=[common], help="simulated users chat and rate through the HTTP API")
+    m.add_argument("--oracle", default="sentiment", help="sentiment | concise | module:function")
+    m.add_argument("--users", type=int, default=8)
+    m.add_argument("--events", type=int, default=100, help="feedback events in all (thumbs and A/B choices)")
+    m.add_argument("--ab-fraction", type=float, default=0.5, help="share of events that are A/B choices")
+    m.add_argument("--prompts", help="prompts file: IMDb .csv, OASST .jsonl trees or .txt (default: the oracle's)")
+    m.add_argument("--split", default="train", choices=["train", "heldout"], help="which fixed split of the prompts")
+    m.add_argument("--threshold", type=float, help="oracle score at or above which a reply gets a thumbs-up")
+    m.add_argument("--max-tokens", type=int, default=48)
+    m.add_argument("--seed", type=int, default=0)
     q = sub.add_parser("sql", parents=[common], help="read-only SQL over the feedback log")
     q.add_argument("query")
     return p
@@ -439,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
         return export_cmd(settings, args.what, args.format, args.out, args.url)
     if args.cmd == "sql":
         return sql_cmd(settings, args.query, args.url)
+    if args.cmd == "simulate":
+        return simulate_cmd(settings, args)
+    if args.cmd == "import":
+        return import_cmd(settings, args.kind, args.file, args.limit, args.url)
     return 2
 
 
