@@ -70,6 +70,7 @@ class TrainingDefaults:
     kto_undesirable_weight: float = 1.0
     # reward model (trained before PPO)
     reward_learning_rate: float = 1e-4
+    reward_head_learning_rate: float = 1e-3  # the scalar head starts at zero and must move fast
     reward_epochs: int = 2
     reward_pointwise_weight: float = 0.1
     # PPO

@@ -64,7 +64,34 @@ def test_kto_raises_the_desirable_pattern(tiny_model_dir):
         train_kto(model, tok, [r for r in rows if r["label"]], [], KtoConfig())
 
 
-def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_path):
+def test_head_warm_start_solves_the_regularised_logistic_regression(tiny_model_dir):
+    """The linear probe's head is the optimum of mean(-log sigmoid(w . d)) + l2 |w|^2 over the
+    frozen states' differences d: its gradient vanishes, checked here in closed form, and the
+    model's own scores give the same margins."""
+    from chatloop.train.common import collate_groups, encode_reply
+    from chatloop.train.reward import _last_states, warm_start_head
+
+    tok, lm = _lora_model(tiny_model_dir)
+    rm = RewardModel(lm, lm.get_base_model().config.hidden_size)
+    words = ["apple", "river", "stone", "cloud", "ember", "maple", "quartz", "willow"]
+    pairs = [(encode_reply(tok, [{"role": "user", "content": f"say something {i}"}], f"{words[i % 8]} {words[(i * 3) % 8]}", 64, 16),
+              encode_reply(tok, [{"role": "user", "content": f"say something {i}"}], f"{words[(i + 5) % 8]}!", 64, 16))
+             for i in range(10)]
+    l2 = 0.05
+    out = warm_start_head(rm, pairs, tok.pad_token_id, l2, batch_size=4)
+    feats = _last_states(rm, pairs, tok.pad_token_id, batch_size=3).double()  # another batching
+    d = feats[:, 0] - feats[:, 1]
+    w = rm.head.weight.detach().double()[0]
+    grad = -(torch.sigmoid(-(d @ w))[:, None] * d).mean(0) + 2 * l2 * w
+    assert w.abs().max() > 1e-3 and grad.abs().max() < 1e-4
+    assert out["probe_loss"] < math.log(2) and out["probe_accuracy"] == pytest.approx(float(((d @ w) > 0).double().mean()))
+    with torch.no_grad():  # the head's margins on the model's own forward, one batch of all pairs
+        s = rm(collate_groups(pairs, tok.pad_token_id)).double()
+    torch.testing.assert_close(s[:10] - s[10:], d @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_path, warm_start):
     from transformers import AutoModelForCausalLM
 
     tok, lm = _lora_model(tiny_model_dir)
@@ -76,8 +103,9 @@ def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_p
     held = [{"prompt": [{"role": "user", "content": f"A new question {i}"}], "chosen": good, "rejected": bad}
             for i in range(4)]
     thumbs = [{"prompt": p["prompt"], "completion": good, "label": True} for p in pairs[:4]]
-    cfg = RewardConfig(epochs=3, batch_size=4, learning_rate=3e-3, pointwise_weight=0.1)
+    cfg = RewardConfig(epochs=3, batch_size=4, learning_rate=3e-3, pointwise_weight=0.1, head_warm_start=warm_start)
     m = train_reward(rm, tok, pairs, held, cfg, thumbs)
+    assert ("probe_accuracy" in m) == warm_start
     assert m["held_out"]["accuracy"] == 1.0 and m["held_out"]["margin"] > 0
     rm.save(tmp_path / "rm", {"test": True})
     again = RewardModel.load(tmp_path / "rm", AutoModelForCausalLM.from_pretrained(tiny_model_dir))

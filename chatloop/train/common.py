@@ -212,16 +212,22 @@ def fit(
     extra_params: Sequence[torch.nn.Parameter] = (),
     max_grad_norm: float = 1.0,
     lengths: Sequence[int] | None = None,
+    extra_learning_rate: float | None = None,
 ) -> list[dict]:
     """The shared optimisation loop: AdamW on the trainable parameters, clipped gradients,
     one ``step(indices) -> (loss, metrics)`` per batch, progress and cancellation.
 
-    Returns the per-step metrics history (each with step, total, epoch, loss, elapsed_s).
+    ``extra_params`` (a head outside the model) train at ``extra_learning_rate`` (default: the
+    model's). Returns the per-step metrics history (each with step, total, epoch, loss, elapsed_s).
     """
-    params = [p for p in model.parameters() if p.requires_grad] + list(extra_params)
-    if not params:
+    own = [p for p in model.parameters() if p.requires_grad]
+    params = own + list(extra_params)
+    if not own:
         raise ValueError("the model has no trainable parameters (is a LoRA adapter attached?)")
-    opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    groups = [{"params": own}]
+    if extra_params:
+        groups.append({"params": list(extra_params), "lr": extra_learning_rate or learning_rate})
+    opt = torch.optim.AdamW(groups, lr=learning_rate, weight_decay=0.0)
     total = math.ceil(n_items / batch_size) * epochs
     model.train()
     history: list[dict] = []

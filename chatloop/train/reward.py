@@ -7,6 +7,9 @@ loss_pairs  = -log sigmoid(r(chosen) - r(rejected) - margin)            (Bradley
             + center * mean((r(chosen) + r(rejected))^2)                (optional centring)
 loss_thumbs = pointwise_weight * BCE(sigmoid(r(reply)), thumb is up)    (optional, from thumbs)
 
+The head starts at zero, is first fitted alone on the frozen model's states (linear probing), and
+then trains with the LoRA at its own, higher learning rate.
+
 Artifact (a directory): ``adapter/`` (PEFT LoRA), ``head.safetensors``, ``reward.json`` (base
 model path, metrics). ``RewardModel.load`` rebuilds it on any copy of the base model.
 """
@@ -41,7 +44,9 @@ class RewardModel(torch.nn.Module):
         super().__init__()
         self.lm = lm
         self.head = torch.nn.Linear(hidden_size, 1)
-        torch.nn.init.normal_(self.head.weight, std=1 / (hidden_size + 1) ** 0.5)
+        # zero: an untrained reward model is indifferent (every score 0, the first loss log 2),
+        # instead of ranking pairs by a random direction of the hidden states
+        torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, groups: PromptGroups) -> torch.Tensor:
@@ -78,6 +83,12 @@ class RewardModel(torch.nn.Module):
 @dataclass
 class RewardConfig:
     learning_rate: float = 1e-4
+    # The head starts from zero and must move far in a few dozen steps, which it cannot at the
+    # LoRA's rate (Adam moves each weight by about the learning rate per step).
+    head_learning_rate: float = 1e-3
+    # Fit the head alone on the frozen model's states before fine-tuning (see warm_start_head).
+    head_warm_start: bool = True
+    head_warm_start_l2: float = 0.1
     epochs: int = 2
     batch_size: int = 8
     max_prompt_tokens: int = 384
@@ -122,6 +133,49 @@ def evaluate_pairs(rm: RewardModel, tokenizer, pairs: list[dict], cfg: RewardCon
     return {"accuracy": acc, "margin": sum(margins) / len(margins), "pairs": len(pairs)}
 
 
+@torch.no_grad()
+def _last_states(rm: RewardModel, groups: list[tuple[Encoded, ...]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """(N, K, H) hidden states at the last token of every reply, the head's inputs (no grad)."""
+    was_training = rm.lm.training
+    rm.lm.eval()
+    device = rm.head.weight.device
+    out = []
+    for s in range(0, len(groups), batch_size):
+        g = collate_groups(groups[s: s + batch_size], pad_id).to(device)
+        _, hidden = grouped_hidden(rm.lm, g)
+        last = g.reply_mask.sum(dim=1) - 1
+        h = hidden[torch.arange(hidden.shape[0], device=device), last].float()  # rows k * B + b
+        out.append(h.view(g.replies_per_prompt, -1, h.shape[-1]).transpose(0, 1))
+    rm.lm.train(was_training)
+    return torch.cat(out)
+
+
+def warm_start_head(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id: int, l2: float,
+                    batch_size: int = 8) -> dict[str, float]:
+    """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): fit the head alone, by L-BFGS,
+    to the Bradley-Terry loss on the frozen model's states, ``mean(-log sigmoid(w . (h_c - h_r)))
+    + l2 * |w|^2``; fine-tuning then starts from a head that already ranks pairs instead of one
+    that first has to find a direction while the LoRA chases a zero signal. Costs one forward pass
+    over the training pairs."""
+    feats = _last_states(rm, enc, pad_id, batch_size).double()
+    d = feats[:, 0] - feats[:, 1]
+    w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = -F.logsigmoid(d @ w).mean() + l2 * w.dot(w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        rm.head.weight.copy_(w.detach().to(rm.head.weight.dtype)[None])
+        margins = d @ w.detach()
+        return {"probe_accuracy": float((margins > 0).double().mean()),
+                "probe_loss": float(-F.logsigmoid(margins).mean())}
+
+
 def train_reward(
     rm: RewardModel,
     tokenizer,
@@ -144,6 +198,8 @@ def train_reward(
     pointwise = [(encode_reply(tokenizer, t["prompt"], t["completion"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
                   float(bool(t["label"]))) for t in thumbs] if cfg.pointwise_weight > 0 else []
 
+    probe = warm_start_head(rm, enc, pad_id, cfg.head_warm_start_l2, cfg.batch_size) if cfg.head_warm_start else {}
+
     def step(idx: list[int]):
         chunk = [enc[j] for j in idx]
         r = rm(collate_groups(chunk, pad_id).to(device))  # chosen and rejected share one prompt pass
@@ -161,6 +217,7 @@ def train_reward(
 
     history = fit(rm.lm, len(enc), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
                   on_step, should_stop, extra_params=list(rm.head.parameters()),
+                  extra_learning_rate=cfg.head_learning_rate,
                   lengths=[max(len(c), len(r)) for c, r in enc])
     rm.eval()
     last_epoch = [h for h in history if h["epoch"] == history[-1]["epoch"]]
@@ -169,6 +226,6 @@ def train_reward(
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         # the training pairs are not scored again: the last epoch's step accuracies say as much
         "train_accuracy_last_epoch": sum(h["accuracy"] for h in last_epoch) / len(last_epoch),
-        "held_out": evaluate_pairs(rm, tokenizer, eval_pairs, cfg),
+        "held_out": evaluate_pairs(rm, tokenizer, eval_pairs, cfg), **probe,
         "train_s": time.perf_counter() - t0, "config": asdict(cfg), "history": history,
     }

@@ -152,7 +152,8 @@ def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict):
 
     loaded = _load(job)
     rm = RewardModel(get_peft_model(loaded.model, _lora(s)), loaded.model.config.hidden_size).to(loaded.device)
-    cfg = RewardConfig(learning_rate=s["reward_learning_rate"], epochs=s["reward_epochs"],
+    cfg = RewardConfig(learning_rate=s["reward_learning_rate"], head_learning_rate=s["reward_head_learning_rate"],
+                       epochs=s["reward_epochs"],
                        batch_size=s["batch_size"], max_prompt_tokens=s["max_prompt_tokens"],
                        max_reply_tokens=s["max_reply_tokens"], pointwise_weight=s["reward_pointwise_weight"],
                        seed=s["seed"])
