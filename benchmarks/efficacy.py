@@ -1,0 +1,218 @@
+"""Does the loop learn? An outside judge (an oracle) scores the bot on held-out prompts before and
+after one retraining cycle of each algorithm, all trained from the same simulated feedback.
+
+    python benchmarks/efficacy.py [--oracle sentiment] [--events 400] [--eval-prompts 60]
+                                  [--algos dpo,kto,ppo] [--model default] [--json]
+
+1. Starts ``chatloop serve`` on a fresh data directory (loopback; rate limits off).
+2. Before: the base model answers the oracle's first --eval-prompts *held-out* prompts (for
+   sentiment: openings of IMDb reviews at rows i % 5 == 0, "continue this review"), each with a
+   fixed seed, through the HTTP API; the oracle scores every reply.
+3. ``chatloop.simulate`` users make --events feedback events (thumbs and A/B choices) on the
+   oracle's *training* prompts, through the public HTTP API only.
+4. For each algorithm: base is made active again, one cycle runs through ``POST /admin/retrain``
+   (DPO on the pairs, KTO on the thumbs alone, PPO with a reward model trained first), and the
+   candidate it published answers the same held-out prompts with the same seeds, whatever the
+   gate decided (the verdict is reported beside it).
+
+Per algorithm: ``before`` and ``after`` (the share of held-out replies the oracle likes, in %;
+for sentiment: VADER compound >= 0.05, "positive"), ``lift_points`` (after - before),
+``kl_to_base`` (the gate judge's mean per-token log-ratio candidate/base over the candidate's own
+replies to the snapshot's held-out prompts, nats/token), ``length_ratio`` (mean reply tokens
+after / before: length gaming shows here), ``events`` and ``cycle_s`` (the whole cycle: snapshot,
+training, the gate's reward model and judge, publishing). The table adds the mean raw score.
+A plot (positive share and mean reply length before/after) goes to --plot. With --json the last
+line is one JSON object keyed by algorithm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+from conftest import start_server, stop_server  # noqa: E402 - the tests' way of starting `chatloop serve`
+
+from chatloop.oracles import load_oracle, load_prompts  # noqa: E402
+from chatloop.simulate import simulate  # noqa: E402
+
+# the product's own defaults, not the test suite's quick settings that start_server sets
+SERVICE_ENV = {
+    "CHATLOOP_LIMITS__CHAT_PER_MINUTE": "0", "CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0",
+    "CHATLOOP_TRAINING__MIN_PAIRS": "8", "CHATLOOP_TRAINING__LEARNING_RATE": "5e-5",
+    "CHATLOOP_TRAINING__MAX_REPLY_TOKENS": "256", "CHATLOOP_GENERATION__MAX_TOKENS": "256",
+}
+
+
+def answer_all(url: str, prompts: list, version: str, max_tokens: int, seed: int, streams: int) -> list[dict]:
+    """Every prompt answered by ``version`` (seed + i for prompt i), ``streams`` requests at a time."""
+    out: list[dict | None] = [None] * len(prompts)
+    todo = iter(range(len(prompts)))
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def worker() -> None:
+        with httpx.Client(timeout=600) as http:
+            while not errors:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                r = http.post(url + "/v1/chat/completions", json={
+                    "model": "chatloop", "messages": prompts[i], "max_tokens": max_tokens, "seed": seed + i,
+                    "chatloop_adapter": version, "user": "efficacy-judge"})
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:300]}")
+                    return
+                c = r.json()
+                out[i] = {"text": c["choices"][0]["message"]["content"], "tokens": c["usage"]["completion_tokens"],
+                          "adapter": c["chatloop_adapter"]}
+
+    threads = [threading.Thread(target=worker) for _ in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"answering held-out prompts with {version} failed: {errors[0]}")
+    assert all(o is not None and o["adapter"] == version for o in out)
+    return out  # type: ignore[return-value]
+
+
+def judge(oracle, prompts: list, replies: list[dict]) -> dict[str, float]:
+    scores = [oracle.score(p, r["text"]) for p, r in zip(prompts, replies)]
+    return {"liked_pct": 100.0 * sum(s >= oracle.threshold for s in scores) / len(scores),
+            "mean_score": sum(scores) / len(scores),
+            "mean_tokens": sum(r["tokens"] for r in replies) / len(replies)}
+
+
+def plot(results: dict[str, Any], before: dict[str, float], oracle_name: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = list(results)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.bar(["before"] + algos, [before["liked_pct"]] + [results[a]["after"] for a in algos],
+            color=["grey"] + ["tab:blue"] * len(algos))
+    ax1.set_ylabel(f"held-out replies the {oracle_name} oracle likes (%)")
+    ax1.set_ylim(0, 100)
+    ax2.bar(["before"] + algos, [before["mean_tokens"]] + [results[a]["mean_tokens"] for a in algos],
+            color=["grey"] + ["tab:orange"] * len(algos))
+    ax2.set_ylabel("mean reply length (tokens)")
+    fig.suptitle("one retraining cycle of each algorithm, from the same simulated feedback")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--oracle", default="sentiment", help="sentiment | concise | module:function")
+    ap.add_argument("--prompts", help="prompts file (default: the oracle's own)")
+    ap.add_argument("--events", type=int, default=400)
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--ab-fraction", type=float, default=0.5)
+    ap.add_argument("--eval-prompts", type=int, default=60)
+    ap.add_argument("--max-tokens", type=int, default=48, help="reply length, in feedback and in evaluation")
+    ap.add_argument("--algos", default="dpo,kto,ppo")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--streams", type=int, default=8, help="concurrent evaluation requests")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-dir", help="keep the service's data here (default: a fresh temporary directory)")
+    ap.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "efficacy.png"))
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    oracle = load_oracle(args.oracle)
+    try:
+        held = load_prompts(oracle, "heldout", args.prompts)[: args.eval_prompts]
+        train = load_prompts(oracle, "train", args.prompts)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    data = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="chatloop-efficacy-")) / "data"
+    t_all = time.perf_counter()
+    server = start_server(data, args.model, timeout=900, extra_env=SERVICE_ENV)
+    admin = {"Authorization": f"Bearer {server.token}"}
+    http = httpx.Client(base_url=server.url, headers=admin, timeout=None)
+    try:
+        t0 = time.perf_counter()
+        before = judge(oracle, held, answer_all(server.url, held, "base", args.max_tokens, args.seed, args.streams))
+        eval_s = time.perf_counter() - t0
+        print(f"before: {before} ({eval_s:.0f} s)", file=sys.stderr)
+
+        from tqdm import tqdm
+
+        with tqdm(total=args.events, desc="simulated feedback", unit="ev", file=sys.stderr) as bar:
+            sim = simulate(server.url, oracle, train, args.users, args.events, args.ab_fraction, args.max_tokens,
+                           args.seed, on_event=lambda r: bar.update(r.events - bar.n))
+        print(f"feedback: {sim.as_dict()}", file=sys.stderr)
+
+        results: dict[str, Any] = {}
+        for algo in algos:
+            http.post("/admin/adapters/base/activate").raise_for_status()
+            t0 = time.perf_counter()
+            r = http.post("/admin/retrain", json={"algo": algo, "wait": True})
+            cycle_s = time.perf_counter() - t0
+            if r.status_code >= 400:
+                print(f"{algo}: the cycle was refused: {r.text[:300]}", file=sys.stderr)
+                results[algo] = {"error": r.json().get("error", {}).get("message", r.text), "events": sim.events}
+                continue
+            run = r.json()
+            version = run.get("candidate_version")
+            if run["status"] == "failed" or not version:
+                results[algo] = {"error": run.get("error"), "events": sim.events, "cycle_s": round(cycle_s, 1)}
+                continue
+            after = judge(oracle, held, answer_all(server.url, held, version, args.max_tokens, args.seed, args.streams))
+            m = run.get("metrics") or {}
+            results[algo] = {
+                "before": round(before["liked_pct"], 2), "after": round(after["liked_pct"], 2),
+                "lift_points": round(after["liked_pct"] - before["liked_pct"], 2),
+                "kl_to_base": (m.get("judge") or {}).get("kl_to_base"),
+                "length_ratio": round(after["mean_tokens"] / max(before["mean_tokens"], 1e-9), 3),
+                "events": sim.events, "cycle_s": round(cycle_s, 1),
+                "mean_score_before": round(before["mean_score"], 4), "mean_score_after": round(after["mean_score"], 4),
+                "mean_tokens": round(after["mean_tokens"], 1), "version": version, "gate": run["status"],
+                "train_examples": run.get("n_pairs"), "verdict": run.get("verdict"),
+            }
+            print(f"{algo}: {results[algo]}", file=sys.stderr)
+    finally:
+        http.close()
+        stop_server(server)
+
+    print(f"oracle {oracle.name}: {len(held)} held-out prompts, {sim.events} feedback events "
+          f"({sim.thumbs_up} up, {sim.thumbs_down} down, {sim.ab} A/B of which {sim.ties} ties) in {sim.wall_s:.0f} s; "
+          f"before: {before['liked_pct']:.1f}% liked, mean score {before['mean_score']:.3f}, "
+          f"{before['mean_tokens']:.1f} tokens; total {time.perf_counter() - t_all:.0f} s")
+    cols = ["before", "after", "lift_points", "mean_score_after", "kl_to_base", "length_ratio", "cycle_s", "gate"]
+    print(f"{'algo':<6}" + "".join(f"{c:>18}" for c in cols))
+    for algo, res in results.items():
+        if "error" in res:
+            print(f"{algo:<6}  error: {res['error']}")
+            continue
+        print(f"{algo:<6}" + "".join(f"{res[c] if not isinstance(res[c], float) else round(res[c], 4)!s:>18}"
+                                     for c in cols))
+    ok = {a: r for a, r in results.items() if "error" not in r}
+    if ok and args.plot:
+        plot(ok, before, oracle.name, Path(args.plot))
+        print(f"plot: {args.plot}")
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
