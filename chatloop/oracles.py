@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -108,8 +109,10 @@ def _in_split(i: int, split: str) -> bool:
 
 
 def review_opening(review: str, words: int = 12) -> str:
-    """The first ``words`` words of an IMDb review, HTML line breaks and entities removed."""
+    """The first ``words`` words of an IMDb review, HTML line breaks, entities and control
+    characters (the data set has stray C1 codes such as U+0085) removed."""
     text = html.unescape(re.sub(r"<br\s*/?>", " ", review))
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
     return " ".join(text.split()[:words])
 
 

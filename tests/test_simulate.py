@@ -48,6 +48,7 @@ def test_prompt_files_follow_the_fixed_split(tmp_path):
     train = load_prompts(o, "train", txt)
     assert [p[0]["content"] for p in held] == ["question 0", "question 5", "question 10"] and len(train) == 9
     assert oracles.review_opening("Great<br /><br />movie &amp; cast, " + "word " * 30, 4) == "Great movie & cast,"
+    assert oracles.review_opening("So\x85 bad\x00 it is good", 5) == "So bad it is good"  # the service refuses controls
     with pytest.raises(ValueError, match="not found"):
         load_prompts(o, "train", tmp_path / "missing.txt")
 
