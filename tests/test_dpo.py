@@ -60,20 +60,22 @@ def _groups(tok):
     return [tuple(encode_reply(tok, c, r, 64, 16) for r in rs) for c, rs in zip(contexts, replies)]
 
 
-def test_grouped_reply_logprobs_equal_full_logits_reference(tiny_loaded):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_grouped_reply_logprobs_equal_full_logits_reference(tiny_loaded, share_prompt):
     tok, model = tiny_loaded.tokenizer, tiny_loaded.model
     groups = _groups(tok)
-    ours = grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id))
+    ours = grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id), share_prompt=share_prompt)
     rows = [g[0] for g in groups] + [g[1] for g in groups]  # row k * B + b is reply k of prompt b
     for i, e in enumerate(rows):
         assert ours[i].item() == pytest.approx(_full_logits_reply_logprob(model, e).item(), abs=1e-4)
-    avg = grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id), average=True)
+    avg = grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id), average=True, share_prompt=share_prompt)
     assert avg[4].item() == pytest.approx(ours[4].item() / len(rows[4].reply_ids), abs=1e-5)
 
 
-def test_shared_prompt_pass_has_the_gradients_of_separate_passes(tiny_model_dir):
-    """Both replies continue from one prompt pass; the LoRA gradients equal those of running each
-    (prompt, reply) as its own padded sequence (what TRL does), so nothing is lost by sharing."""
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_shared_prompt_pass_has_the_gradients_of_separate_passes(tiny_model_dir, share_prompt):
+    """Both replies continue from one prompt pass (or, unshared, run as rows of one batch); the LoRA
+    gradients equal those of running each (prompt, reply) alone, so nothing is lost by sharing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -90,7 +92,8 @@ def test_shared_prompt_pass_has_the_gradients_of_separate_passes(tiny_model_dir)
         loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
 
-    shared = grads((grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id)) * weights).sum())
+    shared = grads((grouped_reply_logprobs(model, collate_groups(groups, tok.pad_token_id), share_prompt=share_prompt)
+                    * weights).sum())
     separate = grads(sum(w * _full_logits_reply_logprob(model, e).float() for w, e in zip(weights, rows)))
     assert shared.abs().max() > 1  # the gradient is far from zero, so agreement means something
     torch.testing.assert_close(shared, separate, rtol=1e-4, atol=1e-4)
