@@ -35,7 +35,7 @@ from pathlib import Path
 from _report import print_report
 
 REPO = Path(__file__).resolve().parents[1]
-HH = REPO.parent / "shared" / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
+HH = Path(os.environ.get("CHATLOOP_SHARED_DATA", REPO.parent / "shared" / "data")) / "hh_rlhf_harmless_base_test.jsonl.gz"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 

@@ -5,6 +5,7 @@ limits (the last 256 prompt tokens, the first 128 reply tokens), beta 0.1, sigmo
 lr 5e-5 (AdamW, no weight decay, constant schedule, gradients clipped at 1.0) and 1 epoch.
 
     python benchmarks/train_dpo_vs_trl.py [--pairs 32] [--batch-size 4] [--json]
+    python benchmarks/train_dpo_vs_trl.py --model DIR --device cuda --dtype bfloat16   # on a GPU
 
 Each trainer runs in its own child process (a fresh interpreter), so that each peak RSS
 (getrusage's ru_maxrss, the high-water mark of the whole child: Python, torch, the model, the
@@ -24,7 +25,7 @@ What "training phase" (the pairs/s) includes:
 
 Prints a table, and with --json a last line holding one JSON object with the keys
 ours_pairs_s, trl_pairs_s, speedup (ours/TRL pairs/s; goal >= 2), mem_ratio (ours/TRL peak
-RSS), loss0_abs_diff (|our loss - TRL's| at step 0), pairs, ours_peak_mb, trl_peak_mb,
+RSS; on CUDA, peak GPU memory allocated), loss0_abs_diff (|our loss - TRL's| at step 0), pairs, ours_peak_mb, trl_peak_mb,
 ours_loss0, trl_loss0 (and a few more).
 """
 
@@ -43,7 +44,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HH = REPO.parent / "shared" / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
+HH = Path(os.environ.get("CHATLOOP_SHARED_DATA", REPO.parent / "shared" / "data")) / "hh_rlhf_harmless_base_test.jsonl.gz"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "WANDB_DISABLED": "true", "TOKENIZERS_PARALLELISM": "false"}
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -61,6 +62,15 @@ def rss_mb() -> float:
 def peak_rss_mb() -> float:
     """High-water mark of this process's RSS, in MiB (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mb(device: str) -> float:
+    """The memory that bounds a run: GPU memory allocated at its peak on CUDA, else peak RSS."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
 
 
 def lora_config(args):
@@ -134,7 +144,7 @@ def child_ours(args, pairs, loaded) -> dict:
         "pairs_per_s": len(pairs) * args.epochs / phase, "loss0": marks["losses"][0],
         "final_loss": marks["losses"][-1], "losses": marks["losses"],
         "padded_tokens_per_step": marks["tokens"] / max(steps, 1),
-        "rss_before_train_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
+        "rss_before_train_mb": rss_before, "peak_rss_mb": peak_memory_mb(args.device),
         "reported_pairs_per_s": metrics["pairs_per_s"],
     }
 
@@ -175,7 +185,8 @@ def child_trl(args, pairs, loaded) -> dict:
             learning_rate=args.lr, beta=args.beta, loss_type=["sigmoid"], label_smoothing=0.0,
             lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
             optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-            bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=args.trl_gradient_checkpointing,
+            bf16=args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu",
+            gradient_checkpointing=args.trl_gradient_checkpointing,
             max_length=None,  # we cut prompt and replies ourselves, below, to our limits
             precompute_ref_log_probs=False, report_to="none", save_strategy="no", eval_strategy="no",
             push_to_hub=False, logging_steps=1, disable_tqdm=True, seed=args.seed, data_seed=args.seed,
@@ -204,7 +215,7 @@ def child_trl(args, pairs, loaded) -> dict:
         "pairs_per_s": len(pairs) * args.epochs / phase, "loss0": marks["losses"][0],
         "final_loss": marks["losses"][-1], "losses": marks["losses"],
         "padded_tokens_per_step": marks["tokens"] / max(steps, 1),
-        "rss_before_train_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
+        "rss_before_train_mb": rss_before, "peak_rss_mb": peak_memory_mb(args.device),
         "dataset_rows": len(ds), "tokens_identical_pairs": same,
         "first_logged": next((h for h in trainer.state.log_history if "loss" in h), None),
         "gradient_checkpointing": args.trl_gradient_checkpointing,
@@ -222,7 +233,9 @@ def run_child(args) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pairs = load_pairs(args.pairs)
-    loaded = load_model("default", Path(args.models_dir), "cpu", "float32")
+    loaded = load_model(args.model, Path(args.models_dir), args.device, args.dtype)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     load_s = time.perf_counter() - t0
     result = (child_ours if args.child == "ours" else child_trl)(args, pairs, loaded)
     result.update({"which": args.child, "load_s": load_s, "pairs": len(pairs),
@@ -269,6 +282,9 @@ def main() -> int:
     ap.add_argument("--order", choices=["ours-first", "trl-first"], default="ours-first")
     ap.add_argument("--models-dir", default="/tmp/chatloop-bench-models",
                     help="cache of the converted default model (the first conversion takes ~30 s)")
+    ap.add_argument("--model", default="default", help="the model setting (default: the embedded SmolLM2-135M)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--dtype", default="float32", help="float32 | bfloat16 (TRL then trains with bf16=True)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -284,7 +300,7 @@ def main() -> int:
     from chatloop.models import materialize
 
     t0 = time.perf_counter()
-    materialize("default", Path(args.models_dir))  # convert once here, not inside a measured child
+    materialize(args.model, Path(args.models_dir))  # convert once here, not inside a measured child
     convert_s = time.perf_counter() - t0
     argv = [a for a in sys.argv[1:] if a != "--json"]
     order = ["ours", "trl"] if args.order == "ours-first" else ["trl", "ours"]
@@ -307,7 +323,8 @@ def main() -> int:
          ours["padded_tokens_per_step"] / trl["padded_tokens_per_step"]),
         ("RSS before training MB", ours["rss_before_train_mb"], trl["rss_before_train_mb"],
          ours["rss_before_train_mb"] / trl["rss_before_train_mb"]),
-        ("peak RSS MB", ours["peak_rss_mb"], trl["peak_rss_mb"], ours["peak_rss_mb"] / trl["peak_rss_mb"]),
+        ("peak GPU MB" if args.device.startswith("cuda") else "peak RSS MB", ours["peak_rss_mb"], trl["peak_rss_mb"],
+         ours["peak_rss_mb"] / trl["peak_rss_mb"]),
         ("loss at step 0", ours["loss0"], trl["loss0"], None),
         ("loss at last step", ours["final_loss"], trl["final_loss"], None),
         ("model load s", ours["load_s"], trl["load_s"], None),
@@ -328,6 +345,7 @@ def main() -> int:
         "loss0_abs_diff": abs(ours["loss0"] - trl["loss0"]),
         "pairs": ours["pairs"], "epochs": args.epochs,
         "ours_peak_mb": round(ours["peak_rss_mb"], 1), "trl_peak_mb": round(trl["peak_rss_mb"], 1),
+        "device": args.device, "dtype": args.dtype, "model": args.model,
         "ours_loss0": round(ours["loss0"], 6), "trl_loss0": round(trl["loss0"], 6),
         "ours_train_phase_s": round(ours["train_phase_s"], 2), "trl_train_phase_s": round(trl["train_phase_s"], 2),
         "ours_ref_pass_s": round(ours["ref_pass_s"], 2), "steps": ours["steps"],
