@@ -47,6 +47,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate")
     ap.add_argument("--head-lr", type=float, default=1e-3, help="the scalar head's learning rate")
+    ap.add_argument("--warm-start", choices=["on", "off"], default=None,
+                    help="fit the head alone on the frozen states first (default: RewardConfig's)")
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--max-reply-tokens", type=int, default=128)
     ap.add_argument("--lora-r", type=int, default=16)
@@ -86,9 +88,10 @@ def main() -> int:
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                       target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
     rm = RewardModel(get_peft_model(loaded.model, lora), loaded.model.config.hidden_size).to(loaded.device)
+    warm = {"head_warm_start": args.warm_start == "on"} if args.warm_start else {}
     cfg = RewardConfig(learning_rate=args.lr, head_learning_rate=args.head_lr, epochs=args.epochs, batch_size=args.batch_size,
                        max_prompt_tokens=args.max_prompt_tokens, max_reply_tokens=args.max_reply_tokens,
-                       seed=args.seed)
+                       seed=args.seed, **warm)
     tok = loaded.tokenizer
 
     t0 = time.perf_counter()
@@ -127,6 +130,7 @@ def main() -> int:
         "wall_s": round(time.perf_counter() - wall0, 1),
         "eval_pairs": len(held), "epochs": args.epochs, "steps": marks["steps"],
         "batch_size": args.batch_size, "learning_rate": args.lr, "head_learning_rate": args.head_lr,
+        "head_warm_start": cfg.head_warm_start, "probe_accuracy": metrics.get("probe_accuracy"),
         "max_prompt_tokens": args.max_prompt_tokens, "max_reply_tokens": args.max_reply_tokens,
         "baseline_accuracy": round(baseline["accuracy"], 4),
         "margin": round(trained["margin"], 4), "baseline_margin": round(baseline["margin"], 4),
