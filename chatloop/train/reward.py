@@ -49,12 +49,15 @@ class RewardModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, groups: PromptGroups) -> torch.Tensor:
-        """One score per reply row of ``groups`` (each prompt is run once for all its replies)."""
+    def last_states(self, groups: PromptGroups) -> torch.Tensor:
+        """The head's inputs: the last layer's state at each reply row's last token, (K*B, H)."""
         _, hidden = grouped_hidden(self.lm, groups)
         last = groups.reply_mask.sum(dim=1) - 1  # right-padded replies: the last real token
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, groups: PromptGroups) -> torch.Tensor:
+        """One score per reply row of ``groups`` (each prompt is run once for all its replies)."""
+        return self.head(self.last_states(groups).to(self.head.weight.dtype)).squeeze(-1)
 
     # ---- artifact ----------------------------------------------------------------------------
     def save(self, path: Path, meta: dict) -> None:
@@ -142,9 +145,7 @@ def _last_states(rm: RewardModel, groups: list[tuple[Encoded, ...]], pad_id: int
     out = []
     for s in range(0, len(groups), batch_size):
         g = collate_groups(groups[s: s + batch_size], pad_id).to(device)
-        _, hidden = grouped_hidden(rm.lm, g)
-        last = g.reply_mask.sum(dim=1) - 1
-        h = hidden[torch.arange(hidden.shape[0], device=device), last].float()  # rows k * B + b
+        h = rm.last_states(g).float()  # rows k * B + b
         out.append(h.view(g.replies_per_prompt, -1, h.shape[-1]).transpose(0, 1))
     rm.lm.train(was_training)
     return torch.cat(out)
