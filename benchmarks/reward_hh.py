@@ -6,12 +6,13 @@ measured on the first --eval-pairs pairs of the held-out split (lines i % 5 == 0
 on), for the trained model and for the same model before training (fresh LoRA, zero head: the
 baseline, 0.5). fp32 on CPU.
 
-    python benchmarks/reward_hh.py [--train-pairs 160] [--eval-pairs 100] [--json]
+    python benchmarks/reward_hh.py [--train-pairs 320] [--eval-pairs 200] [--warm-start on|off] [--json]
 
-The defaults are sized to finish in minutes on 2 CPU cores: 160 training pairs, 1 epoch, batch 8
-(20 steps), LoRA lr 1e-4, head lr 1e-3, the head warm-started on the frozen states, the last 256
-prompt tokens and the first 128 reply tokens, 100 held-out pairs. Measured there with 200 held-out
-pairs: 667 s (478 s without the warm start).
+The defaults are sized to finish in about a quarter of an hour on 2 CPU cores: 320 training pairs,
+1 epoch, batch 8 (40 steps), LoRA lr 1e-4, head lr 1e-3, the head warm-started on the frozen states,
+the last 256 prompt tokens and the first 128 reply tokens, 200 held-out pairs. Measured there:
+held-out accuracy 0.63, training 470 s, each evaluation of 200 pairs about 120 s. With 160
+training pairs it was 0.575 (0.57 without the warm start).
 
 Times: train_s is the optimisation itself (first step's start to last step's end);
 train_call_s is the whole train_reward call (it also tokenizes the training pairs)
@@ -42,8 +43,8 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--train-pairs", type=int, default=160, help="first N pairs of the training split")
-    ap.add_argument("--eval-pairs", type=int, default=100, help="first N pairs of the held-out split")
+    ap.add_argument("--train-pairs", type=int, default=320, help="first N pairs of the training split")
+    ap.add_argument("--eval-pairs", type=int, default=200, help="first N pairs of the held-out split")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4, help="LoRA learning rate")
