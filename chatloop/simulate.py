@@ -110,7 +110,7 @@ def simulate(url: str, oracle: Oracle, prompts: list[Context], users: int = 8, e
                     return
                 context, is_ab, s = plan[i]
                 try:
-                    one_event(client, oracle, context, is_ab, s, max_tokens, report, lock)
+                    one_event(client, oracle, context, is_ab, s, max_tokens)
                 except BaseException as exc:  # stop everyone: a broken service is not a statistic
                     errors.append(exc)
                     return
@@ -129,9 +129,10 @@ def simulate(url: str, oracle: Oracle, prompts: list[Context], users: int = 8, e
     return report
 
 
-def one_event(client: Client, oracle: Oracle, context: Context, is_ab: bool, seed: int, max_tokens: int,
-              report: SimReport, lock: threading.Lock) -> None:
-    """One thumb (one reply) or one A/B choice (two replies to the same prompt)."""
+def one_event(client: Client, oracle: Oracle, context: Context, is_ab: bool, seed: int, max_tokens: int) -> None:
+    """One thumb (one reply) or one A/B choice (two replies to the same prompt), tallied in the
+    client's shared report."""
+    report, lock = client.report, client.lock
     if not is_ab:
         mid, text, _ = client.reply(context, max_tokens, seed)
         score = oracle.score(context, text)
