@@ -659,8 +659,17 @@ class Store:
         return [(h, json.loads(c)) for h, c in rows]
 
     def feedback_count(self) -> int:
-        return self._one("SELECT (SELECT count(*) FROM feedback_events) +"
-                         " (SELECT count(*) FROM comparisons)")[0]
+        """Thumbs plus A/B votes that can train: events on held-out (imported) conversations are
+        not counted, so importing an evaluation split never fires a feedback schedule."""
+        return self._one(
+            """
+            SELECT (SELECT count(*) FROM feedback_events f
+                    JOIN messages m ON m.id = f.message_id
+                    JOIN conversations cv ON cv.id = m.conversation_id WHERE NOT cv.held_out)
+                 + (SELECT count(*) FROM comparisons c
+                    JOIN messages m ON m.id = c.message_a
+                    JOIN conversations cv ON cv.id = m.conversation_id WHERE NOT cv.held_out)
+            """)[0]
 
     # ---- retraining schedules ----------------------------------------------------------------
     def add_schedule(self, kind: str, spec: str, algo: str, created_by: str) -> int:

@@ -14,7 +14,8 @@ Invariants:
   a job never runs twice at once (``max_instances=1``).
 - With ``gate_live_votes`` set, a second job settles staged candidates (see ``Retrainer.
   settle_live_comparisons``) every ``poll_seconds``.
-- A feedback schedule fires when ``Store.feedback_count()`` (thumbs + A/B votes) has grown by N
+- A feedback schedule fires when ``Store.feedback_count()`` (thumbs + A/B votes that can train:
+  imported held-out rows do not count) has grown by N
   since it last fired or was created; the count is checked every ``poll_seconds``.
 """
 

@@ -89,6 +89,7 @@ def test_hh_pairs_import_as_ab_choices_with_held_out_lines(store, tmp_path):
         fh.write("\n".join(lines) + "\n")
     report = importers.import_hh(store, path)
     assert report.comparisons == 7 and report.held_out_conversations == 2 * 2  # lines 0 and 5
+    assert store.feedback_count() == 5  # a feedback schedule counts only the votes that can train
     pairs = prefs.build_pairs(store).pairs
     assert sorted(p.prompt[0]["content"] for p in pairs) == [f"question {i}" for i in (1, 2, 3, 4, 6)]
     assert all(p.chosen.startswith("kind") for p in pairs)
