@@ -68,6 +68,7 @@ class TrainingDefaults:
     min_thumbs: int = 8
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
+    kto_balance: bool = True  # up-weight the rarer kind of thumb so both kinds weigh the same in all
     # reward model (trained before PPO)
     reward_learning_rate: float = 1e-4
     reward_head_learning_rate: float = 1e-3  # the scalar head starts at zero and must move fast

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from chatloop.train.kto import KtoConfig, kto_loss, train_kto
+from chatloop.train.kto import KtoConfig, balanced_weights, kto_loss, train_kto
 from chatloop.train.reward import RewardConfig, RewardModel, bradley_terry_loss, score, train_reward
 
 
@@ -27,6 +27,28 @@ def test_kto_loss_matches_hand_computation():
     assert rewards.tolist() == pytest.approx([0.5, -0.5])
     _, _, kl0 = kto_loss(pol, ref, des, kl_r, kl_p, beta=0.5)  # negative estimate: clamped to 0
     assert kl0.item() == 0.0
+
+
+def test_kto_balance_weighs_both_kinds_of_thumb_equally():
+    # 91 up, 53 down (an efficacy run's split): the ratio 1.72 is outside [1, 4/3], so the
+    # undesirable weight rises until w_d * n_d == w_u * n_u
+    wd, wu = balanced_weights(91, 53)
+    assert wd == 1.0 and wd * 91 == pytest.approx(wu * 53)
+    wd, wu = balanced_weights(10, 40, 1.0, 2.0)  # ratio 1/8: the desirable weight rises
+    assert wu == 2.0 and wd * 10 == pytest.approx(wu * 40)
+    assert balanced_weights(12, 10, 1.0, 1.0) == (1.0, 1.0)  # 1.2 is in range: left alone
+    assert balanced_weights(5, 0) == (1.0, 1.0)
+
+
+def test_kto_training_uses_the_balanced_weights(tiny_model_dir):
+    tok, model = _lora_model(tiny_model_dir)
+    p = [{"role": "user", "content": "Hi"}]
+    rows = [{"prompt": p, "completion": f"yes {i}", "label": True} for i in range(6)] + [
+        {"prompt": p, "completion": "no", "label": False}, {"prompt": p, "completion": "nope", "label": False}]
+    m = train_kto(model, tok, rows, [], KtoConfig(epochs=1, batch_size=4, learning_rate=1e-4))
+    assert (m["desirable_weight"], m["undesirable_weight"]) == (1.0, pytest.approx(3.0))
+    m = train_kto(model, tok, rows, [], KtoConfig(epochs=1, batch_size=4, learning_rate=1e-4, balance=False))
+    assert (m["desirable_weight"], m["undesirable_weight"]) == (1.0, 1.0)
 
 
 def test_bradley_terry_loss_matches_hand_computation():

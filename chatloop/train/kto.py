@@ -6,6 +6,8 @@ loss(desirable y)   = w_d * (1 - sigmoid(beta * (log pi/ref (y|x) - z)))
 loss(undesirable y) = w_u * (1 - sigmoid(beta * (z - log pi/ref (y|x))))
 z = max(0, mean over the batch of log pi/ref (y'|x)), a detached KL estimate from mismatched
 (prompt, reply) pairs: each example's prompt with the reply of its neighbour in the batch.
+With ``balance`` (the default) the rarer kind of thumb is up-weighted so that w_d * n_d = w_u * n_u
+whenever the paper's range [1, 4/3] for that ratio is left.
 
 Invariants: as in DPO, the reference is the policy before the first update, so reference
 log-probs (matched and mismatched) are computed once per example before training. The
@@ -45,11 +47,27 @@ def kto_loss(
     return losses, beta * logratio.detach(), kl
 
 
+def balanced_weights(n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0,
+                     undesirable_weight: float = 1.0) -> tuple[float, float]:
+    """The paper's advice (section 4.2): keep w_d * n_d / (w_u * n_u) in [1, 4/3]. The rarer kind's
+    weight is raised until the ratio is 1 (when it is already in range nothing changes), so both
+    kinds of thumb pull equally however the votes happen to split."""
+    if n_desirable <= 0 or n_undesirable <= 0:
+        return desirable_weight, undesirable_weight
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    if ratio > 4 / 3:
+        return desirable_weight, undesirable_weight * ratio
+    if ratio < 1:
+        return desirable_weight / ratio, undesirable_weight
+    return desirable_weight, undesirable_weight
+
+
 @dataclass
 class KtoConfig:
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    balance: bool = True  # apply ``balanced_weights`` to the training set's counts
     learning_rate: float = 5e-5
     epochs: int = 2
     batch_size: int = 8
@@ -117,6 +135,10 @@ def train_kto(
     train = encode_examples(tokenizer, rows, cfg)
     held = encode_examples(tokenizer, eval_rows, cfg)
     fill_reference(model, train + held, pad_id, cfg.batch_size, device)
+    n_good = sum(e.desirable for e in train)
+    w_good, w_bad = cfg.desirable_weight, cfg.undesirable_weight
+    if cfg.balance:
+        w_good, w_bad = balanced_weights(n_good, len(train) - n_good, w_good, w_bad)
 
     def step(idx: list[int]):
         chunk = [train[j] for j in idx]
@@ -124,8 +146,7 @@ def train_kto(
         ref = torch.tensor([e.ref for e in chunk], device=policy.device)
         ref_kl = torch.tensor([e.ref_kl for e in chunk], device=policy.device)
         desirable = torch.tensor([e.desirable for e in chunk], device=policy.device)
-        losses, rewards, kl = kto_loss(policy, ref, desirable, policy_kl.detach(), ref_kl, cfg.beta,
-                                       cfg.desirable_weight, cfg.undesirable_weight)
+        losses, rewards, kl = kto_loss(policy, ref, desirable, policy_kl.detach(), ref_kl, cfg.beta, w_good, w_bad)
         good, bad = rewards[desirable], rewards[~desirable]
         return losses.mean(), {
             "kl": float(kl),
@@ -137,7 +158,8 @@ def train_kto(
                   on_step, should_stop, lengths=[max(len(e.matched), len(e.mismatched)) for e in train])
     return {
         "algo": "kto", "steps": len(history), "train_examples": len(train), "eval_examples": len(held),
-        "desirable": sum(e.desirable for e in train), "undesirable": sum(not e.desirable for e in train),
+        "desirable": n_good, "undesirable": len(train) - n_good,
+        "desirable_weight": w_good, "undesirable_weight": w_bad,
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         # the gate reads training-set metrics only when nothing is held out: score them only then
         "train_eval": {} if held else evaluate(model, train, pad_id, cfg, device),

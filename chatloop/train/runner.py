@@ -83,7 +83,8 @@ def train_kto_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     loaded = _load(job)
     model = _policy(loaded, job, s)
     cfg = KtoConfig(beta=s["beta"], desirable_weight=s["kto_desirable_weight"],
-                    undesirable_weight=s["kto_undesirable_weight"], learning_rate=s["learning_rate"],
+                    undesirable_weight=s["kto_undesirable_weight"], balance=s["kto_balance"],
+                    learning_rate=s["learning_rate"],
                     epochs=s["epochs"], batch_size=max(2, s["batch_size"] * 2),
                     max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"], seed=s["seed"])
     metrics = train_kto(model, loaded.tokenizer, read_jsonl(job_dir / "train_thumbs.jsonl"),
