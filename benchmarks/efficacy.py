@@ -1,8 +1,9 @@
 """Does the loop learn? An outside judge (an oracle) scores the bot on held-out prompts before and
 after one retraining cycle of each algorithm, all trained from the same simulated feedback.
 
-    python benchmarks/efficacy.py [--oracle sentiment] [--events 400] [--eval-prompts 60]
-                                  [--algos dpo,kto,ppo] [--model default] [--json]
+    python benchmarks/efficacy.py [--oracle sentiment] [--events 400] [--eval-prompts 150]
+                                  [--algos dpo,kto,ppo] [--model default] [--set training.KEY=VALUE]
+                                  [--data-dir DIR [--reuse-feedback]] [--json]
 
 1. Starts ``chatloop serve`` on a fresh data directory (loopback; rate limits off).
 2. Before: the base model answers the oracle's first --eval-prompts *held-out* prompts (for
@@ -19,10 +20,18 @@ Per algorithm: ``before`` and ``after`` (the share of held-out replies the oracl
 for sentiment: VADER compound >= 0.05, "positive"), ``lift_points`` (after - before),
 ``kl_to_base`` (the gate judge's mean per-token log-ratio candidate/base over the candidate's own
 replies to the snapshot's held-out prompts, nats/token), ``length_ratio`` (mean reply tokens
-after / before: length gaming shows here), ``events`` and ``cycle_s`` (the whole cycle: snapshot,
-training, the gate's reward model and judge, publishing). The table adds the mean raw score.
-A plot (positive share and mean reply length before/after) goes to --plot. With --json the last
-line is one JSON object keyed by algorithm.
+after / before, at the --max-tokens cap), ``uncapped_length_ratio`` (the same on --length-prompts
+prompts answered up to --length-max-tokens: length gaming shows here even when every capped reply
+hits the cap), ``events`` and ``cycle_s`` (the whole cycle: snapshot, training, the gate's reward
+model and judge, publishing), and ``lift_se`` (the lift's standard error in points, from the
+per-prompt paired differences). The table adds the mean raw score. A plot (positive share and mean
+reply length before/after) goes to --plot. With --json the last line is one JSON object keyed by
+algorithm.
+
+To compare training settings on one feedback log, run once with --data-dir, then again with the
+same --data-dir, --reuse-feedback and e.g. --set training.learning_rate=1e-4: the base's scores and
+the simulated feedback are read back instead of measured again. Such a run's ``cycle_s`` may be
+shorter: the gate reuses an earlier cycle's reward model while the data has not grown.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -89,11 +99,41 @@ def answer_all(url: str, prompts: list, version: str, max_tokens: int, seed: int
     return out  # type: ignore[return-value]
 
 
-def judge(oracle, prompts: list, replies: list[dict]) -> dict[str, float]:
+def judge(oracle, prompts: list, replies: list[dict]) -> dict[str, Any]:
     scores = [oracle.score(p, r["text"]) for p, r in zip(prompts, replies)]
-    return {"liked_pct": 100.0 * sum(s >= oracle.threshold for s in scores) / len(scores),
+    liked = [int(s >= oracle.threshold) for s in scores]
+    return {"liked_pct": 100.0 * sum(liked) / len(liked), "liked": liked,
             "mean_score": sum(scores) / len(scores),
             "mean_tokens": sum(r["tokens"] for r in replies) / len(replies)}
+
+
+def uncapped_length(url: str, prompts: list, version: str, args: argparse.Namespace) -> float | None:
+    """Mean reply tokens of ``version`` on ``prompts`` when replies may run to --length-max-tokens."""
+    if not prompts:
+        return None
+    replies = answer_all(url, prompts, version, args.length_max_tokens, args.seed, args.streams)
+    return sum(r["tokens"] for r in replies) / len(replies)
+
+
+def lift_se_points(before: list[int], after: list[int]) -> float:
+    """Standard error of the lift in points, from the per-prompt paired differences (after - before
+    on the same prompt and seed): std(d) / sqrt(n) * 100."""
+    d = [a - b for a, b in zip(after, before)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / max(n - 1, 1)
+    return 100.0 * (var / n) ** 0.5
+
+
+def service_env(settings: list[str]) -> dict[str, str]:
+    """``section.key=value`` settings (as in chatloop.toml) as the service's environment variables."""
+    env = dict(SERVICE_ENV)
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set wants section.key=value, got {item!r}")
+        env["CHATLOOP_" + key.strip().upper().replace(".", "__")] = value.strip()
+    return env
 
 
 def plot(results: dict[str, Any], before: dict[str, float], oracle_name: str, path: Path) -> None:
@@ -124,13 +164,22 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=400)
     ap.add_argument("--users", type=int, default=8)
     ap.add_argument("--ab-fraction", type=float, default=0.5)
-    ap.add_argument("--eval-prompts", type=int, default=60)
+    ap.add_argument("--eval-prompts", type=int, default=150)
+    ap.add_argument("--length-prompts", type=int, default=30,
+                    help="held-out prompts answered without the --max-tokens cap (up to --length-max-tokens), "
+                         "so that the length check also sees replies that grow")
+    ap.add_argument("--length-max-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=48, help="reply length, in feedback and in evaluation")
     ap.add_argument("--algos", default="dpo,kto,ppo")
     ap.add_argument("--model", default="default")
     ap.add_argument("--streams", type=int, default=8, help="concurrent evaluation requests")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", help="keep the service's data here (default: a fresh temporary directory)")
+    ap.add_argument("--reuse-feedback", action="store_true",
+                    help="skip the base's evaluation and the simulated feedback: reuse what an earlier run with "
+                         "the same --data-dir and settings measured (to compare training settings on one log)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a service setting for this run, e.g. training.learning_rate=1e-4 (repeatable)")
     ap.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "efficacy.png"))
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -143,23 +192,47 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    try:
+        env = service_env(args.set)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     data = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="chatloop-efficacy-")) / "data"
+    saved = data / "efficacy-feedback.json"  # what an earlier run with this data directory measured
+    # the base's scores and the feedback depend only on these; --reuse-feedback checks they match
+    plan = {"oracle": oracle.name, "prompts": args.prompts, "eval_prompts": len(held), "max_tokens": args.max_tokens,
+            "seed": args.seed, "length_prompts": args.length_prompts, "length_max_tokens": args.length_max_tokens,
+            "events": args.events, "users": args.users, "ab_fraction": args.ab_fraction, "model": args.model}
+    reuse = None
+    if args.reuse_feedback:
+        if not saved.is_file() or json.loads(saved.read_text())["plan"] != plan:
+            print(f"error: --reuse-feedback needs {saved} from an earlier run with the same settings", file=sys.stderr)
+            return 2
+        reuse = json.loads(saved.read_text())
     t_all = time.perf_counter()
-    server = start_server(data, args.model, timeout=900, extra_env=SERVICE_ENV)
+    server = start_server(data, args.model, timeout=900, extra_env=env)
     admin = {"Authorization": f"Bearer {server.token}"}
     http = httpx.Client(base_url=server.url, headers=admin, timeout=None)
     try:
-        t0 = time.perf_counter()
-        before = judge(oracle, held, answer_all(server.url, held, "base", args.max_tokens, args.seed, args.streams))
-        eval_s = time.perf_counter() - t0
-        print(f"before: {before} ({eval_s:.0f} s)", file=sys.stderr)
+        if reuse:
+            before, sim = reuse["before"], SimpleNamespace(**reuse["feedback"])
+            print(f"reusing the base's scores and {sim.events} feedback events from {saved}", file=sys.stderr)
+        else:
+            t0 = time.perf_counter()
+            before = judge(oracle, held, answer_all(server.url, held, "base", args.max_tokens, args.seed,
+                                                    args.streams))
+            before["uncapped_tokens"] = uncapped_length(server.url, held[: args.length_prompts], "base", args)
+            print(f"before: { {k: v for k, v in before.items() if k != 'liked'} } ({time.perf_counter() - t0:.0f} s)",
+                  file=sys.stderr)
 
-        from tqdm import tqdm
+            from tqdm import tqdm
 
-        with tqdm(total=args.events, desc="simulated feedback", unit="ev", file=sys.stderr) as bar:
-            sim = simulate(server.url, oracle, train, args.users, args.events, args.ab_fraction, args.max_tokens,
-                           args.seed, on_event=lambda r: bar.update(r.events - bar.n))
-        print(f"feedback: {sim.as_dict()}", file=sys.stderr)
+            with tqdm(total=args.events, desc="simulated feedback", unit="ev", file=sys.stderr) as bar:
+                report = simulate(server.url, oracle, train, args.users, args.events, args.ab_fraction,
+                                  args.max_tokens, args.seed, on_event=lambda r: bar.update(r.events - bar.n))
+            print(f"feedback: {report.as_dict()}", file=sys.stderr)
+            saved.write_text(json.dumps({"plan": plan, "before": before, "feedback": report.as_dict()}))
+            sim = SimpleNamespace(**report.as_dict())
 
         results: dict[str, Any] = {}
         for algo in algos:
@@ -177,16 +250,21 @@ def main() -> int:
                 results[algo] = {"error": run.get("error"), "events": sim.events, "cycle_s": round(cycle_s, 1)}
                 continue
             after = judge(oracle, held, answer_all(server.url, held, version, args.max_tokens, args.seed, args.streams))
+            uncapped = uncapped_length(server.url, held[: args.length_prompts], version, args)
             m = run.get("metrics") or {}
             results[algo] = {
                 "before": round(before["liked_pct"], 2), "after": round(after["liked_pct"], 2),
                 "lift_points": round(after["liked_pct"] - before["liked_pct"], 2),
+                "lift_se": round(lift_se_points(before["liked"], after["liked"]), 2),
                 "kl_to_base": (m.get("judge") or {}).get("kl_to_base"),
                 "length_ratio": round(after["mean_tokens"] / max(before["mean_tokens"], 1e-9), 3),
+                "uncapped_length_ratio": (round(uncapped / before["uncapped_tokens"], 3)
+                                          if uncapped and before.get("uncapped_tokens") else None),
                 "events": sim.events, "cycle_s": round(cycle_s, 1),
                 "mean_score_before": round(before["mean_score"], 4), "mean_score_after": round(after["mean_score"], 4),
                 "mean_tokens": round(after["mean_tokens"], 1), "version": version, "gate": run["status"],
                 "train_examples": run.get("n_pairs"), "verdict": run.get("verdict"),
+                "settings": args.set,
             }
             print(f"{algo}: {results[algo]}", file=sys.stderr)
     finally:
@@ -197,13 +275,14 @@ def main() -> int:
           f"({sim.thumbs_up} up, {sim.thumbs_down} down, {sim.ab} A/B of which {sim.ties} ties) in {sim.wall_s:.0f} s; "
           f"before: {before['liked_pct']:.1f}% liked, mean score {before['mean_score']:.3f}, "
           f"{before['mean_tokens']:.1f} tokens; total {time.perf_counter() - t_all:.0f} s")
-    cols = ["before", "after", "lift_points", "mean_score_after", "kl_to_base", "length_ratio", "cycle_s", "gate"]
-    print(f"{'algo':<6}" + "".join(f"{c:>18}" for c in cols))
+    cols = ["before", "after", "lift_points", "lift_se", "mean_score_after", "kl_to_base", "length_ratio",
+            "uncapped_length_ratio", "cycle_s", "gate"]
+    print(f"{'algo':<6}" + "".join(f"{c:>23}" for c in cols))
     for algo, res in results.items():
         if "error" in res:
             print(f"{algo:<6}  error: {res['error']}")
             continue
-        print(f"{algo:<6}" + "".join(f"{res[c] if not isinstance(res[c], float) else round(res[c], 4)!s:>18}"
+        print(f"{algo:<6}" + "".join(f"{res[c] if not isinstance(res[c], float) else round(res[c], 4)!s:>23}"
                                      for c in cols))
     ok = {a: r for a, r in results.items() if "error" not in r}
     if ok and args.plot:

@@ -83,8 +83,8 @@ def start_server(data_dir: Path, model: str, extra_env: dict | None = None, toke
                CHATLOOP_TRAINING__LEARNING_RATE="0.001", CHATLOOP_TRAINING__MAX_REPLY_TOKENS="32",
                CHATLOOP_GENERATION__MAX_TOKENS="12", PYTHONUNBUFFERED="1")
     env.update(extra_env or {})
-    log = open(data_dir.parent / f"server-{port}.log", "w")
     data_dir.mkdir(parents=True, exist_ok=True)
+    log = open(data_dir.parent / f"server-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "chatloop.cli", "serve", "--host", "127.0.0.1",
                              "--port", str(port), "--data-dir", str(data_dir), "--model", model],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
