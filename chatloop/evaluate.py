@@ -8,8 +8,8 @@ A candidate is promoted only when every check passes:
 1. its training loss is finite;
 2. preference accuracy on held-out data is not worse than the active adapter's.
    - DPO/KTO: the implicit reward. The active adapter is the reference, whose implicit reward is
-     0 on every pair, so its accuracy is 0.5 with ties counting half. KTO uses the share of replies
-     whose implicit reward has the thumb's sign.
+     0 on every pair, so its accuracy is 0.5 with ties counting half. KTO uses the share of
+     (thumbs-up, thumbs-down) reply pairs whose implicit rewards are in the thumbs' order.
    - PPO: the reward model's held-out pair accuracy, which must beat chance.
    - With too little data for a held-out set, the training loss must have fallen instead.
 3. the reward model prefers the candidate's replies to the active adapter's on held-out prompts
@@ -103,7 +103,7 @@ def _accuracy(metrics: dict[str, Any]) -> tuple[bool, str]:
     if n:
         acc = held["accuracy"]
         ok = acc >= REFERENCE_ACCURACY
-        what = "preference" if held.get("pairs") else "thumb-sign"
+        what = "preference" if held.get("pairs") else "thumb ranking"
         unit = "pairs" if held.get("pairs") else "replies"
         return ok, (f"held-out {what} accuracy {acc:.3f} on {n} {unit} "
                     f"({'>=' if ok else '<'} active adapter's {REFERENCE_ACCURACY})")

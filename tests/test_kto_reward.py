@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from chatloop.train.kto import KtoConfig, balanced_weights, kto_loss, train_kto
+from chatloop.train.kto import KtoConfig, balanced_weights, kto_loss, thumb_accuracies, train_kto
 from chatloop.train.reward import RewardConfig, RewardModel, bradley_terry_loss, score, train_reward
 
 
@@ -38,6 +38,17 @@ def test_kto_balance_weighs_both_kinds_of_thumb_equally():
     assert wu == 2.0 and wd * 10 == pytest.approx(wu * 40)
     assert balanced_weights(12, 10, 1.0, 1.0) == (1.0, 1.0)  # 1.2 is in range: left alone
     assert balanced_weights(5, 0) == (1.0, 1.0)
+
+
+def test_kto_gate_accuracy_ranks_up_against_down_and_ignores_a_common_shift():
+    rewards = torch.tensor([-0.1, -0.3, -0.5, -0.3])  # every reward pushed below 0, yet ordered
+    desirable = torch.tensor([True, True, False, False])
+    ranking, sign = thumb_accuracies(rewards, desirable)
+    # pairs (up, down): (-0.1,-0.5) (-0.1,-0.3) (-0.3,-0.5) right, (-0.3,-0.3) a tie -> 3.5 / 4
+    assert ranking == pytest.approx(3.5 / 4) and sign == pytest.approx(2 / 4)
+    assert thumb_accuracies(rewards + 7.0, desirable)[0] == pytest.approx(ranking)
+    assert thumb_accuracies(torch.zeros(4), desirable) == (0.5, 0.5)  # the reference
+    assert thumb_accuracies(rewards[:2], desirable[:2]) == (0.0, 0.0)  # one kind: the sign decides
 
 
 def test_kto_training_uses_the_balanced_weights(tiny_model_dir):

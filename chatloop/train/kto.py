@@ -170,11 +170,18 @@ def train_kto(
 
 @torch.no_grad()
 def evaluate(model, examples: list[KtoExample], pad_id: int, cfg: KtoConfig, device) -> dict:
-    """Share of examples whose implicit reward has the right sign (ties count half), and the loss."""
+    """How well the implicit reward beta*log(pi/ref) orders the thumbs, and the loss.
+
+    ``accuracy`` is the ranking accuracy: the share of (thumbs-up, thumbs-down) pairs of examples
+    whose rewards are in the thumbs' order, ties counting half (the reference scores every reply 0,
+    so 0.5). It does not move when every reward shifts alike, which KTO's reference point z allows.
+    With only one kind of thumb it falls back to ``sign_accuracy``, the share of rewards with the
+    thumb's sign.
+    """
     if not examples:
         return {}
     model.eval()
-    correct, losses = 0.0, []
+    rewards_all, desirable_all, losses = [], [], []
     for i in range(0, len(examples), cfg.batch_size):
         chunk = examples[i: i + cfg.batch_size]
         policy, policy_kl = _logps(model, chunk, pad_id, device)
@@ -183,7 +190,20 @@ def evaluate(model, examples: list[KtoExample], pad_id: int, cfg: KtoConfig, dev
         desirable = torch.tensor([e.desirable for e in chunk], device=policy.device)
         loss, rewards, _ = kto_loss(policy, ref, desirable, policy_kl, ref_kl, cfg.beta,
                                     cfg.desirable_weight, cfg.undesirable_weight)
-        signed = torch.where(desirable, rewards, -rewards)
-        correct += float((signed > 0).sum() + 0.5 * (signed == 0).sum())
+        rewards_all.append(rewards.float().cpu())
+        desirable_all.append(desirable.cpu())
         losses += loss.tolist()
-    return {"accuracy": correct / len(examples), "loss": sum(losses) / len(losses), "examples": len(examples)}
+    ranking, sign = thumb_accuracies(torch.cat(rewards_all), torch.cat(desirable_all))
+    return {"accuracy": ranking, "sign_accuracy": sign, "loss": sum(losses) / len(losses), "examples": len(examples)}
+
+
+def thumb_accuracies(rewards: torch.Tensor, desirable: torch.Tensor) -> tuple[float, float]:
+    """(ranking accuracy, sign accuracy) of implicit rewards against thumbs, ties counting half;
+    the ranking accuracy is the sign accuracy when only one kind of thumb is there."""
+    signed = torch.where(desirable, rewards, -rewards)
+    sign = float((signed > 0).sum() + 0.5 * (signed == 0).sum()) / len(rewards)
+    good, bad = rewards[desirable], rewards[~desirable]
+    if not len(good) or not len(bad):
+        return sign, sign
+    diff = good[:, None] - bad[None, :]
+    return float((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.numel(), sign
