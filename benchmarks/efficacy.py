@@ -59,7 +59,7 @@ from chatloop.simulate import simulate  # noqa: E402
 # the product's own defaults, not the test suite's quick settings that start_server sets
 SERVICE_ENV = {
     "CHATLOOP_LIMITS__CHAT_PER_MINUTE": "0", "CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0",
-    "CHATLOOP_TRAINING__MIN_PAIRS": "8", "CHATLOOP_TRAINING__LEARNING_RATE": "5e-5",
+    "CHATLOOP_TRAINING__MIN_PAIRS": "8",
     "CHATLOOP_TRAINING__MAX_REPLY_TOKENS": "256", "CHATLOOP_GENERATION__MAX_TOKENS": "256",
 }
 
