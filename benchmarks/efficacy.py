@@ -136,22 +136,34 @@ def service_env(settings: list[str]) -> dict[str, str]:
     return env
 
 
-def plot(results: dict[str, Any], before: dict[str, float], oracle_name: str, path: Path) -> None:
+def plot(results: dict[str, Any], before: dict[str, Any], oracle_name: str, n_prompts: int, path: Path) -> None:
+    """Left: the share of held-out replies the oracle likes (error bars: one binomial standard
+    error); right: mean reply length at the cap and uncapped. Each bar names the gate's verdict."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     algos = list(results)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.bar(["before"] + algos, [before["liked_pct"]] + [results[a]["after"] for a in algos],
-            color=["grey"] + ["tab:blue"] * len(algos))
+    labels = ["before"] + [f"{a}\n({results[a]['gate']})" for a in algos]
+    shares = [before["liked_pct"]] + [results[a]["after"] for a in algos]
+    errors = [100 * ((p / 100) * (1 - p / 100) / n_prompts) ** 0.5 for p in shares]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax1.bar(labels, shares, yerr=errors, capsize=4, color=["grey"] + ["tab:blue"] * len(algos))
     ax1.set_ylabel(f"held-out replies the {oracle_name} oracle likes (%)")
     ax1.set_ylim(0, 100)
-    ax2.bar(["before"] + algos, [before["mean_tokens"]] + [results[a]["mean_tokens"] for a in algos],
-            color=["grey"] + ["tab:orange"] * len(algos))
+    x = list(range(len(labels)))
+    capped = [before["mean_tokens"]] + [results[a]["mean_tokens"] for a in algos]
+    ax2.bar([i - 0.2 for i in x], capped, width=0.4, color="tab:orange", label="capped (--max-tokens)")
+    if before.get("uncapped_tokens"):
+        uncapped = [before["uncapped_tokens"]] + [before["uncapped_tokens"] * (results[a]["uncapped_length_ratio"] or 0)
+                                                  for a in algos]
+        ax2.bar([i + 0.2 for i in x], uncapped, width=0.4, color="tab:green", label="uncapped")
+    ax2.set_xticks(x, labels)
     ax2.set_ylabel("mean reply length (tokens)")
-    fig.suptitle("one retraining cycle of each algorithm, from the same simulated feedback")
+    ax2.set_ylim(0, ax2.get_ylim()[1] * 1.25)  # room for the legend above the bars
+    ax2.legend(loc="upper left", ncol=2)
+    fig.suptitle(f"one retraining cycle of each algorithm, from the same simulated feedback ({n_prompts} prompts)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -286,7 +298,7 @@ def main() -> int:
                                      for c in cols))
     ok = {a: r for a, r in results.items() if "error" not in r}
     if ok and args.plot:
-        plot(ok, before, oracle.name, Path(args.plot))
+        plot(ok, before, oracle.name, len(held), Path(args.plot))
         print(f"plot: {args.plot}")
     if args.json:
         print(json.dumps(results))
