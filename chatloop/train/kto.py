@@ -49,7 +49,7 @@ def kto_loss(
 
 def balanced_weights(n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0,
                      undesirable_weight: float = 1.0) -> tuple[float, float]:
-    """The paper's advice (section 4.2): keep w_d * n_d / (w_u * n_u) in [1, 4/3]. The rarer kind's
+    """The KTO paper's advice: keep w_d * n_d / (w_u * n_u) in [1, 4/3]. The rarer kind's
     weight is raised until the ratio is 1 (when it is already in range nothing changes), so both
     kinds of thumb pull equally however the votes happen to split."""
     if n_desirable <= 0 or n_undesirable <= 0:
