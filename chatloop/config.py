@@ -51,7 +51,7 @@ class TrainingDefaults:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo
     label_smoothing: float = 0.0
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-5
     epochs: int = 2
     batch_size: int = 4
     lora_r: int = 16
