@@ -60,6 +60,11 @@ def test_kto_training_uses_the_balanced_weights(tiny_model_dir):
     assert (m["desirable_weight"], m["undesirable_weight"]) == (1.0, pytest.approx(3.0))
     m = train_kto(model, tok, rows, [], KtoConfig(epochs=1, batch_size=4, learning_rate=1e-4, balance=False))
     assert (m["desirable_weight"], m["undesirable_weight"]) == (1.0, 1.0)
+    # the loss the gate compares with the first step's is weighted alike: with nothing learned
+    # (lr 0) every example's loss is w * (1 - sigmoid(0)) = w / 2, so (6 * 1 + 2 * 3) / 2 / 8
+    _, fresh = _lora_model(tiny_model_dir)
+    m = train_kto(fresh, tok, rows, [], KtoConfig(epochs=1, batch_size=4, learning_rate=0.0))
+    assert m["train_eval"]["loss"] == pytest.approx((6 * 1 + 2 * 3) / 2 / 8, abs=1e-5)
 
 
 def test_bradley_terry_loss_matches_hand_computation():

@@ -18,7 +18,7 @@ chunks of ``batch_size``, as TRL does), so its reference log-prob stays valid ac
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -136,9 +136,9 @@ def train_kto(
     held = encode_examples(tokenizer, eval_rows, cfg)
     fill_reference(model, train + held, pad_id, cfg.batch_size, device)
     n_good = sum(e.desirable for e in train)
-    w_good, w_bad = cfg.desirable_weight, cfg.undesirable_weight
-    if cfg.balance:
-        w_good, w_bad = balanced_weights(n_good, len(train) - n_good, w_good, w_bad)
+    if cfg.balance:  # the weights training uses; the losses evaluated below use the same ones
+        w_good, w_bad = balanced_weights(n_good, len(train) - n_good, cfg.desirable_weight, cfg.undesirable_weight)
+        cfg = replace(cfg, desirable_weight=w_good, undesirable_weight=w_bad, balance=False)
 
     def step(idx: list[int]):
         chunk = [train[j] for j in idx]
@@ -146,7 +146,8 @@ def train_kto(
         ref = torch.tensor([e.ref for e in chunk], device=policy.device)
         ref_kl = torch.tensor([e.ref_kl for e in chunk], device=policy.device)
         desirable = torch.tensor([e.desirable for e in chunk], device=policy.device)
-        losses, rewards, kl = kto_loss(policy, ref, desirable, policy_kl.detach(), ref_kl, cfg.beta, w_good, w_bad)
+        losses, rewards, kl = kto_loss(policy, ref, desirable, policy_kl.detach(), ref_kl, cfg.beta,
+                                       cfg.desirable_weight, cfg.undesirable_weight)
         good, bad = rewards[desirable], rewards[~desirable]
         return losses.mean(), {
             "kl": float(kl),
@@ -159,7 +160,7 @@ def train_kto(
     return {
         "algo": "kto", "steps": len(history), "train_examples": len(train), "eval_examples": len(held),
         "desirable": n_good, "undesirable": len(train) - n_good,
-        "desirable_weight": w_good, "undesirable_weight": w_bad,
+        "desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight,
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         # the gate reads training-set metrics only when nothing is held out: score them only then
         "train_eval": {} if held else evaluate(model, train, pad_id, cfg, device),
