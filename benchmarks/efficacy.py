@@ -156,8 +156,7 @@ def plot(results: dict[str, Any], before: dict[str, Any], oracle_name: str, n_pr
     capped = [before["mean_tokens"]] + [results[a]["mean_tokens"] for a in algos]
     ax2.bar([i - 0.2 for i in x], capped, width=0.4, color="tab:orange", label="capped (--max-tokens)")
     if before.get("uncapped_tokens"):
-        uncapped = [before["uncapped_tokens"]] + [before["uncapped_tokens"] * (results[a]["uncapped_length_ratio"] or 0)
-                                                  for a in algos]
+        uncapped = [before["uncapped_tokens"]] + [results[a]["uncapped_tokens"] for a in algos]
         ax2.bar([i + 0.2 for i in x], uncapped, width=0.4, color="tab:green", label="uncapped")
     ax2.set_xticks(x, labels)
     ax2.set_ylabel("mean reply length (tokens)")
@@ -272,6 +271,7 @@ def main() -> int:
                 "length_ratio": round(after["mean_tokens"] / max(before["mean_tokens"], 1e-9), 3),
                 "uncapped_length_ratio": (round(uncapped / before["uncapped_tokens"], 3)
                                           if uncapped and before.get("uncapped_tokens") else None),
+                "uncapped_tokens": uncapped,
                 "events": sim.events, "cycle_s": round(cycle_s, 1),
                 "mean_score_before": round(before["mean_score"], 4), "mean_score_after": round(after["mean_score"], 4),
                 "mean_tokens": round(after["mean_tokens"], 1), "version": version, "gate": run["status"],
