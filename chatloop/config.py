@@ -54,6 +54,11 @@ class TrainingDefaults:
     learning_rate: float = 5e-5
     epochs: int = 2
     batch_size: int = 4
+    # DPO/KTO keep the checkpoint with the lowest held-out loss, scored this many times an epoch
+    # (and before the first step), and stop after `early_stop_patience` scores without a new best
+    select_best: bool = True
+    evals_per_epoch: int = 2
+    early_stop_patience: int = 2  # 0 = never stop early
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0

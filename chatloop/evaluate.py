@@ -12,6 +12,10 @@ A candidate is promoted only when every check passes:
      (thumbs-up, thumbs-down) reply pairs whose implicit rewards are in the thumbs' order.
    - PPO: the reward model's held-out pair accuracy, which must beat chance.
    - With too little data for a held-out set, the training loss must have fallen instead.
+   - DPO/KTO hand back the checkpoint with the lowest held-out loss, so this check reads the set
+     the checkpoint was chosen on (an optimistic figure); a candidate whose best checkpoint is
+     its starting point (no update lowered the held-out loss) is the active adapter unchanged
+     and is rejected. The reward model's win rate below is measured on fresh replies.
 3. the reward model prefers the candidate's replies to the active adapter's on held-out prompts
    at least ``gate_win_rate`` of the time (ties count half). The check is skipped, and says so,
    when no reward model could be trained or no prompts were held out;
@@ -100,6 +104,10 @@ def _accuracy(metrics: dict[str, Any]) -> tuple[bool, str]:
         return True, "reward model has no held-out pairs (too little feedback); its win rate decides"
     held = metrics.get("held_out") or {}
     n = held.get("pairs") or held.get("examples")
+    selection = metrics.get("selection") or {}
+    if n and selection and selection.get("best_step") == 0:
+        return False, (f"no training step lowered the held-out loss ({selection['best_score']:.4f} at the start); "
+                       "the candidate is the active adapter unchanged")
     if n:
         acc = held["accuracy"]
         ok = acc >= REFERENCE_ACCURACY

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
-from chatloop.train.common import collate_groups, encode_reply, grouped_reply_logprobs
+from chatloop.train.common import HeldOutSelection, collate_groups, encode_reply, fit, grouped_reply_logprobs
 from chatloop.train.dpo import DpoConfig, dpo_loss, encode_pairs, fill_reference, train_dpo
 
 
@@ -145,7 +145,7 @@ def test_dpo_learns_the_preferred_pattern_on_a_tiny_problem(tiny_model_dir):
               "chosen": "Sure, happy to help.", "rejected": "Go away."} for i in range(8)]
     held = [{"prompt": [{"role": "user", "content": "Tell me about something new"}],
              "chosen": "Sure, happy to help.", "rejected": "Go away."}]
-    cfg = DpoConfig(epochs=4, batch_size=4, learning_rate=5e-3, beta=0.1)
+    cfg = DpoConfig(epochs=4, batch_size=4, learning_rate=5e-3, beta=0.1, select_best=False)
     enc = encode_pairs(tok, held, cfg)
     fill_reference(model, enc, tok.pad_token_id, cfg, torch.device("cpu"))
     before = enc[0].ref_chosen - enc[0].ref_rejected
@@ -169,3 +169,67 @@ def test_batches_cover_every_item_once_per_epoch_and_group_lengths():
     plain = list(batches(200, 4, epochs=2, seed=1))
     plain_spread = sum(max(lengths[j] for j in idx) - min(lengths[j] for j in idx) for _, idx in plain) / len(plain)
     assert spread < plain_spread / 3  # similar lengths share a batch: less padding
+
+
+class _Scalar(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+
+def test_held_out_selection_keeps_the_best_step_and_stops_after_patience():
+    """A known answer: loss -w has a constant gradient, so Adam moves w by exactly lr a step
+    (w = 0.1 k after k steps); the held-out score (w - 0.32)^2 is lowest at step 3. With patience 2
+    training stops after step 5 and w is put back to 0.3."""
+    model = _Scalar()
+    sel = HeldOutSelection(lambda: float((model.w.detach() - 0.32) ** 2), every=1, patience=2)
+    history = fit(model, n_items=20, batch_size=1, epochs=1, learning_rate=0.1, seed=0,
+                  step=lambda idx: (-model.w, {}), selection=sel)
+    assert [s for s, _ in sel.scores] == [0, 1, 2, 3, 4, 5]
+    assert len(history) == 5 and sel.exhausted
+    assert sel.best_step == 3 and sel.best_score == pytest.approx(0.02 ** 2, abs=1e-6)
+    assert float(model.w) == pytest.approx(0.3, abs=1e-4)
+    assert history[2]["held_out_score"] == pytest.approx(0.0004, abs=1e-6) and "held_out_score" in history[4]
+
+
+def test_held_out_selection_keeps_the_start_when_no_step_helps():
+    model = _Scalar()
+    sel = HeldOutSelection(lambda: float(model.w.detach() ** 2), every=2, patience=0)  # any move hurts
+    history = fit(model, n_items=6, batch_size=1, epochs=1, learning_rate=0.1, seed=0,
+                  step=lambda idx: (-model.w, {}), selection=sel)
+    assert len(history) == 6  # patience 0: no early stop
+    assert [s for s, _ in sel.scores] == [0, 2, 4, 6] and sel.best_step == 0
+    assert float(model.w) == 0.0
+
+
+def test_dpo_hands_back_the_checkpoint_with_the_lowest_held_out_loss(tiny_model_dir):
+    """Held-out pairs that contradict the training pairs: every update raises their loss, so the
+    weights handed back are the starting ones (log-ratios 0, loss exactly log 2). With agreeing
+    held-out pairs training moves on, and the held-out loss reported is the best one scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [{"prompt": [{"role": "user", "content": f"Tell me about topic {i}"}],
+              "chosen": "Sure, happy to help.", "rejected": "Go away."} for i in range(8)]
+    flipped = [{"prompt": [{"role": "user", "content": f"Tell me about thing {i}"}],
+                "chosen": "Go away.", "rejected": "Sure, happy to help."} for i in range(2)]
+    agreeing = [{**p, "prompt": [{"role": "user", "content": f"Tell me about thing {i}"}]}
+                for i, p in enumerate(pairs[:2])]
+    cfg = DpoConfig(epochs=3, batch_size=4, learning_rate=5e-3, beta=0.1, evals_per_epoch=2, patience=3)
+
+    model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    m = train_dpo(model, tok, pairs, flipped, cfg)
+    sel = m["selection"]
+    assert sel["best_step"] == 0 and sel["stopped_early"] and m["steps"] == 3
+    assert [s["step"] for s in sel["scores"]] == [0, 1, 2, 3]
+    assert sel["scores"][0]["score"] == pytest.approx(math.log(2))  # the reference's loss, computed
+    assert m["final_loss"] < m["first_loss"]  # it did train on the pairs ...
+    assert m["held_out"]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # ... and handed back the start
+    assert m["held_out"]["accuracy"] == 0.5
+
+    model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    m = train_dpo(model, tok, pairs, agreeing, cfg)
+    sel = m["selection"]
+    assert sel["best_step"] > 0
+    assert m["held_out"]["loss"] == pytest.approx(min(s["score"] for s in sel["scores"]), abs=1e-5)
+    assert m["held_out"]["loss"] < math.log(2) - 0.05

@@ -76,3 +76,15 @@ def test_ppo_uses_the_reward_models_held_out_accuracy():
     assert gate(m).checks["accuracy"] is False
     m["reward_model"]["held_out"]["accuracy"] = 0.66
     assert gate(m).promote
+
+
+def test_a_candidate_whose_best_checkpoint_is_its_start_is_rejected():
+    m = copy.deepcopy(GOOD)
+    m["held_out"]["accuracy"] = 0.5  # the reference's: the weights handed back are the starting ones
+    m["selection"] = {"best_step": 0, "best_score": 0.6931, "scores": [], "stopped_early": True}
+    v = gate(m)
+    assert not v.promote and v.checks["accuracy"] is False
+    assert "no training step lowered the held-out loss (0.6931" in v.summary
+    m["selection"]["best_step"] = 6
+    m["held_out"]["accuracy"] = 0.7
+    assert gate(m).promote

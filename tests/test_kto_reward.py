@@ -67,6 +67,22 @@ def test_kto_training_uses_the_balanced_weights(tiny_model_dir):
     assert m["train_eval"]["loss"] == pytest.approx((6 * 1 + 2 * 3) / 2 / 8, abs=1e-5)
 
 
+def test_kto_selection_starts_from_the_loss_the_untrained_model_scores(tiny_model_dir):
+    """The starting held-out score is computed, not measured: with nothing learned (lr 0) every
+    measured score must equal it, and the starting weights are handed back (ties keep the earlier)."""
+    tok, model = _lora_model(tiny_model_dir)
+    p = [{"role": "user", "content": "Hi"}]
+    rows = [{"prompt": p, "completion": f"yes {i}", "label": True} for i in range(6)] + [
+        {"prompt": p, "completion": "no", "label": False}, {"prompt": p, "completion": "nope", "label": False}]
+    held = [{"prompt": p, "completion": "yes again", "label": True},
+            {"prompt": p, "completion": "no again", "label": False}, {"prompt": p, "completion": "nah", "label": False}]
+    m = train_kto(model, tok, rows, held, KtoConfig(epochs=2, batch_size=4, learning_rate=0.0, patience=0))
+    scores = [s["score"] for s in m["selection"]["scores"]]
+    assert len(scores) == 5 and scores[0] == pytest.approx((1 * 1 + 2 * 3) / 2 / 3)
+    assert scores == pytest.approx([scores[0]] * 5, abs=1e-6)
+    assert m["selection"]["best_step"] == 0 and m["held_out"]["loss"] == pytest.approx(scores[0], abs=1e-6)
+
+
 def test_bradley_terry_loss_matches_hand_computation():
     rc, rr = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])
     assert bradley_terry_loss(rc, rr).item() == pytest.approx(

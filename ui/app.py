@@ -55,7 +55,8 @@ def _display(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def training_curve(history: list[dict[str, Any]], title: str):
-    """A matplotlib figure of loss and reward margin per training step."""
+    """A matplotlib figure of loss and reward margin per training step, and the held-out loss on the
+    steps it was scored (the checkpoint selection's curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -67,6 +68,10 @@ def training_curve(history: list[dict[str, Any]], title: str):
                        ("kl", "KL")):
         if history and key in history[0]:
             ax.plot(steps, [h[key] for h in history], marker="." if len(steps) < 30 else None, label=label)
+    scored = [h for h in history if isinstance(h.get("held_out_score"), (int, float))]
+    if scored:
+        ax.plot([h["step"] for h in scored], [h["held_out_score"] for h in scored], marker="o", linestyle="--",
+                label="held-out loss")
     ax.set_xlabel("step")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

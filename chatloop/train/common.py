@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -216,6 +216,57 @@ def batches(n: int, batch_size: int, epochs: int, seed: int,
             yield epoch, idx
 
 
+@dataclass
+class HeldOutSelection:
+    """Checkpoint selection on held-out data: ``evaluate()`` (lower is better, e.g. the held-out
+    loss) is scored before the first step and every ``every`` steps and at the end; the trainable
+    weights with the lowest score are kept and put back when training ends. Training stops early
+    once ``patience`` scores in a row have not improved on the best (0 = never stop early).
+
+    The starting point is a candidate too: when no update beats it, training hands back the
+    weights it started from and ``best_step`` is 0. Ties keep the earlier (less trained) weights.
+    ``initial_score``, when the caller knows it (DPO and KTO do: the policy is its own reference
+    there), stands in for scoring the starting point.
+    """
+
+    evaluate: Callable[[], float]
+    every: int
+    patience: int = 0
+    initial_score: float | None = None
+    scores: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int = 0
+    best_score: float = math.inf
+    _best: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    _since_best: int = 0
+
+    def observe(self, model: torch.nn.Module, step: int) -> float:
+        score = float(self.initial_score if step == 0 and self.initial_score is not None else self.evaluate())
+        self.scores.append((step, score))
+        if score < self.best_score:
+            self.best_score, self.best_step, self._since_best = score, step, 0
+            self._best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        else:
+            self._since_best += 1
+        return score
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self._since_best >= self.patience
+
+    @torch.no_grad()
+    def restore(self, model: torch.nn.Module) -> None:
+        if self._best is None:
+            return
+        for n, p in model.named_parameters():
+            if n in self._best:
+                p.copy_(self._best[n])
+
+    def summary(self) -> dict:
+        return {"best_step": self.best_step, "best_score": self.best_score,
+                "scores": [{"step": s, "score": v} for s, v in self.scores],
+                "stopped_early": self.exhausted}
+
+
 def fit(
     model: torch.nn.Module,
     n_items: int,
@@ -230,9 +281,13 @@ def fit(
     max_grad_norm: float = 1.0,
     lengths: Sequence[int] | None = None,
     extra_learning_rate: float | None = None,
+    selection: HeldOutSelection | None = None,
 ) -> list[dict]:
     """The shared optimisation loop: AdamW on the trainable parameters, clipped gradients,
     one ``step(indices) -> (loss, metrics)`` per batch, progress and cancellation.
+
+    With ``selection`` the held-out score is logged as ``held_out_score`` on the steps it is
+    taken, training may stop early, and the best-scoring weights are restored at the end.
 
     ``extra_params`` (a head outside the model) train at ``extra_learning_rate`` (default: the
     model's). Returns the per-step metrics history (each with step, total, epoch, loss, elapsed_s).
@@ -249,6 +304,9 @@ def fit(
     model.train()
     history: list[dict] = []
     t0 = time.perf_counter()
+    if selection is not None:
+        selection.observe(model, 0)
+        model.train()
     for i, (epoch, idx) in enumerate(batches(n_items, batch_size, epochs, seed, lengths), start=1):
         if should_stop():
             raise InterruptedError("training cancelled")
@@ -259,10 +317,17 @@ def fit(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         opt.step()
-        m = {"step": i, "total": total, "epoch": epoch, "loss": loss.item(), **metrics,
-             "elapsed_s": time.perf_counter() - t0}
+        m = {"step": i, "total": total, "epoch": epoch, "loss": loss.item(), **metrics}
+        if selection is not None and (i % selection.every == 0 or i == total):
+            m["held_out_score"] = selection.observe(model, i)
+            model.train()
+        m["elapsed_s"] = time.perf_counter() - t0
         history.append(m)
         on_step(m)
+        if selection is not None and selection.exhausted:
+            break
+    if selection is not None:
+        selection.restore(model)
     model.eval()
     return history
 

@@ -11,10 +11,14 @@ Invariants:
   one pass over their prompt (see ``common``).
 - IPO uses length-averaged log-probs (as in the IPO paper's and TRL's implementations);
   sigmoid DPO uses summed log-probs.
+- With held-out pairs and ``select_best`` the adapter handed back is the one with the lowest
+  held-out DPO loss among the starting point and ``evals_per_epoch`` checkpoints per epoch
+  (``common.HeldOutSelection``); the held-out metrics then describe the set it was chosen on.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,7 +26,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from chatloop.train.common import Encoded, collate_groups, encode_reply, fit, grouped_reply_logprobs
+from chatloop.train.common import (Encoded, HeldOutSelection, collate_groups, encode_reply, fit,
+                                   grouped_reply_logprobs)
 
 
 def dpo_loss(
@@ -64,6 +69,9 @@ class DpoConfig:
     max_prompt_tokens: int = 384
     max_reply_tokens: int = 256
     seed: int = 0
+    select_best: bool = True  # keep the checkpoint with the lowest held-out loss (when pairs are held out)
+    evals_per_epoch: int = 2
+    patience: int = 2  # stop after this many held-out scores without a new best (0 = never)
 
 
 @dataclass
@@ -167,11 +175,22 @@ def train_dpo(
             "logp_chosen": float(c.detach().mean()), "logp_rejected": float(r.detach().mean()),
         }
 
+    selection = None
+    if held and cfg.select_best:
+        per_epoch = math.ceil(len(train) / cfg.batch_size)
+        zero = torch.zeros(1)  # the policy is its reference at the start: every log-ratio is 0
+        selection = HeldOutSelection(lambda: evaluate_pairs(model, held, pad_id, cfg, device)["loss"],
+                                     every=max(1, math.ceil(per_epoch / max(1, cfg.evals_per_epoch))),
+                                     patience=cfg.patience,
+                                     initial_score=float(dpo_loss(zero, zero, zero, zero, cfg.beta, cfg.loss_type,
+                                                                  cfg.label_smoothing)[0]))
     history = fit(model, len(train), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
-                  on_step, should_stop, lengths=[max(len(e.chosen), len(e.rejected)) for e in train])
+                  on_step, should_stop, lengths=[max(len(e.chosen), len(e.rejected)) for e in train],
+                  selection=selection)
     train_s = time.perf_counter() - t_train  # the reference pass and the optimisation steps
     metrics = {
         "algo": "dpo", "steps": len(history), "train_pairs": len(train), "eval_pairs": len(held),
+        "selection": selection.summary() if selection else None,
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
         # the gate reads training-set metrics only when nothing is held out: score them only then

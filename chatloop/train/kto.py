@@ -13,17 +13,21 @@ Invariants: as in DPO, the reference is the policy before the first update, so r
 log-probs (matched and mismatched) are computed once per example before training. The
 mismatched reply of each example is fixed at preparation (rotation by one inside consecutive
 chunks of ``batch_size``, as TRL does), so its reference log-prob stays valid across epochs.
+With held-out thumbs and ``select_best`` the adapter handed back is the checkpoint with the lowest
+held-out KTO loss (``common.HeldOutSelection``), as in DPO.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from chatloop.train.common import Encoded, collate_groups, encode_reply, fit, grouped_reply_logprobs
+from chatloop.train.common import (Encoded, HeldOutSelection, collate_groups, encode_reply, fit,
+                                   grouped_reply_logprobs)
 
 
 def kto_loss(
@@ -74,6 +78,9 @@ class KtoConfig:
     max_prompt_tokens: int = 384
     max_reply_tokens: int = 256
     seed: int = 0
+    select_best: bool = True  # keep the checkpoint with the lowest held-out loss (when thumbs are held out)
+    evals_per_epoch: int = 2
+    patience: int = 2  # stop after this many held-out scores without a new best (0 = never)
 
 
 @dataclass
@@ -155,10 +162,20 @@ def train_kto(
             "undesirable_reward": float(bad.mean()) if len(bad) else None,
         }
 
+    selection = None
+    if held and cfg.select_best:
+        per_epoch = math.ceil(len(train) / cfg.batch_size)
+        # at the start every log-ratio and z are 0: each example's loss is half its weight
+        start = sum(cfg.desirable_weight if e.desirable else cfg.undesirable_weight for e in held) / 2 / len(held)
+        selection = HeldOutSelection(lambda: evaluate(model, held, pad_id, cfg, device)["loss"],
+                                     every=max(1, math.ceil(per_epoch / max(1, cfg.evals_per_epoch))),
+                                     patience=cfg.patience, initial_score=start)
     history = fit(model, len(train), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
-                  on_step, should_stop, lengths=[max(len(e.matched), len(e.mismatched)) for e in train])
+                  on_step, should_stop, lengths=[max(len(e.matched), len(e.mismatched)) for e in train],
+                  selection=selection)
     return {
         "algo": "kto", "steps": len(history), "train_examples": len(train), "eval_examples": len(held),
+        "selection": selection.summary() if selection else None,
         "desirable": n_good, "undesirable": len(train) - n_good,
         "desirable_weight": cfg.desirable_weight, "undesirable_weight": cfg.undesirable_weight,
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],

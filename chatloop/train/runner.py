@@ -59,6 +59,12 @@ def _load(job: dict):
     return load_model(job["model_path"], Path(job["models_dir"]), job.get("device", "auto"), job.get("dtype", "auto"))
 
 
+def _selection(s: dict) -> dict:
+    """DPO's and KTO's held-out checkpoint selection settings."""
+    return {"select_best": s["select_best"], "evals_per_epoch": s["evals_per_epoch"],
+            "patience": s["early_stop_patience"]}
+
+
 def train_dpo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     from chatloop.prefs import read_jsonl
     from chatloop.train.dpo import DpoConfig, train_dpo
@@ -68,7 +74,7 @@ def train_dpo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     cfg = DpoConfig(beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
                     learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=s["batch_size"],
                     max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"],
-                    seed=s["seed"])
+                    seed=s["seed"], **_selection(s))
     metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
                         read_jsonl(job_dir / "eval.jsonl"), cfg, **hooks)
     model.save_pretrained(job_dir / "adapter")
@@ -86,7 +92,8 @@ def train_kto_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
                     undesirable_weight=s["kto_undesirable_weight"], balance=s["kto_balance"],
                     learning_rate=s["learning_rate"],
                     epochs=s["epochs"], batch_size=max(2, s["batch_size"] * 2),
-                    max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"], seed=s["seed"])
+                    max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"], seed=s["seed"],
+                    **_selection(s))
     metrics = train_kto(model, loaded.tokenizer, read_jsonl(job_dir / "train_thumbs.jsonl"),
                         read_jsonl(job_dir / "eval_thumbs.jsonl"), cfg, **hooks)
     model.save_pretrained(job_dir / "adapter")

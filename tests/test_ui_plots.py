@@ -1,0 +1,18 @@
+"""The Admin tab's figures, drawn from hand-made histories."""
+
+from __future__ import annotations
+
+from ui.app import training_curve
+
+
+def test_training_curve_draws_the_held_out_loss_on_the_steps_it_was_scored():
+    history = [{"step": 1, "loss": 0.70, "reward_margin": 0.0},
+               {"step": 2, "loss": 0.60, "reward_margin": 0.1, "held_out_score": 0.68},
+               {"step": 3, "loss": 0.50, "reward_margin": 0.2},
+               {"step": 4, "loss": 0.40, "reward_margin": 0.3, "held_out_score": 0.69}]
+    lines = {line.get_label(): line for line in training_curve(history, "run 1").axes[0].get_lines()}
+    assert set(lines) == {"loss", "reward margin", "held-out loss"}
+    assert list(lines["held-out loss"].get_xdata()) == [2, 4]
+    assert list(lines["held-out loss"].get_ydata()) == [0.68, 0.69]
+    assert list(lines["loss"].get_ydata()) == [0.70, 0.60, 0.50, 0.40]
+    assert "held-out loss" not in {ln.get_label() for ln in training_curve(history[:1], "t").axes[0].get_lines()}
