@@ -5,7 +5,8 @@ after one retraining cycle of each algorithm, all trained from the same simulate
                                   [--algos dpo,kto,ppo] [--model default] [--set training.KEY=VALUE]
                                   [--data-dir DIR [--reuse-feedback]] [--json]
 
-1. Starts ``chatloop serve`` on a fresh data directory (loopback; rate limits off).
+1. Starts ``chatloop serve`` on a fresh data directory (loopback; rate limits off; every other
+   setting is the product's default unless --set changes it).
 2. Before: the base model answers the oracle's first --eval-prompts *held-out* prompts (for
    sentiment: openings of IMDb reviews at rows i % 5 == 0, "continue this review"), each with a
    fixed seed, through the HTTP API; the oracle scores every reply.
@@ -24,12 +25,13 @@ after / before, at the --max-tokens cap), ``uncapped_length_ratio`` (the same on
 prompts answered up to --length-max-tokens: length gaming shows here even when every capped reply
 hits the cap), ``events`` and ``cycle_s`` (the whole cycle: snapshot, training, the gate's reward
 model and judge, publishing), and ``lift_se`` (the lift's standard error in points, from the
-per-prompt paired differences). The table adds the mean raw score. A plot (positive share and mean
+per-prompt paired differences), ``steps`` and ``selected_step`` (optimisation steps taken, and the
+one whose weights DPO/KTO kept by held-out loss). The table adds the mean raw score. A plot (positive share and mean
 reply length before/after) goes to --plot. With --json the last line is one JSON object keyed by
 algorithm.
 
 To compare training settings on one feedback log, run once with --data-dir, then again with the
-same --data-dir, --reuse-feedback and e.g. --set training.learning_rate=1e-4: the base's scores and
+same --data-dir, --reuse-feedback and e.g. --set training.learning_rate=5e-5: the base's scores and
 the simulated feedback are read back instead of measured again. Such a run's ``cycle_s`` may be
 shorter: the gate reuses an earlier cycle's reward model while the data has not grown.
 """
@@ -56,12 +58,9 @@ from conftest import start_server, stop_server  # noqa: E402 - the tests' way of
 from chatloop.oracles import load_oracle, load_prompts  # noqa: E402
 from chatloop.simulate import simulate  # noqa: E402
 
-# the product's own defaults, not the test suite's quick settings that start_server sets
-SERVICE_ENV = {
-    "CHATLOOP_LIMITS__CHAT_PER_MINUTE": "0", "CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0",
-    "CHATLOOP_TRAINING__MIN_PAIRS": "8",
-    "CHATLOOP_TRAINING__MAX_REPLY_TOKENS": "256", "CHATLOOP_GENERATION__MAX_TOKENS": "256",
-}
+# the product's own settings (start_server(quick=False) leaves out the test suite's quick ones),
+# except the rate limits, which would throttle simulated users that are all one client
+SERVICE_ENV = {"CHATLOOP_LIMITS__CHAT_PER_MINUTE": "0", "CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0"}
 
 
 def answer_all(url: str, prompts: list, version: str, max_tokens: int, seed: int, streams: int) -> list[dict]:
@@ -221,7 +220,7 @@ def main() -> int:
             return 2
         reuse = json.loads(saved.read_text())
     t_all = time.perf_counter()
-    server = start_server(data, args.model, timeout=900, extra_env=env)
+    server = start_server(data, args.model, timeout=900, extra_env=env, quick=False)
     admin = {"Authorization": f"Bearer {server.token}"}
     http = httpx.Client(base_url=server.url, headers=admin, timeout=None)
     try:
@@ -276,6 +275,8 @@ def main() -> int:
                 "mean_score_before": round(before["mean_score"], 4), "mean_score_after": round(after["mean_score"], 4),
                 "mean_tokens": round(after["mean_tokens"], 1), "version": version, "gate": run["status"],
                 "train_examples": run.get("n_pairs"), "verdict": run.get("verdict"),
+                # optimisation steps taken, and the one whose weights were kept (held-out selection)
+                "steps": m.get("steps"), "selected_step": (m.get("selection") or {}).get("best_step"),
                 "settings": args.set,
             }
             print(f"{algo}: {results[algo]}", file=sys.stderr)

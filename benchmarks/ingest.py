@@ -102,7 +102,7 @@ def http_path(seconds: float, clients: int) -> dict[str, float]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from conftest import start_server, stop_server  # the tests' way of starting `chatloop serve`
 
-    server = start_server(data / "data", "default", timeout=300,
+    server = start_server(data / "data", "default", timeout=300, quick=False,
                           extra_env={"CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0"})  # measure, do not throttle
     try:
         reply = httpx.post(server.url + "/v1/chat/completions", timeout=120,

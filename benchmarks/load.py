@@ -65,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="chatloop-load-"))
-    server = start_server(tmp / "data", args.model, timeout=600, extra_env={
+    server = start_server(tmp / "data", args.model, timeout=600, quick=False, extra_env={
         "CHATLOOP_LIMITS__CHAT_PER_MINUTE": "0", "CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0",
         "CHATLOOP_GENERATION__MAX_TOKENS": str(args.max_tokens)})
     admin = {"Authorization": f"Bearer {server.token}"}

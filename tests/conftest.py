@@ -76,12 +76,17 @@ class LiveServer:
                               capture_output=True, text=True, timeout=timeout, env=self.env)
 
 
+# the test suite's quick settings for tiny models: few pairs, a fast learning rate, short replies
+QUICK_ENV = {"CHATLOOP_TRAINING__MIN_PAIRS": "2", "CHATLOOP_TRAINING__LEARNING_RATE": "0.001",
+             "CHATLOOP_TRAINING__MAX_REPLY_TOKENS": "32", "CHATLOOP_GENERATION__MAX_TOKENS": "12"}
+
+
 def start_server(data_dir: Path, model: str, extra_env: dict | None = None, token: str = ADMIN_TOKEN,
-                 timeout: float = 120) -> LiveServer:
+                 timeout: float = 120, quick: bool = True) -> LiveServer:
+    """`chatloop serve` on a free loopback port. ``quick`` applies ``QUICK_ENV`` (tests on tiny
+    models); a benchmark passes ``quick=False`` to measure the product's own defaults."""
     port = free_port()
-    env = dict(os.environ, CHATLOOP_ADMIN_TOKEN=token, CHATLOOP_TRAINING__MIN_PAIRS="2",
-               CHATLOOP_TRAINING__LEARNING_RATE="0.001", CHATLOOP_TRAINING__MAX_REPLY_TOKENS="32",
-               CHATLOOP_GENERATION__MAX_TOKENS="12", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, CHATLOOP_ADMIN_TOKEN=token, PYTHONUNBUFFERED="1", **(QUICK_ENV if quick else {}))
     env.update(extra_env or {})
     data_dir.mkdir(parents=True, exist_ok=True)
     log = open(data_dir.parent / f"server-{port}.log", "w")

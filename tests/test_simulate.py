@@ -131,3 +131,50 @@ def test_simulate_cli_against_a_live_service_and_its_errors(live_server, tmp_pat
     assert bad.returncode != 0 and "unknown oracle" in bad.stderr
     gone = live_server.cli("simulate", "--url", "http://127.0.0.1:9", "--events", "1")
     assert gone.returncode != 0 and "no chatloop service" in gone.stderr
+
+
+def test_efficacy_benchmark_end_to_end_then_reusing_its_feedback(tiny_model_dir, tmp_path):
+    """benchmarks/efficacy.py as an operator runs it: a real service, simulated feedback, a DPO cycle,
+    the JSON line the issue asks for and a plot; then the same log reused for another setting."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"What is {w}?" for w in ("tea", "rain", "a cat", "a dog", "snow", "wind", "fog",
+                                                            "a map", "a pen", "salt", "sand", "ice", "a bus",
+                                                            "a tree", "a song")))
+    data = tmp_path / "data"
+
+    def bench(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "efficacy.py"), "--oracle", "concise", "--prompts", str(prompts),
+             "--model", str(tiny_model_dir), "--events", "16", "--users", "2", "--eval-prompts", "3",
+             "--length-prompts", "2", "--length-max-tokens", "12", "--max-tokens", "6", "--algos", "dpo",
+             "--data-dir", str(data), "--plot", str(tmp_path / "efficacy.png"),
+             "--set", "training.min_pairs=2", "--set", "training.gate_reward_model=false", "--json", *extra],
+            capture_output=True, text=True, timeout=900, cwd=REPO)
+
+    done = bench()
+    assert done.returncode == 0, done.stderr[-3000:]
+    dpo = json.loads(done.stdout.strip().splitlines()[-1])["dpo"]
+    for key in ("before", "after", "lift_points", "kl_to_base", "length_ratio", "events", "cycle_s"):
+        assert key in dpo, (key, dpo)
+    assert dpo["events"] == 16 and 0 <= dpo["before"] <= 100 and 0 <= dpo["after"] <= 100
+    assert dpo["lift_points"] == pytest.approx(dpo["after"] - dpo["before"], abs=0.02)
+    assert dpo["gate"] in ("promoted", "rejected") and dpo["steps"] >= 1 and dpo["cycle_s"] > 0
+    assert (tmp_path / "efficacy.png").stat().st_size > 10_000
+    # it measures the product's defaults: nothing of the test suite's quick settings (lr 1e-3) leaks in
+    from chatloop.config import TrainingDefaults
+
+    job = json.loads(next((data / "runs").glob("run-*/job.json")).read_text())
+    assert job["settings"]["learning_rate"] == TrainingDefaults().learning_rate
+    assert job["settings"]["max_reply_tokens"] == TrainingDefaults().max_reply_tokens
+    again = bench("--reuse-feedback", "--set", "training.beta=0.2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing the base's scores and 16 feedback events" in again.stderr
+    redo = json.loads(again.stdout.strip().splitlines()[-1])["dpo"]
+    assert redo["before"] == dpo["before"] and redo["settings"][-1] == "training.beta=0.2"
+    other = bench("--reuse-feedback", "--events", "17")  # a different plan cannot reuse the log
+    assert other.returncode == 2 and "needs" in other.stderr
