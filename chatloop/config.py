@@ -51,8 +51,8 @@ class TrainingDefaults:
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo
     label_smoothing: float = 0.0
-    learning_rate: float = 5e-5
-    epochs: int = 2
+    learning_rate: float = 1e-4
+    epochs: int = 3
     batch_size: int = 4
     # DPO/KTO keep the checkpoint with the lowest held-out loss, scored this many times an epoch
     # (and before the first step), and stop after `early_stop_patience` scores without a new best

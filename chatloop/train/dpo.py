@@ -63,8 +63,8 @@ class DpoConfig:
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
-    learning_rate: float = 5e-5
-    epochs: int = 2
+    learning_rate: float = 1e-4
+    epochs: int = 3
     batch_size: int = 4
     max_prompt_tokens: int = 384
     max_reply_tokens: int = 256

@@ -72,8 +72,8 @@ class KtoConfig:
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     balance: bool = True  # apply ``balanced_weights`` to the training set's counts
-    learning_rate: float = 5e-5
-    epochs: int = 2
+    learning_rate: float = 1e-4
+    epochs: int = 3
     batch_size: int = 8
     max_prompt_tokens: int = 384
     max_reply_tokens: int = 256
