@@ -105,7 +105,7 @@ def _accuracy(metrics: dict[str, Any]) -> tuple[bool, str]:
     held = metrics.get("held_out") or {}
     n = held.get("pairs") or held.get("examples")
     selection = metrics.get("selection") or {}
-    if n and selection and selection.get("best_step") == 0:
+    if n and selection.get("best_step") == 0:
         return False, (f"no training step lowered the held-out loss ({selection['best_score']:.4f} at the start); "
                        "the candidate is the active adapter unchanged")
     if n:

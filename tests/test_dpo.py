@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from chatloop.train.common import HeldOutSelection, collate_groups, encode_reply, fit, grouped_reply_logprobs
-from chatloop.train.dpo import DpoConfig, dpo_loss, encode_pairs, fill_reference, train_dpo
+from chatloop.train.dpo import DpoConfig, dpo_loss, encode_pairs, evaluate_pairs, fill_reference, train_dpo
 
 
 def _sig(x: float) -> float:
@@ -182,7 +182,7 @@ def test_held_out_selection_keeps_the_best_step_and_stops_after_patience():
     (w = 0.1 k after k steps); the held-out score (w - 0.32)^2 is lowest at step 3. With patience 2
     training stops after step 5 and w is put back to 0.3."""
     model = _Scalar()
-    sel = HeldOutSelection(lambda: float((model.w.detach() - 0.32) ** 2), every=1, patience=2)
+    sel = HeldOutSelection(lambda: {"loss": float((model.w.detach() - 0.32) ** 2)}, every=1, patience=2)
     history = fit(model, n_items=20, batch_size=1, epochs=1, learning_rate=0.1, seed=0,
                   step=lambda idx: (-model.w, {}), selection=sel)
     assert [s for s, _ in sel.scores] == [0, 1, 2, 3, 4, 5]
@@ -194,7 +194,7 @@ def test_held_out_selection_keeps_the_best_step_and_stops_after_patience():
 
 def test_held_out_selection_keeps_the_start_when_no_step_helps():
     model = _Scalar()
-    sel = HeldOutSelection(lambda: float(model.w.detach() ** 2), every=2, patience=0)  # any move hurts
+    sel = HeldOutSelection(lambda: {"loss": float(model.w.detach() ** 2)}, every=2, patience=0)  # any move hurts
     history = fit(model, n_items=6, batch_size=1, epochs=1, learning_rate=0.1, seed=0,
                   step=lambda idx: (-model.w, {}), selection=sel)
     assert len(history) == 6  # patience 0: no early stop
@@ -217,19 +217,29 @@ def test_dpo_hands_back_the_checkpoint_with_the_lowest_held_out_loss(tiny_model_
                 for i, p in enumerate(pairs[:2])]
     cfg = DpoConfig(epochs=3, batch_size=4, learning_rate=5e-3, beta=0.1, evals_per_epoch=2, patience=3)
 
-    model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    m = train_dpo(model, tok, pairs, flipped, cfg)
+    def train_and_remeasure(held):
+        """Train, then score the held-out pairs again on the weights handed back (references from
+        the untrained model), independently of what training reported."""
+        model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+        enc = encode_pairs(tok, held, cfg)
+        fill_reference(model, enc, tok.pad_token_id, cfg, torch.device("cpu"))
+        m = train_dpo(model, tok, pairs, held, cfg)
+        return m, evaluate_pairs(model, enc, tok.pad_token_id, cfg, torch.device("cpu"))
+
+    m, again = train_and_remeasure(flipped)
     sel = m["selection"]
     assert sel["best_step"] == 0 and sel["stopped_early"] and m["steps"] == 3
     assert [s["step"] for s in sel["scores"]] == [0, 1, 2, 3]
     assert sel["scores"][0]["score"] == pytest.approx(math.log(2))  # the reference's loss, computed
     assert m["final_loss"] < m["first_loss"]  # it did train on the pairs ...
     assert m["held_out"]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # ... and handed back the start
+    assert again["loss"] == pytest.approx(math.log(2), abs=1e-5) and again["accuracy"] == 0.5
     assert m["held_out"]["accuracy"] == 0.5
 
-    model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    m = train_dpo(model, tok, pairs, agreeing, cfg)
+    m, again = train_and_remeasure(agreeing)
     sel = m["selection"]
     assert sel["best_step"] > 0
     assert m["held_out"]["loss"] == pytest.approx(min(s["score"] for s in sel["scores"]), abs=1e-5)
+    assert again["loss"] == pytest.approx(m["held_out"]["loss"], abs=1e-5)  # the best weights were restored
+    assert again["accuracy"] == m["held_out"]["accuracy"]
     assert m["held_out"]["loss"] < math.log(2) - 0.05

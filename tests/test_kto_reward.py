@@ -81,6 +81,11 @@ def test_kto_selection_starts_from_the_loss_the_untrained_model_scores(tiny_mode
     assert len(scores) == 5 and scores[0] == pytest.approx((1 * 1 + 2 * 3) / 2 / 3)
     assert scores == pytest.approx([scores[0]] * 5, abs=1e-6)
     assert m["selection"]["best_step"] == 0 and m["held_out"]["loss"] == pytest.approx(scores[0], abs=1e-6)
+    # the computed starting metrics are what measuring the untrained model gives
+    _, fresh = _lora_model(tiny_model_dir)
+    measured = train_kto(fresh, tok, rows, held, KtoConfig(epochs=1, batch_size=4, learning_rate=0.0,
+                                                            select_best=False))["held_out"]
+    assert measured == pytest.approx(m["held_out"], abs=1e-6)
 
 
 def test_bradley_terry_loss_matches_hand_computation():

@@ -218,32 +218,43 @@ def batches(n: int, batch_size: int, epochs: int, seed: int,
 
 @dataclass
 class HeldOutSelection:
-    """Checkpoint selection on held-out data: ``evaluate()`` (lower is better, e.g. the held-out
-    loss) is scored before the first step and every ``every`` steps and at the end; the trainable
-    weights with the lowest score are kept and put back when training ends. Training stops early
-    once ``patience`` scores in a row have not improved on the best (0 = never stop early).
+    """Checkpoint selection on held-out data: ``evaluate()`` (held-out metrics; lower ``"loss"`` is
+    better) is scored before the first step and every ``every`` steps and at the end; the trainable
+    weights with the lowest loss are kept and put back when training ends, and ``best_metrics`` are
+    their held-out metrics (no second pass). Training stops early once ``patience`` scores in a row
+    have not improved on the best (0 = never stop early).
 
     The starting point is a candidate too: when no update beats it, training hands back the
     weights it started from and ``best_step`` is 0. Ties keep the earlier (less trained) weights.
-    ``initial_score``, when the caller knows it (DPO and KTO do: the policy is its own reference
-    there), stands in for scoring the starting point.
+    ``initial``, when the caller knows the starting metrics (DPO and KTO do: the policy is its own
+    reference there), stands in for scoring the starting point.
     """
 
-    evaluate: Callable[[], float]
+    evaluate: Callable[[], dict[str, float]]
     every: int
     patience: int = 0
-    initial_score: float | None = None
+    initial: dict[str, float] | None = None
     scores: list[tuple[int, float]] = field(default_factory=list)
     best_step: int = 0
     best_score: float = math.inf
+    best_metrics: dict[str, float] = field(default_factory=dict)
     _best: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     _since_best: int = 0
 
+    @classmethod
+    def per_epoch(cls, evaluate: Callable[[], dict[str, float]], n_items: int, batch_size: int,
+                  evals_per_epoch: int, patience: int, initial: dict[str, float] | None = None) -> "HeldOutSelection":
+        """Scored ``evals_per_epoch`` times an epoch of ``n_items`` in batches of ``batch_size``."""
+        steps = math.ceil(n_items / batch_size)
+        return cls(evaluate, every=max(1, math.ceil(steps / max(1, evals_per_epoch))), patience=patience,
+                   initial=initial)
+
     def observe(self, model: torch.nn.Module, step: int) -> float:
-        score = float(self.initial_score if step == 0 and self.initial_score is not None else self.evaluate())
+        metrics = dict(self.initial if step == 0 and self.initial is not None else self.evaluate())
+        score = float(metrics["loss"])
         self.scores.append((step, score))
         if score < self.best_score:
-            self.best_score, self.best_step, self._since_best = score, step, 0
+            self.best_score, self.best_step, self.best_metrics, self._since_best = score, step, metrics, 0
             self._best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         else:
             self._since_best += 1

@@ -18,7 +18,6 @@ Invariants:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -177,13 +176,12 @@ def train_dpo(
 
     selection = None
     if held and cfg.select_best:
-        per_epoch = math.ceil(len(train) / cfg.batch_size)
         zero = torch.zeros(1)  # the policy is its reference at the start: every log-ratio is 0
-        selection = HeldOutSelection(lambda: evaluate_pairs(model, held, pad_id, cfg, device)["loss"],
-                                     every=max(1, math.ceil(per_epoch / max(1, cfg.evals_per_epoch))),
-                                     patience=cfg.patience,
-                                     initial_score=float(dpo_loss(zero, zero, zero, zero, cfg.beta, cfg.loss_type,
-                                                                  cfg.label_smoothing)[0]))
+        start = float(dpo_loss(zero, zero, zero, zero, cfg.beta, cfg.loss_type, cfg.label_smoothing)[0][0])
+        selection = HeldOutSelection.per_epoch(
+            lambda: evaluate_pairs(model, held, pad_id, cfg, device), len(train), cfg.batch_size,
+            cfg.evals_per_epoch, cfg.patience,
+            initial={"accuracy": 0.5, "margin": 0.0, "loss": start, "pairs": len(held)})
     history = fit(model, len(train), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
                   on_step, should_stop, lengths=[max(len(e.chosen), len(e.rejected)) for e in train],
                   selection=selection)
@@ -195,7 +193,7 @@ def train_dpo(
         "final_loss": history[-1]["loss"] if history else None,
         # the gate reads training-set metrics only when nothing is held out: score them only then
         "train_eval": {} if held else evaluate_pairs(model, train, pad_id, cfg, device),
-        "held_out": evaluate_pairs(model, held, pad_id, cfg, device),
+        "held_out": selection.best_metrics if selection else evaluate_pairs(model, held, pad_id, cfg, device),
         "train_s": train_s,
         "pairs_per_s": len(train) * cfg.epochs / max(train_s, 1e-9),
         "total_s": time.perf_counter() - t0,

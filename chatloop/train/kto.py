@@ -19,7 +19,6 @@ held-out KTO loss (``common.HeldOutSelection``), as in DPO.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -164,12 +163,13 @@ def train_kto(
 
     selection = None
     if held and cfg.select_best:
-        per_epoch = math.ceil(len(train) / cfg.batch_size)
-        # at the start every log-ratio and z are 0: each example's loss is half its weight
+        # at the start every log-ratio and z are 0: each example's loss is half its weight, every
+        # reward ties (accuracies 0.5)
         start = sum(cfg.desirable_weight if e.desirable else cfg.undesirable_weight for e in held) / 2 / len(held)
-        selection = HeldOutSelection(lambda: evaluate(model, held, pad_id, cfg, device)["loss"],
-                                     every=max(1, math.ceil(per_epoch / max(1, cfg.evals_per_epoch))),
-                                     patience=cfg.patience, initial_score=start)
+        selection = HeldOutSelection.per_epoch(
+            lambda: evaluate(model, held, pad_id, cfg, device), len(train), cfg.batch_size,
+            cfg.evals_per_epoch, cfg.patience,
+            initial={"accuracy": 0.5, "sign_accuracy": 0.5, "loss": start, "examples": len(held)})
     history = fit(model, len(train), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
                   on_step, should_stop, lengths=[max(len(e.matched), len(e.mismatched)) for e in train],
                   selection=selection)
@@ -181,7 +181,7 @@ def train_kto(
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         # the gate reads training-set metrics only when nothing is held out: score them only then
         "train_eval": {} if held else evaluate(model, train, pad_id, cfg, device),
-        "held_out": evaluate(model, held, pad_id, cfg, device),
+        "held_out": selection.best_metrics if selection else evaluate(model, held, pad_id, cfg, device),
         "train_s": time.perf_counter() - t0, "history": history,
     }
 
