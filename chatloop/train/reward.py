@@ -160,7 +160,7 @@ def warm_start_head(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id:
     over the training pairs."""
     feats = _last_states(rm, enc, pad_id, batch_size).double()
     d = feats[:, 0] - feats[:, 1]
-    w = torch.zeros(d.shape[1], dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(d.shape[1], dtype=torch.float64, device=d.device, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
 
     def closure():
