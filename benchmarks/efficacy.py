@@ -252,7 +252,11 @@ def main() -> int:
             cycle_s = time.perf_counter() - t0
             if r.status_code >= 400:
                 print(f"{algo}: the cycle was refused: {r.text[:300]}", file=sys.stderr)
-                results[algo] = {"error": r.json().get("error", {}).get("message", r.text), "events": sim.events}
+                try:
+                    message = r.json().get("error", {}).get("message", r.text)
+                except ValueError:  # not JSON
+                    message = r.text
+                results[algo] = {"error": message, "events": sim.events, "cycle_s": round(cycle_s, 1)}
                 continue
             run = r.json()
             version = run.get("candidate_version")

@@ -310,6 +310,9 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             raise ApiError(422, str(exc), "not_enough_feedback") from None
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+        except Exception as exc:  # the cycle failed after it started: its run is recorded as failed
+            raise ApiError(500, f"the retraining cycle failed: {type(exc).__name__}: {exc}",
+                           "server_error", "training_failed") from None
         return {"run_id": run_id, "status": "running"}
 
     @admin.post("/cancel")

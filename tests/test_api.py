@@ -130,6 +130,19 @@ def test_admin_routes_need_the_operator_token(client):
     assert client.post("/admin/retrain", json={"algo": "nope"}, headers=ADMIN).status_code == 400
 
 
+def test_a_waited_for_cycle_that_fails_answers_a_json_error(client, monkeypatch):
+    from chatloop.loop import TrainingFailed
+
+    def fail(algo, trigger):
+        raise TrainingFailed("training process failed: RuntimeError: tensors on two devices")
+
+    monkeypatch.setattr(client.service.retrainer, "run_cycle", fail)
+    r = client.post("/admin/retrain", json={"algo": "dpo", "wait": True}, headers=ADMIN)
+    assert r.status_code == 500
+    err = r.json()["error"]
+    assert err["code"] == "training_failed" and "tensors on two devices" in err["message"]
+
+
 def test_admin_is_disabled_without_a_configured_token(client):
     app = create_app(client.service, admin_token="")
     with TestClient(app) as c:
