@@ -210,10 +210,15 @@ def _apply(obj: Any, values: Mapping[str, Any], prefix: str = "") -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+# CHATLOOP_* variables that are not settings of the service: read by the benchmarks and oracles
+# (where the shared evaluation data lies), so a service started beside them must not refuse them
+NOT_SETTINGS = frozenset({"CHATLOOP_SHARED_DATA"})
+
+
 def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in environ.items():
-        if not key.startswith("CHATLOOP_"):
+        if not key.startswith("CHATLOOP_") or key in NOT_SETTINGS:
             continue
         name = key[len("CHATLOOP_"):].lower()
         if "__" in name:

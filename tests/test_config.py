@@ -37,6 +37,12 @@ def test_bad_settings_are_clear_errors(env):
         load_settings(environ=env)
 
 
+def test_the_benchmarks_shared_data_variable_is_not_a_setting(tmp_path):
+    # benchmarks and oracles read it; a service started beside them (efficacy.py) must still start
+    s = load_settings(environ={"CHATLOOP_SHARED_DATA": str(tmp_path), "CHATLOOP_PORT": "9100"})
+    assert s.port == 9100
+
+
 def test_missing_config_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", environ={})
