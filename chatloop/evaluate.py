@@ -17,8 +17,13 @@ A candidate is promoted only when every check passes:
      its starting point (no update lowered the held-out loss) is the active adapter unchanged
      and is rejected. The reward model's win rate below is measured on fresh replies.
 3. the reward model prefers the candidate's replies to the active adapter's on held-out prompts
-   at least ``gate_win_rate`` of the time (ties count half). The check is skipped, and says so,
-   when no reward model could be trained or no prompts were held out;
+   at least ``gate_win_rate`` of the time (ties count half), *and* its mean score of the
+   candidate's replies is above its mean score of the reference's. A candidate no better than
+   the active adapter wins about half the prompts by chance, so the win rate alone at 0.5 lets it
+   through (an H100 PPO candidate 0.004 nats/token from its reference won exactly 0.50 with a
+   lower mean score, and was promoted); an unchanged adapter ties everywhere and has the same
+   mean. The check is skipped, and says so, when no reward model could be trained or no prompts
+   were held out;
 4. KL to the base model on the candidate's own replies is at most ``gate_max_kl`` nats per token;
 5. its share of degenerate replies (empty or repetitive) exceeds the reference's by at most
    ``gate_max_degenerate_increase``.
@@ -76,10 +81,13 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
     n = judged["prompts"]
     reward = judged.get("reward")
     if reward:
-        ok = reward["win_rate"] >= t.gate_win_rate
-        check("win_rate", ok, f"reward model prefers the candidate on {reward['win_rate']:.2f} of {n} held-out "
-                              f"prompts ({'>=' if ok else '<'} {t.gate_win_rate:.2f}; mean score "
-                              f"{reward['candidate']:.3f} vs {reward['reference']:.3f})")
+        wins = reward["win_rate"] >= t.gate_win_rate
+        higher = reward["candidate"] > reward["reference"]
+        check("win_rate", wins and higher,
+              f"reward model prefers the candidate on {reward['win_rate']:.2f} of {n} held-out "
+              f"prompts ({'>=' if wins else '<'} {t.gate_win_rate:.2f}) with a mean score "
+              f"{reward['candidate']:.3f} {'above' if higher else 'not above'} the reference's "
+              f"{reward['reference']:.3f}")
     else:
         rm = judged.get("reward_model")
         check("win_rate", None, f"reward-model win rate not measured ({rm if isinstance(rm, str) else 'no reward model'})")

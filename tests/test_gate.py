@@ -47,6 +47,19 @@ def test_each_check_rejects_on_its_own(path, value, check):
     assert [k for k, ok in v.checks.items() if ok is False] == [check]
 
 
+def test_a_coin_flip_win_rate_with_a_lower_mean_score_is_rejected():
+    # as measured on an H100: a PPO candidate 0.004 nats/token from its reference won exactly half
+    # the held-out prompts with a lower mean reward, and the old ">= 0.5" alone promoted it
+    m = worse("judge.reward", {"candidate": 2.372, "reference": 2.535, "win_rate": 0.5})
+    v = gate(m)
+    assert not v.promote and [k for k, ok in v.checks.items() if ok is False] == ["win_rate"]
+    assert "0.50 of 8" in v.summary and "2.372 not above the reference's 2.535" in v.summary
+    # an unchanged adapter ties on every prompt: the same mean is not "better" either
+    assert not gate(worse("judge.reward", {"candidate": 1.0, "reference": 1.0, "win_rate": 0.5})).promote
+    # half the prompts with a higher mean is enough at the default threshold
+    assert gate(worse("judge.reward", {"candidate": 1.1, "reference": 1.0, "win_rate": 0.5})).promote
+
+
 def test_thresholds_come_from_the_settings():
     strict = TrainingDefaults(gate_win_rate=0.8, gate_max_kl=0.01)
     v = gate(GOOD, strict)
