@@ -170,3 +170,41 @@ def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_p
     again = RewardModel.load(tmp_path / "rm", AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     items = [(held[0]["prompt"], good), (held[0]["prompt"], bad)]
     assert score(again, tok, items, cfg) == pytest.approx(score(rm, tok, items, cfg), abs=1e-5)
+
+
+def test_reward_model_hands_back_its_best_checkpoint_head_included(tiny_model_dir):
+    """Held-out pairs that contradict the training pairs: every update raises their loss, so the
+    checkpoint handed back is the start. Without the warm start that is a zero head (every score
+    exactly 0, held-out loss log 2) on an untouched LoRA (its B matrices still zero), which fails
+    if the head, which lives outside the LoRA model, were not part of the checkpoint. With
+    agreeing held-out pairs training moves on and the held-out figures are the best ones scored."""
+    good, bad = "Sure, happy to help.", "Go away."
+    pairs = [{"prompt": [{"role": "user", "content": f"Question number {i}"}], "chosen": good, "rejected": bad}
+             for i in range(8)]
+    flipped = [{"prompt": [{"role": "user", "content": f"A new question {i}"}], "chosen": bad, "rejected": good}
+               for i in range(2)]
+    cfg = RewardConfig(epochs=3, batch_size=4, learning_rate=3e-3, head_warm_start=False, evals_per_epoch=2,
+                       patience=3)
+
+    tok, lm = _lora_model(tiny_model_dir)
+    torch.manual_seed(0)
+    rm = RewardModel(lm, lm.get_base_model().config.hidden_size)
+    m = train_reward(rm, tok, pairs, flipped, cfg)
+    sel = m["selection"]
+    assert m["final_loss"] < m["first_loss"]  # it did learn the training pairs ...
+    assert sel["best_step"] == 0 and sel["stopped_early"] and m["steps"] == 3  # ... and stopped after patience
+    assert sel["scores"][0]["score"] == pytest.approx(math.log(2))  # scored, not assumed
+    assert m["held_out"] == {"accuracy": 0.5, "margin": 0.0, "loss": pytest.approx(math.log(2)), "pairs": 2}
+    assert not rm.head.weight.any() and not rm.head.bias.any()
+    assert all(not p.any() for n, p in rm.lm.named_parameters() if "lora_B" in n)
+    assert score(rm, tok, [(p["prompt"], p["chosen"]) for p in pairs[:3]], cfg) == [0.0, 0.0, 0.0]
+
+    tok, lm = _lora_model(tiny_model_dir)
+    torch.manual_seed(0)
+    rm = RewardModel(lm, lm.get_base_model().config.hidden_size)
+    agreeing = [{**p, "chosen": good, "rejected": bad} for p in flipped]
+    m = train_reward(rm, tok, pairs, agreeing, cfg)
+    sel = m["selection"]
+    assert sel["best_step"] > 0 and m["held_out"]["loss"] == pytest.approx(sel["best_score"])
+    assert m["held_out"]["loss"] == pytest.approx(min(s["score"] for s in sel["scores"]))
+    assert m["held_out"]["accuracy"] == 1.0

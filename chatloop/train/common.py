@@ -249,13 +249,20 @@ class HeldOutSelection:
         return cls(evaluate, every=max(1, math.ceil(steps / max(1, evals_per_epoch))), patience=patience,
                    initial=initial)
 
-    def observe(self, model: torch.nn.Module, step: int) -> float:
+    @staticmethod
+    def _tracked(model: torch.nn.Module, extra_params: Sequence[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint holds: the model's trainable ones and any outside it (a head)."""
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        named.update({f"<extra {k}>": p for k, p in enumerate(extra_params)})
+        return named
+
+    def observe(self, model: torch.nn.Module, step: int, extra_params: Sequence[torch.nn.Parameter] = ()) -> float:
         metrics = dict(self.initial if step == 0 and self.initial is not None else self.evaluate())
         score = float(metrics["loss"])
         self.scores.append((step, score))
         if score < self.best_score:
             self.best_score, self.best_step, self.best_metrics, self._since_best = score, step, metrics, 0
-            self._best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+            self._best = {n: p.detach().clone() for n, p in self._tracked(model, extra_params).items()}
         else:
             self._since_best += 1
         return score
@@ -265,12 +272,11 @@ class HeldOutSelection:
         return self.patience > 0 and self._since_best >= self.patience
 
     @torch.no_grad()
-    def restore(self, model: torch.nn.Module) -> None:
+    def restore(self, model: torch.nn.Module, extra_params: Sequence[torch.nn.Parameter] = ()) -> None:
         if self._best is None:
             return
-        for n, p in model.named_parameters():
-            if n in self._best:
-                p.copy_(self._best[n])
+        for n, p in self._tracked(model, extra_params).items():
+            p.copy_(self._best[n])
 
     def summary(self) -> dict:
         return {"best_step": self.best_step, "best_score": self.best_score,
@@ -316,7 +322,7 @@ def fit(
     history: list[dict] = []
     t0 = time.perf_counter()
     if selection is not None:
-        selection.observe(model, 0)
+        selection.observe(model, 0, extra_params)
         model.train()
     for i, (epoch, idx) in enumerate(batches(n_items, batch_size, epochs, seed, lengths), start=1):
         if should_stop():
@@ -330,7 +336,7 @@ def fit(
         opt.step()
         m = {"step": i, "total": total, "epoch": epoch, "loss": loss.item(), **metrics}
         if selection is not None and (i % selection.every == 0 or i == total):
-            m["held_out_score"] = selection.observe(model, i)
+            m["held_out_score"] = selection.observe(model, i, extra_params)
             model.train()
         m["elapsed_s"] = time.perf_counter() - t0
         history.append(m)
@@ -338,7 +344,7 @@ def fit(
         if selection is not None and selection.exhausted:
             break
     if selection is not None:
-        selection.restore(model)
+        selection.restore(model, extra_params)
     model.eval()
     return history
 

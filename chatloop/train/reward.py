@@ -8,7 +8,10 @@ loss_pairs  = -log sigmoid(r(chosen) - r(rejected) - margin)            (Bradley
 loss_thumbs = pointwise_weight * BCE(sigmoid(r(reply)), thumb is up)    (optional, from thumbs)
 
 The head starts at zero, is first fitted alone on the frozen model's states (linear probing), and
-then trains with the LoRA at its own, higher learning rate.
+then trains with the LoRA at its own, higher learning rate. With held-out pairs the model handed
+back is the checkpoint (LoRA and head) with the lowest held-out pair loss, the probed head before
+any fine-tuning included, and training stops early as DPO's does (``common.HeldOutSelection``);
+the held-out metrics then describe the set it was chosen on.
 
 Artifact (a directory): ``adapter/`` (PEFT LoRA), ``head.safetensors``, ``reward.json`` (base
 model path, metrics). ``RewardModel.load`` rebuilds it on any copy of the base model.
@@ -25,7 +28,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from chatloop.train.common import Encoded, PromptGroups, collate_groups, encode_reply, fit, grouped_hidden
+from chatloop.train.common import (Encoded, HeldOutSelection, PromptGroups, collate_groups, encode_reply, fit,
+                                   grouped_hidden)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -99,6 +103,11 @@ class RewardConfig:
     center_coefficient: float = 0.0
     pointwise_weight: float = 0.0  # weight of the thumbs term; 0 = pairs only
     seed: int = 0
+    # with held-out pairs: keep the checkpoint (the probed head before any fine-tuning included)
+    # with the lowest held-out Bradley-Terry loss, and stop after `patience` scores without a new best
+    select_best: bool = True
+    evals_per_epoch: int = 2
+    patience: int = 2  # 0 = never stop early
 
 
 @torch.no_grad()
@@ -123,17 +132,27 @@ def score(rm: RewardModel, tokenizer, items: Sequence[tuple[list[dict], str]], c
     return [v[0] for v in _score_groups(rm, enc, tokenizer.pad_token_id, batch_size)]
 
 
+def encode_pairs(tokenizer, pairs: list[dict], cfg: RewardConfig) -> list[tuple[Encoded, Encoded]]:
+    """(chosen, rejected) encodings of {prompt, chosen, rejected} pairs."""
+    return [(encode_reply(tokenizer, p["prompt"], p["chosen"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
+             encode_reply(tokenizer, p["prompt"], p["rejected"], cfg.max_prompt_tokens, cfg.max_reply_tokens))
+            for p in pairs]
+
+
 def evaluate_pairs(rm: RewardModel, tokenizer, pairs: list[dict], cfg: RewardConfig,
                    batch_size: int = 8) -> dict:
-    """Pair accuracy (ties count half) and mean margin r(chosen) - r(rejected)."""
-    if not pairs:
+    """Pair accuracy (ties count half), mean margin r(chosen) - r(rejected) and the mean
+    Bradley-Terry loss -log sigmoid(margin)."""
+    return _evaluate_encoded(rm, encode_pairs(tokenizer, pairs, cfg), tokenizer.pad_token_id, batch_size)
+
+
+def _evaluate_encoded(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id: int, batch_size: int) -> dict:
+    if not enc:
         return {}
-    enc = [(encode_reply(tokenizer, p["prompt"], p["chosen"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
-            encode_reply(tokenizer, p["prompt"], p["rejected"], cfg.max_prompt_tokens, cfg.max_reply_tokens))
-           for p in pairs]
-    margins = [c - r for c, r in _score_groups(rm, enc, tokenizer.pad_token_id, batch_size)]
-    acc = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
-    return {"accuracy": acc, "margin": sum(margins) / len(margins), "pairs": len(pairs)}
+    margins = torch.tensor([c - r for c, r in _score_groups(rm, enc, pad_id, batch_size)], dtype=torch.float64)
+    acc = float((margins > 0).sum() + 0.5 * (margins == 0).sum()) / len(margins)
+    return {"accuracy": acc, "margin": float(margins.mean()), "loss": float(-F.logsigmoid(margins).mean()),
+            "pairs": len(enc)}
 
 
 @torch.no_grad()
@@ -192,10 +211,8 @@ def train_reward(
     pad_id = tokenizer.pad_token_id
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    enc: list[tuple[Encoded, Encoded]] = [
-        (encode_reply(tokenizer, p["prompt"], p["chosen"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
-         encode_reply(tokenizer, p["prompt"], p["rejected"], cfg.max_prompt_tokens, cfg.max_reply_tokens))
-        for p in pairs]
+    enc = encode_pairs(tokenizer, pairs, cfg)
+    held = encode_pairs(tokenizer, eval_pairs, cfg)
     pointwise = [(encode_reply(tokenizer, t["prompt"], t["completion"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
                   float(bool(t["label"]))) for t in thumbs] if cfg.pointwise_weight > 0 else []
 
@@ -216,10 +233,14 @@ def train_reward(
             metrics["pointwise_loss"] = float(point.detach())
         return loss, metrics
 
+    selection = None
+    if held and cfg.select_best:  # the starting point (the probed head) is scored, not assumed
+        selection = HeldOutSelection.per_epoch(lambda: _evaluate_encoded(rm, held, pad_id, cfg.batch_size),
+                                               len(enc), cfg.batch_size, cfg.evals_per_epoch, cfg.patience)
     history = fit(rm.lm, len(enc), cfg.batch_size, cfg.epochs, cfg.learning_rate, cfg.seed, step,
                   on_step, should_stop, extra_params=list(rm.head.parameters()),
                   extra_learning_rate=cfg.head_learning_rate,
-                  lengths=[max(len(c), len(r)) for c, r in enc])
+                  lengths=[max(len(c), len(r)) for c, r in enc], selection=selection)
     rm.eval()
     last_epoch = [h for h in history if h["epoch"] == history[-1]["epoch"]]
     return {
@@ -227,6 +248,7 @@ def train_reward(
         "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
         # the training pairs are not scored again: the last epoch's step accuracies say as much
         "train_accuracy_last_epoch": sum(h["accuracy"] for h in last_epoch) / len(last_epoch),
-        "held_out": evaluate_pairs(rm, tokenizer, eval_pairs, cfg), **probe,
+        "held_out": selection.best_metrics if selection else _evaluate_encoded(rm, held, pad_id, cfg.batch_size),
+        "selection": selection.summary() if selection else None, **probe,
         "train_s": time.perf_counter() - t0, "config": asdict(cfg), "history": history,
     }

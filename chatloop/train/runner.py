@@ -60,7 +60,7 @@ def _load(job: dict):
 
 
 def _selection(s: dict) -> dict:
-    """DPO's and KTO's held-out checkpoint selection settings."""
+    """Held-out checkpoint selection settings, shared by DPO, KTO and the reward model."""
     return {"select_best": s["select_best"], "evals_per_epoch": s["evals_per_epoch"],
             "patience": s["early_stop_patience"]}
 
@@ -74,9 +74,11 @@ def train_dpo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     cfg = DpoConfig(beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
                     learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=s["batch_size"],
                     max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"],
-                    seed=s["seed"], **_selection(s))
+                    seed=s["seed"], thumbs_weight=s["dpo_thumbs_weight"], thumbs_balance=s["kto_balance"],
+                    **_selection(s))
     metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
-                        read_jsonl(job_dir / "eval.jsonl"), cfg, **hooks)
+                        read_jsonl(job_dir / "eval.jsonl"), cfg, **hooks,
+                        thumbs=read_jsonl(job_dir / "train_thumbs.jsonl"))
     model.save_pretrained(job_dir / "adapter")
     metrics["judge"] = judge_candidate(job_dir, job, s, model, loaded.tokenizer, hooks)
     return metrics
@@ -164,7 +166,7 @@ def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict):
                        epochs=s["reward_epochs"],
                        batch_size=s["batch_size"], max_prompt_tokens=s["max_prompt_tokens"],
                        max_reply_tokens=s["max_reply_tokens"], pointwise_weight=s["reward_pointwise_weight"],
-                       seed=s["seed"])
+                       seed=s["seed"], **_selection(s))
     metrics = train_reward(rm, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
                            read_jsonl(job_dir / "eval.jsonl"), cfg, read_jsonl(job_dir / "train_thumbs.jsonl"),
                            **hooks)
