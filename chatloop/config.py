@@ -79,6 +79,9 @@ class TrainingDefaults:
     reward_head_learning_rate: float = 1e-3  # the scalar head starts at zero and must move fast
     reward_epochs: int = 2
     reward_pointwise_weight: float = 0.1
+    # the reward model's held-out checks (patience: early_stop_patience); it over-fits within its
+    # first epoch on ~160 pairs, so it is scored more often than DPO/KTO and stops sooner
+    reward_evals_per_epoch: int = 4
     # PPO
     ppo_learning_rate: float = 1e-5
     ppo_rollouts: int = 4

@@ -166,7 +166,7 @@ def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict):
                        epochs=s["reward_epochs"],
                        batch_size=s["batch_size"], max_prompt_tokens=s["max_prompt_tokens"],
                        max_reply_tokens=s["max_reply_tokens"], pointwise_weight=s["reward_pointwise_weight"],
-                       seed=s["seed"], **_selection(s))
+                       seed=s["seed"], **{**_selection(s), "evals_per_epoch": s["reward_evals_per_epoch"]})
     metrics = train_reward(rm, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
                            read_jsonl(job_dir / "eval.jsonl"), cfg, read_jsonl(job_dir / "train_thumbs.jsonl"),
                            **hooks)
