@@ -59,6 +59,11 @@ class TrainingDefaults:
     select_best: bool = True
     evals_per_epoch: int = 2
     early_stop_patience: int = 2  # 0 = never stop early
+    # DPO also learns from the snapshot's thumbs (KTO's loss with z = 0, see chatloop/train/dpo.py) at this
+    # weight; 0 = pairs only. On the sentiment log it lifted +24.0 points against +22.0 without, in a
+    # shorter fresh cycle (941 s vs 1189 s, the reward model's earlier stop included)
+    dpo_thumbs_weight: float = 1.0
+    dpo_thumbs_per_step: int = 2  # thumbs added to each step's pairs; each costs one reply's forward and backward
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0

@@ -292,7 +292,8 @@ class Retrainer:
         # Every algorithm gets pairs and thumbs: the reward model (PPO's, and the gate's for
         # DPO/KTO) trains on both; held-out prompts are what the gate's judge asks both sides.
         uses_pairs = algo in ("dpo", "ppo") or t.gate_reward_model
-        uses_thumbs = algo in ("kto", "ppo") or t.gate_reward_model
+        uses_thumbs = (algo in ("kto", "ppo") or t.gate_reward_model
+                       or (algo == "dpo" and t.dpo_thumbs_weight > 0))  # DPO's thumbs term
         prefs.write_jsonl(job_dir / "train.jsonl", train_p if uses_pairs else [])
         prefs.write_jsonl(job_dir / "eval.jsonl", held_p if uses_pairs else [])
         prefs.write_jsonl(job_dir / "train_thumbs.jsonl", train_t if uses_thumbs else [])

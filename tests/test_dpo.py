@@ -243,3 +243,59 @@ def test_dpo_hands_back_the_checkpoint_with_the_lowest_held_out_loss(tiny_model_
     assert again["loss"] == pytest.approx(m["held_out"]["loss"], abs=1e-5)  # the best weights were restored
     assert again["accuracy"] == m["held_out"]["accuracy"]
     assert m["held_out"]["loss"] < math.log(2) - 0.05
+
+
+def _thumb_rows(n_up: int, n_down: int, up: str = "Absolutely, gladly.", down: str = "Never.") -> list[dict]:
+    return ([{"prompt": [{"role": "user", "content": f"Could you help with chore {i}?"}], "completion": up,
+              "label": True} for i in range(n_up)]
+            + [{"prompt": [{"role": "user", "content": f"Could you help with errand {i}?"}], "completion": down,
+                "label": False} for i in range(n_down)])
+
+
+def test_dpo_thumbs_term_is_zero_anchored_kto_at_the_balanced_weights(tiny_model_dir):
+    """Known answer at learning rate 0: every log-ratio stays 0, so each thumb's loss is half its
+    weight. 3 up and 1 down balance to weights 1 and 3 (the rarer kind raised to the same total),
+    so the thumbs' term is (3 * 1 + 1 * 3) / 2 / 4 = 0.75 and a step's loss log 2 + weight * 0.75,
+    while first_loss (what the gate reads) stays the pairs' own log 2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [{"prompt": [{"role": "user", "content": f"Tell me about topic {i}"}],
+              "chosen": "Sure, happy to help.", "rejected": "Go away."} for i in range(4)]
+    cfg = DpoConfig(epochs=2, batch_size=4, learning_rate=0.0, thumbs_weight=2.0, thumbs_per_step=4)
+    m = train_dpo(_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), tok, pairs, [], cfg,
+                  thumbs=_thumb_rows(3, 1))
+    assert m["train_thumbs"] == 4 and m["thumbs_weights"] == [1.0, 3.0]
+    for h in m["history"]:
+        assert h["pairs_loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert h["thumbs_loss"] == pytest.approx(0.75, abs=1e-5)
+        assert h["loss"] == pytest.approx(math.log(2) + 2.0 * 0.75, abs=1e-5)
+    assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # weight 0 (the default): the thumbs are not even encoded
+    m = train_dpo(_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), tok, pairs, [],
+                  DpoConfig(epochs=1, batch_size=4, learning_rate=0.0), thumbs=_thumb_rows(3, 1))
+    assert m["train_thumbs"] == 0 and "thumbs_loss" not in m["history"][0]
+
+
+def test_dpo_thumbs_term_teaches_what_the_thumbs_say(tiny_model_dir):
+    """Pairs about one thing, thumbs about another: only with the thumbs' term does the policy
+    move a liked reply above a disliked one (their log pi/ref on a new prompt)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [{"prompt": [{"role": "user", "content": f"Tell me about topic {i}"}],
+              "chosen": "Sure, happy to help.", "rejected": "Go away."} for i in range(8)]
+    probe = [{"prompt": [{"role": "user", "content": "Could you help with chore 99?"}],
+              "chosen": "Absolutely, gladly.", "rejected": "Never."}]
+
+    def liked_minus_disliked(weight: float) -> float:
+        model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+        cfg = DpoConfig(epochs=3, batch_size=4, learning_rate=5e-3, thumbs_weight=weight)
+        enc = encode_pairs(tok, probe, cfg)
+        fill_reference(model, enc, tok.pad_token_id, cfg, torch.device("cpu"))
+        train_dpo(model, tok, pairs, [], cfg, thumbs=_thumb_rows(6, 6))
+        return evaluate_pairs(model, enc, tok.pad_token_id, cfg, torch.device("cpu"))["margin"]
+
+    without, with_thumbs = liked_minus_disliked(0.0), liked_minus_disliked(1.0)
+    # margins are beta * (log-ratio gap): 0.2 is 2 nats (measured: 0.04 without, 0.34 with)
+    assert with_thumbs > 0.2 and with_thumbs > without + 0.2, (without, with_thumbs)

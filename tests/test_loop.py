@@ -148,6 +148,25 @@ def with_training(retrainer, settings, **changes):
         **{**settings.training.__dict__, **changes}))
 
 
+@pytest.mark.parametrize("thumbs_weight", [0.0, 1.0])
+def test_dpo_cycle_learns_from_lone_thumbs_only_when_weighted(parts, thumbs_weight):
+    """The thumbs reach the DPO job through the snapshot (even with no gate reward model to need
+    them) and the run records them as used; at weight 0 they are neither written nor counted."""
+    settings, store, registry, retrainer, activations = parts
+    with_training(retrainer, settings, gate_reward_model=False, dpo_thumbs_weight=thumbs_weight)
+    seed_pairs(store, 6)
+    seed_thumbs(store, 4)
+    run = retrainer.run_cycle("dpo")
+    m = run["metrics"]
+    thumbs_ids = {t["feedback_id"] for t in store.latest_thumbs()}
+    if thumbs_weight:
+        assert m["train_thumbs"] == 4 and m["thumbs_weights"] == [1.0, 1.0]
+        assert all("thumbs_loss" in h for h in m["history"])
+        assert thumbs_ids <= set(run["feedback_ids"])
+    else:
+        assert m["train_thumbs"] == 0 and not thumbs_ids & set(run["feedback_ids"] or [])
+
+
 def test_dpo_gate_judges_held_out_prompts_with_a_reward_model(parts):
     settings, store, registry, retrainer, activations = parts
     with_training(retrainer, settings, min_eval_pairs=1, eval_fraction=0.3, gate_prompts=3,

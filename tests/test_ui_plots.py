@@ -16,3 +16,12 @@ def test_training_curve_draws_the_held_out_loss_on_the_steps_it_was_scored():
     assert list(lines["held-out loss"].get_ydata()) == [0.68, 0.69]
     assert list(lines["loss"].get_ydata()) == [0.70, 0.60, 0.50, 0.40]
     assert "held-out loss" not in {ln.get_label() for ln in training_curve(history[:1], "t").axes[0].get_lines()}
+
+
+def test_training_curve_splits_a_dpo_loss_with_thumbs_into_its_parts():
+    history = [{"step": 1, "loss": 1.2, "pairs_loss": 0.69, "thumbs_loss": 0.51, "reward_margin": 0.0},
+               {"step": 2, "loss": 1.0, "pairs_loss": 0.6, "thumbs_loss": 0.4, "reward_margin": 0.1,
+                "held_out_score": 0.66}]
+    lines = {line.get_label(): line for line in training_curve(history, "run 2").axes[0].get_lines()}
+    assert set(lines) == {"loss", "pairs' loss", "thumbs' loss", "reward margin", "held-out loss"}
+    assert list(lines["pairs' loss"].get_ydata()) == [0.69, 0.6]

@@ -55,8 +55,9 @@ def _display(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def training_curve(history: list[dict[str, Any]], title: str):
-    """A matplotlib figure of loss and reward margin per training step, and the held-out loss on the
-    steps it was scored (the checkpoint selection's curve)."""
+    """A matplotlib figure of loss and reward margin per training step (DPO with thumbs: also the
+    pairs' and the thumbs' parts of the loss, since the held-out loss is the pairs' alone), and the
+    held-out loss on the steps it was scored (the checkpoint selection's curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,8 +65,8 @@ def training_curve(history: list[dict[str, Any]], title: str):
 
     fig, ax = plt.subplots(figsize=(8, 2.8))
     steps = [h["step"] for h in history]
-    for key, label in (("loss", "loss"), ("reward_margin", "reward margin"), ("mean_reward", "mean reward"),
-                       ("kl", "KL")):
+    for key, label in (("loss", "loss"), ("pairs_loss", "pairs' loss"), ("thumbs_loss", "thumbs' loss"),
+                       ("reward_margin", "reward margin"), ("mean_reward", "mean reward"), ("kl", "KL")):
         if history and key in history[0]:
             ax.plot(steps, [h[key] for h in history], marker="." if len(steps) < 30 else None, label=label)
     scored = [h for h in history if isinstance(h.get("held_out_score"), (int, float))]

@@ -14,10 +14,20 @@ Invariants:
 - With held-out pairs and ``select_best`` the adapter handed back is the one with the lowest
   held-out DPO loss among the starting point and ``evals_per_epoch`` checkpoints per epoch
   (``common.HeldOutSelection``); the held-out metrics then describe the set it was chosen on.
+
+Thumbs (``thumbs_weight`` > 0): a lone thumb on a reply makes no pair, yet thumbs are about half of
+what users give. Each step then also takes ``thumbs_per_step`` of the snapshot's thumbs, in a seeded
+cycle through them, and adds ``thumbs_weight`` times their KTO loss with its reference point z
+fixed at 0 (TRL's ``apo_zero_unpaired``; Anchored Preference Optimization, D'Oosterlinck et al.
+2024): w_d * (1 - sigmoid(beta * log pi/ref(y))) for a thumbs-up and w_u * sigmoid(beta * log
+pi/ref(y)) for a thumbs-down, summed log-probs, KTO's balanced weights. Fixing z skips KTO's
+mismatched pass, so a thumb costs one reply's forward. Checkpoint selection still reads the
+held-out pairs only, and ``first_loss``/``final_loss`` are the pairs' own loss.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -71,6 +81,9 @@ class DpoConfig:
     select_best: bool = True  # keep the checkpoint with the lowest held-out loss (when pairs are held out)
     evals_per_epoch: int = 2
     patience: int = 2  # stop after this many held-out scores without a new best (0 = never)
+    thumbs_weight: float = 0.0  # weight of the thumbs' loss (see the module docstring); 0 = pairs only
+    thumbs_per_step: int = 2
+    thumbs_balance: bool = True  # KTO's balanced weights for the two kinds of thumb
 
 
 @dataclass
@@ -141,6 +154,70 @@ def evaluate_pairs(model, pairs: list[EncodedPair], pad_id: int, cfg: DpoConfig,
             "loss": sum(losses) / len(losses), "pairs": len(pairs)}
 
 
+@dataclass
+class EncodedThumb:
+    reply: Encoded
+    desirable: bool
+    ref: float = 0.0
+
+
+class ThumbsTerm:
+    """The thumbs' part of a DPO step: ``thumbs_per_step`` thumbs in a seeded cycle
+    (reshuffled on every pass), their reference log-probs computed once before training, and
+    KTO's loss with z = 0 at KTO's balanced weights."""
+
+    def __init__(self, thumbs: list[EncodedThumb], cfg: DpoConfig):
+        from chatloop.train.kto import balanced_weights
+
+        self.thumbs, self.cfg = thumbs, cfg
+        n_good = sum(t.desirable for t in thumbs)
+        self.w_good, self.w_bad = ((balanced_weights(n_good, len(thumbs) - n_good) if cfg.thumbs_balance
+                                    else (1.0, 1.0)))
+        self._rng = random.Random(cfg.seed + 1)
+        self._queue: list[int] = []
+
+    def _next(self) -> list[EncodedThumb]:
+        out = []
+        while len(out) < min(self.cfg.thumbs_per_step, len(self.thumbs)):
+            if not self._queue:
+                self._queue = list(range(len(self.thumbs)))
+                self._rng.shuffle(self._queue)
+            out.append(self.thumbs[self._queue.pop()])
+        return out
+
+    def loss(self, model, pad_id: int, device) -> tuple[torch.Tensor, dict[str, float]]:
+        from chatloop.train.kto import kto_loss
+
+        chunk = self._next()
+        lp = grouped_reply_logprobs(model, collate_groups([(t.reply,) for t in chunk], pad_id).to(device))
+        ref = torch.tensor([t.ref for t in chunk], device=lp.device)
+        desirable = torch.tensor([t.desirable for t in chunk], device=lp.device)
+        zero = torch.zeros(1, device=lp.device)  # z = 0: no mismatched pass
+        losses, rewards, _ = kto_loss(lp, ref, desirable, zero, zero, self.cfg.beta, self.w_good, self.w_bad)
+        return losses.mean(), {"thumbs_loss": float(losses.detach().mean()),
+                               "thumbs_up_reward": float(rewards[desirable].mean()) if desirable.any() else None,
+                               "thumbs_down_reward": float(rewards[~desirable].mean()) if (~desirable).any() else None}
+
+
+def encode_thumbs(tokenizer, rows: list[dict], cfg: DpoConfig) -> list[EncodedThumb]:
+    """rows: {"prompt": [...messages], "completion": str, "label": bool} (the snapshot's thumbs)."""
+    return [EncodedThumb(encode_reply(tokenizer, r["prompt"], r["completion"], cfg.max_prompt_tokens,
+                                      cfg.max_reply_tokens), bool(r["label"])) for r in rows]
+
+
+@torch.no_grad()
+def fill_thumb_reference(model, thumbs: list[EncodedThumb], pad_id: int, batch_size: int, device) -> None:
+    was_training = model.training
+    model.eval()
+    ordered = sorted(thumbs, key=lambda t: len(t.reply))  # less padding
+    for i in range(0, len(ordered), batch_size):
+        chunk = ordered[i: i + batch_size]
+        lp = grouped_reply_logprobs(model, collate_groups([(t.reply,) for t in chunk], pad_id).to(device))
+        for t, v in zip(chunk, lp.tolist()):
+            t.ref = v
+    model.train(was_training)
+
+
 def train_dpo(
     model,
     tokenizer,
@@ -149,16 +226,21 @@ def train_dpo(
     cfg: DpoConfig,
     on_step: Callable[[dict], None] = lambda m: None,
     should_stop: Callable[[], bool] = lambda: False,
+    thumbs: list[dict] = (),
 ) -> dict:
-    """Fit the trainable (LoRA) parameters of ``model`` with DPO; returns summary metrics."""
+    """Fit the trainable (LoRA) parameters of ``model`` with DPO (plus, with ``cfg.thumbs_weight``,
+    the unpaired ``thumbs``); returns summary metrics."""
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
     train = encode_pairs(tokenizer, train_pairs, cfg)
     held = encode_pairs(tokenizer, eval_pairs, cfg)
+    lone = encode_thumbs(tokenizer, list(thumbs), cfg) if cfg.thumbs_weight > 0 else []
     t_train = time.perf_counter()
     fill_reference(model, train + held, pad_id, cfg, device)
+    fill_thumb_reference(model, lone, pad_id, cfg.batch_size, device)
+    term = ThumbsTerm(lone, cfg) if lone else None
     average = cfg.loss_type == "ipo"
 
     def step(idx: list[int]):
@@ -167,12 +249,19 @@ def train_dpo(
         rc = torch.tensor([e.ref_chosen for e in chunk], device=c.device)
         rr = torch.tensor([e.ref_rejected for e in chunk], device=c.device)
         losses, cr, rj = dpo_loss(c, r, rc, rr, cfg.beta, cfg.loss_type, cfg.label_smoothing)
-        return losses.mean(), {
+        loss = losses.mean()
+        metrics = {
             "reward_accuracy": float((cr > rj).float().mean()),
             "reward_margin": float((cr - rj).mean()),
             "chosen_reward": float(cr.mean()), "rejected_reward": float(rj.mean()),
             "logp_chosen": float(c.detach().mean()), "logp_rejected": float(r.detach().mean()),
         }
+        if term is not None:
+            metrics["pairs_loss"] = float(loss.detach())
+            extra, thumb_metrics = term.loss(model, pad_id, device)
+            loss = loss + cfg.thumbs_weight * extra
+            metrics.update(thumb_metrics)
+        return loss, metrics
 
     selection = None
     if held and cfg.select_best:
@@ -188,9 +277,11 @@ def train_dpo(
     train_s = time.perf_counter() - t_train  # the reference pass and the optimisation steps
     metrics = {
         "algo": "dpo", "steps": len(history), "train_pairs": len(train), "eval_pairs": len(held),
+        "train_thumbs": len(lone), "thumbs_weights": [term.w_good, term.w_bad] if term else None,
         "selection": selection.summary() if selection else None,
-        "first_loss": history[0]["loss"] if history else None,
-        "final_loss": history[-1]["loss"] if history else None,
+        # the pairs' DPO loss (without the thumbs' term), which train_eval and held_out also measure
+        "first_loss": history[0].get("pairs_loss", history[0]["loss"]) if history else None,
+        "final_loss": history[-1].get("pairs_loss", history[-1]["loss"]) if history else None,
         # the gate reads training-set metrics only when nothing is held out: score them only then
         "train_eval": {} if held else evaluate_pairs(model, train, pad_id, cfg, device),
         "held_out": selection.best_metrics if selection else evaluate_pairs(model, held, pad_id, cfg, device),

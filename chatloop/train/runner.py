@@ -5,7 +5,7 @@ Usage: ``python -m chatloop.train.runner JOB_DIR``
 JOB_DIR holds ``job.json`` (model path, parent adapter path or null, algorithm, settings, and a
 reward model the gate's judge may reuse, or null) and
 the snapshot: ``train.jsonl``/``eval.jsonl`` (pairs: DPO, and the reward model before PPO),
-``train_thumbs.jsonl``/``eval_thumbs.jsonl`` (unpaired thumbs: KTO, and the reward model's
+``train_thumbs.jsonl``/``eval_thumbs.jsonl`` (thumbs: KTO, DPO's thumbs term, and the reward model's
 pointwise term), ``train_prompts.jsonl``/``eval_prompts.jsonl`` (logged prompts: PPO rollouts).
 The child writes ``progress.jsonl`` (one line per step, each naming its phase: the algorithm,
 ``reward model`` or ``gate reward model``; each phase counts its own steps), then ``adapter/`` (a PEFT directory),
@@ -74,8 +74,8 @@ def train_dpo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
     cfg = DpoConfig(beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
                     learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=s["batch_size"],
                     max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"],
-                    seed=s["seed"], thumbs_weight=s["dpo_thumbs_weight"], thumbs_balance=s["kto_balance"],
-                    **_selection(s))
+                    seed=s["seed"], thumbs_weight=s["dpo_thumbs_weight"], thumbs_per_step=s["dpo_thumbs_per_step"],
+                    thumbs_balance=s["kto_balance"], **_selection(s))
     metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
                         read_jsonl(job_dir / "eval.jsonl"), cfg, **hooks,
                         thumbs=read_jsonl(job_dir / "train_thumbs.jsonl"))
