@@ -60,9 +60,10 @@ class TrainingDefaults:
     evals_per_epoch: int = 2
     early_stop_patience: int = 2  # 0 = never stop early
     # DPO also learns from the snapshot's thumbs (KTO's loss with z = 0, see chatloop/train/dpo.py) at this
-    # weight; 0 = pairs only. On the sentiment log it lifted +24.0 points against +22.0 without, in a
-    # shorter fresh cycle (941 s vs 1189 s, the reward model's earlier stop included)
-    dpo_thumbs_weight: float = 1.0
+    # weight; 0 = pairs only. Opt-in: at 1 it lifted the sentiment log +24.0 points against +22.0, but on
+    # the concise log (6 up, 204 down: each up weighted 29 by KTO's balancing) KL rose 0.07 -> 0.41 and
+    # replies turned short and off-topic, which the oracle and the gate both let through
+    dpo_thumbs_weight: float = 0.0
     dpo_thumbs_per_step: int = 2  # thumbs added to each step's pairs; each costs one reply's forward and backward
     lora_r: int = 16
     lora_alpha: int = 32
