@@ -61,7 +61,7 @@ class TrainingDefaults:
     early_stop_patience: int = 2  # 0 = never stop early
     # DPO also learns from the snapshot's thumbs (KTO's loss with z = 0, see chatloop/train/dpo.py) at this
     # weight; 0 = pairs only. Opt-in: at 1 it lifted the sentiment log +24.0 points against +22.0, but on
-    # the concise log (6 up, 204 down: each up weighted 29 by KTO's balancing) KL rose 0.07 -> 0.41 and
+    # the concise log (6 up, 173 down in training: each up weighted 29 by KTO's balancing) KL rose 0.07 -> 0.41 and
     # replies turned short and off-topic, which the oracle and the gate both let through
     dpo_thumbs_weight: float = 0.0
     dpo_thumbs_per_step: int = 2  # thumbs added to each step's pairs; each costs one reply's forward and backward

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from chatloop.train.common import (Encoded, HeldOutSelection, collate_groups, encode_reply, fit,
                                    grouped_reply_logprobs)
+from chatloop.train.kto import balanced_weights, kto_loss
 
 
 def dpo_loss(
@@ -167,8 +168,6 @@ class ThumbsTerm:
     KTO's loss with z = 0 at KTO's balanced weights."""
 
     def __init__(self, thumbs: list[EncodedThumb], cfg: DpoConfig):
-        from chatloop.train.kto import balanced_weights
-
         self.thumbs, self.cfg = thumbs, cfg
         n_good = sum(t.desirable for t in thumbs)
         self.w_good, self.w_bad = ((balanced_weights(n_good, len(thumbs) - n_good) if cfg.thumbs_balance
@@ -186,8 +185,6 @@ class ThumbsTerm:
         return out
 
     def loss(self, model, pad_id: int, device) -> tuple[torch.Tensor, dict[str, float]]:
-        from chatloop.train.kto import kto_loss
-
         chunk = self._next()
         lp = grouped_reply_logprobs(model, collate_groups([(t.reply,) for t in chunk], pad_id).to(device))
         ref = torch.tensor([t.ref for t in chunk], device=lp.device)
