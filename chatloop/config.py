@@ -61,8 +61,8 @@ class TrainingDefaults:
     early_stop_patience: int = 2  # 0 = never stop early
     # DPO also learns from the snapshot's thumbs (KTO's loss with z = 0, see chatloop/train/dpo.py) at this
     # weight; 0 = pairs only. Opt-in: at 1 it lifted the sentiment log +24.0 points against +22.0, but on
-    # the concise log (6 up, 173 down in training: each up weighted 29 by KTO's balancing) KL rose 0.07 -> 0.41 and
-    # replies turned short and off-topic, which the oracle and the gate both let through
+    # the concise log (6 up, 173 down in training) KL rose from 0.07 to 0.41 (up-weighted ups) or 0.32 (as
+    # many ups as downs a step) and replies turned off-topic, which the oracle and the gate both let through
     dpo_thumbs_weight: float = 0.0
     dpo_thumbs_per_step: int = 2  # thumbs added to each step's pairs; each costs one reply's forward and backward
     lora_r: int = 16
@@ -79,7 +79,8 @@ class TrainingDefaults:
     min_thumbs: int = 8
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
-    kto_balance: bool = True  # up-weight the rarer kind of thumb so both kinds weigh the same in all
+    kto_balance: bool = True  # both kinds of thumb pull equally: KTO up-weights the rarer kind, DPO's thumbs
+    # term takes as many of each kind every step
     # reward model (trained before PPO)
     reward_learning_rate: float = 1e-4
     reward_head_learning_rate: float = 1e-3  # the scalar head starts at zero and must move fast

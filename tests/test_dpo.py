@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from chatloop.train.common import HeldOutSelection, collate_groups, encode_reply, fit, grouped_reply_logprobs
-from chatloop.train.dpo import DpoConfig, dpo_loss, encode_pairs, evaluate_pairs, fill_reference, train_dpo
+from chatloop.train.dpo import (DpoConfig, EncodedThumb, ThumbsTerm, dpo_loss, encode_pairs, evaluate_pairs,
+                                fill_reference, train_dpo)
 
 
 def _sig(x: float) -> float:
@@ -252,29 +253,52 @@ def _thumb_rows(n_up: int, n_down: int, up: str = "Absolutely, gladly.", down: s
                 "label": False} for i in range(n_down)])
 
 
-def test_dpo_thumbs_term_is_zero_anchored_kto_at_the_balanced_weights(tiny_model_dir):
-    """Known answer at learning rate 0: every log-ratio stays 0, so each thumb's loss is half its
-    weight. 3 up and 1 down balance to weights 1 and 3 (the rarer kind raised to the same total),
-    so the thumbs' term is (3 * 1 + 1 * 3) / 2 / 4 = 0.75 and a step's loss log 2 + weight * 0.75,
-    while first_loss (what the gate reads) stays the pairs' own log 2."""
+def test_dpo_thumbs_term_is_zero_anchored_kto(tiny_model_dir):
+    """Known answer at learning rate 0: every log-ratio stays 0, so each thumb's loss is
+    1 - sigmoid(0) = 0.5 for an up and sigmoid(0) = 0.5 for a down; the thumbs' term is 0.5 and a
+    step's loss log 2 + weight * 0.5, while first_loss (what the gate reads) stays the pairs' own
+    log 2. Every step holds both kinds (the rewards of each are reported)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     pairs = [{"prompt": [{"role": "user", "content": f"Tell me about topic {i}"}],
               "chosen": "Sure, happy to help.", "rejected": "Go away."} for i in range(4)]
-    cfg = DpoConfig(epochs=2, batch_size=4, learning_rate=0.0, thumbs_weight=2.0, thumbs_per_step=4)
+    cfg = DpoConfig(epochs=2, batch_size=4, learning_rate=0.0, thumbs_weight=2.0, thumbs_per_step=2)
     m = train_dpo(_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), tok, pairs, [], cfg,
-                  thumbs=_thumb_rows(3, 1))
-    assert m["train_thumbs"] == 4 and m["thumbs_weights"] == [1.0, 3.0]
+                  thumbs=_thumb_rows(1, 5))
+    assert m["train_thumbs"] == 6 and m["thumbs_up_down"] == [1, 5] and m["thumbs_stratified"]
     for h in m["history"]:
         assert h["pairs_loss"] == pytest.approx(math.log(2), abs=1e-5)
-        assert h["thumbs_loss"] == pytest.approx(0.75, abs=1e-5)
-        assert h["loss"] == pytest.approx(math.log(2) + 2.0 * 0.75, abs=1e-5)
+        assert h["thumbs_loss"] == pytest.approx(0.5, abs=1e-5)
+        assert h["loss"] == pytest.approx(math.log(2) + 2.0 * 0.5, abs=1e-5)
+        assert h["thumbs_up_reward"] == pytest.approx(0.0, abs=1e-6)
+        assert h["thumbs_down_reward"] == pytest.approx(0.0, abs=1e-6)
     assert m["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
     # weight 0 (the default): the thumbs are not even encoded
     m = train_dpo(_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), tok, pairs, [],
                   DpoConfig(epochs=1, batch_size=4, learning_rate=0.0), thumbs=_thumb_rows(3, 1))
     assert m["train_thumbs"] == 0 and "thumbs_loss" not in m["history"][0]
+
+
+def test_thumbs_term_takes_as_many_ups_as_downs_every_step():
+    """1 up against 9 downs: every step of 2 holds the up and one down, and the downs come in a
+    seeded cycle (each once per pass); 3 a step alternate 2 ups + 1 down and 1 up + 2 downs.
+    Unbalanced, or with one kind only, it is one cycle through all the thumbs."""
+    thumbs = [EncodedThumb(None, True)] + [EncodedThumb(None, False) for _ in range(9)]
+    term = ThumbsTerm(thumbs, DpoConfig(thumbs_per_step=2))
+    downs = []
+    for _ in range(9):
+        chunk = term._next()
+        assert [t.desirable for t in chunk] == [True, False]
+        downs.append(id(chunk[1]))
+    assert len(set(downs)) == 9  # one pass covers every down once
+    term = ThumbsTerm(thumbs, DpoConfig(thumbs_per_step=3))
+    assert [sum(t.desirable for t in term._next()) for _ in range(4)] == [2, 1, 2, 1]
+    for cfg, items in ((DpoConfig(thumbs_per_step=1, thumbs_balance=False), thumbs), (DpoConfig(thumbs_per_step=3), thumbs[1:])):
+        term = ThumbsTerm(items, cfg)
+        assert not term.stratified
+        seen = [id(t) for _ in range(len(items) // cfg.thumbs_per_step) for t in term._next()]
+        assert sorted(seen) == sorted(id(t) for t in items)
 
 
 def test_dpo_thumbs_term_teaches_what_the_thumbs_say(tiny_model_dir):

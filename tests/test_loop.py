@@ -160,7 +160,7 @@ def test_dpo_cycle_learns_from_lone_thumbs_only_when_weighted(parts, thumbs_weig
     m = run["metrics"]
     thumbs_ids = {t["feedback_id"] for t in store.latest_thumbs()}
     if thumbs_weight:
-        assert m["train_thumbs"] == 4 and m["thumbs_weights"] == [1.0, 1.0]
+        assert m["train_thumbs"] == 4 and m["thumbs_up_down"] == [2, 2] and m["thumbs_stratified"]
         assert all("thumbs_loss" in h for h in m["history"])
         assert thumbs_ids <= set(run["feedback_ids"])
     else:
