@@ -65,6 +65,7 @@ class TrainingDefaults:
     # many ups as downs a step) and replies turned off-topic, which the oracle and the gate both let through
     dpo_thumbs_weight: float = 0.0
     dpo_thumbs_per_step: int = 2  # thumbs added to each step's pairs; each costs one reply's forward and backward
+    dpo_nll_weight: float = 0.0  # RPO: plus this times the chosen replies' per-token NLL (chatloop/train/dpo.py)
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0

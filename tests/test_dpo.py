@@ -323,3 +323,31 @@ def test_dpo_thumbs_term_teaches_what_the_thumbs_say(tiny_model_dir):
     without, with_thumbs = liked_minus_disliked(0.0), liked_minus_disliked(1.0)
     # margins are beta * (log-ratio gap): 0.2 is 2 nats (measured: 0.04 without, 0.34 with)
     assert with_thumbs > 0.2 and with_thumbs > without + 0.2, (without, with_thumbs)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_rpo_nll_is_the_chosen_replies_per_token_cross_entropy(tiny_model_dir, loss_type):
+    """Known answer at learning rate 0: the NLL term equals the chosen replies' token-weighted mean
+    cross-entropy, computed here by the model's own loss on prompt + reply with the prompt masked
+    (for IPO too, whose log-probs are per-token averages), and a step's loss is the pairs' loss plus
+    nll_weight times it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [{"prompt": [{"role": "user", "content": f"Tell me about topic {i}"}],
+              "chosen": "Sure, happy to help." + " More detail." * i, "rejected": "Go away."} for i in range(4)]
+    cfg = DpoConfig(epochs=1, batch_size=4, learning_rate=0.0, loss_type=loss_type, nll_weight=0.5)
+    model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    m = train_dpo(model, tok, pairs, [], cfg)
+    (h,) = m["history"]
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for e in encode_pairs(tok, pairs, cfg):
+            ids = torch.tensor([e.chosen.prompt_ids + e.chosen.reply_ids])
+            labels = torch.tensor([[-100] * len(e.chosen.prompt_ids) + e.chosen.reply_ids])
+            n = len(e.chosen.reply_ids)
+            total += float(model(input_ids=ids, labels=labels).loss) * n
+            tokens += n
+    assert h["nll"] == pytest.approx(total / tokens, rel=1e-4)
+    assert h["loss"] == pytest.approx(h["pairs_loss"] + 0.5 * h["nll"], rel=1e-5)
+    assert "nll" not in train_dpo(model, tok, pairs, [], DpoConfig(epochs=1, batch_size=4, learning_rate=0.0))["history"][0]

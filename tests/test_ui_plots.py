@@ -18,10 +18,11 @@ def test_training_curve_draws_the_held_out_loss_on_the_steps_it_was_scored():
     assert "held-out loss" not in {ln.get_label() for ln in training_curve(history[:1], "t").axes[0].get_lines()}
 
 
-def test_training_curve_splits_a_dpo_loss_with_thumbs_into_its_parts():
-    history = [{"step": 1, "loss": 1.2, "pairs_loss": 0.69, "thumbs_loss": 0.51, "reward_margin": 0.0},
-               {"step": 2, "loss": 1.0, "pairs_loss": 0.6, "thumbs_loss": 0.4, "reward_margin": 0.1,
+def test_training_curve_splits_a_dpo_loss_with_thumbs_and_nll_into_its_parts():
+    history = [{"step": 1, "loss": 1.2, "pairs_loss": 0.69, "thumbs_loss": 0.51, "nll": 2.5, "reward_margin": 0.0},
+               {"step": 2, "loss": 1.0, "pairs_loss": 0.6, "thumbs_loss": 0.4, "nll": 2.4, "reward_margin": 0.1,
                 "held_out_score": 0.66}]
     lines = {line.get_label(): line for line in training_curve(history, "run 2").axes[0].get_lines()}
-    assert set(lines) == {"loss", "pairs' loss", "thumbs' loss", "reward margin", "held-out loss"}
+    assert set(lines) == {"loss", "pairs' loss", "thumbs' loss", "chosen NLL", "reward margin", "held-out loss"}
+    assert list(lines["chosen NLL"].get_ydata()) == [2.5, 2.4]
     assert list(lines["pairs' loss"].get_ydata()) == [0.69, 0.6]

@@ -24,6 +24,11 @@ thumbs-down, summed log-probs. Fixing z skips KTO's mismatched pass, so a thumb 
 forward. Checkpoint selection still reads the held-out pairs only, and
 ``first_loss``/``final_loss`` are the pairs' own loss.
 
+NLL on the chosen replies (``nll_weight`` > 0): RPO (Pang et al. 2024, "Iterative Reasoning
+Preference Optimization"; TRL's ``rpo_alpha``) adds the chosen replies' negative log-likelihood,
+averaged over their tokens in the step, which keeps the policy near text that users preferred while
+DPO and the thumbs push log-ratios apart.
+
 Balance (``thumbs_balance``): when both kinds exist, every step takes half its thumbs from the ups
 and half from the downs (each kind in its own seeded cycle; an odd count alternates the extra one),
 so both kinds pull equally at every step, however the votes split. KTO's balanced *weights* give the
@@ -92,6 +97,7 @@ class DpoConfig:
     thumbs_weight: float = 0.0  # weight of the thumbs' loss (see the module docstring); 0 = pairs only
     thumbs_per_step: int = 2
     thumbs_balance: bool = True  # every step takes as many ups as downs (see the module docstring)
+    nll_weight: float = 0.0  # RPO: plus this times the chosen replies' mean per-token NLL (see the module docstring)
 
 
 @dataclass
@@ -276,8 +282,15 @@ def train_dpo(
             "chosen_reward": float(cr.mean()), "rejected_reward": float(rj.mean()),
             "logp_chosen": float(c.detach().mean()), "logp_rejected": float(r.detach().mean()),
         }
-        if term is not None:
+        if term is not None or cfg.nll_weight:
             metrics["pairs_loss"] = float(loss.detach())
+        if cfg.nll_weight:
+            lengths = torch.tensor([len(e.chosen.reply_ids) for e in chunk], device=c.device, dtype=c.dtype)
+            summed = c * lengths if average else c  # IPO's log-probs are per-token averages
+            nll = -summed.sum() / lengths.sum()
+            loss = loss + cfg.nll_weight * nll
+            metrics["nll"] = float(nll.detach())
+        if term is not None:
             extra, thumb_metrics = term.loss(model, pad_id, device)
             loss = loss + cfg.thumbs_weight * extra
             metrics.update(thumb_metrics)

@@ -75,7 +75,7 @@ def train_dpo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
                     learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=s["batch_size"],
                     max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"],
                     seed=s["seed"], thumbs_weight=s["dpo_thumbs_weight"], thumbs_per_step=s["dpo_thumbs_per_step"],
-                    thumbs_balance=s["kto_balance"], **_selection(s))
+                    thumbs_balance=s["kto_balance"], nll_weight=s["dpo_nll_weight"], **_selection(s))
     metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
                         read_jsonl(job_dir / "eval.jsonl"), cfg, **hooks,
                         thumbs=read_jsonl(job_dir / "train_thumbs.jsonl"))
