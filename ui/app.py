@@ -66,7 +66,8 @@ def training_curve(history: list[dict[str, Any]], title: str):
     fig, ax = plt.subplots(figsize=(8, 2.8))
     steps = [h["step"] for h in history]
     for key, label in (("loss", "loss"), ("pairs_loss", "pairs' loss"), ("thumbs_loss", "thumbs' loss"),
-                       ("nll", "chosen NLL"), ("reward_margin", "reward margin"), ("mean_reward", "mean reward"), ("kl", "KL")):
+                       ("nll", "chosen NLL"), ("reward_margin", "reward margin"), ("mean_reward", "mean reward"),
+                       ("kl", "KL")):
         if history and key in history[0]:
             ax.plot(steps, [h[key] for h in history], marker="." if len(steps) < 30 else None, label=label)
     scored = [h for h in history if isinstance(h.get("held_out_score"), (int, float))]
