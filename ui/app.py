@@ -55,9 +55,9 @@ def _display(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def training_curve(history: list[dict[str, Any]], title: str):
-    """A matplotlib figure of loss and reward margin per training step (DPO with thumbs: also the
-    pairs' and the thumbs' parts of the loss, since the held-out loss is the pairs' alone), and the
-    held-out loss on the steps it was scored (the checkpoint selection's curve)."""
+    """A matplotlib figure of loss and reward margin per training step (DPO with thumbs or NLL: also
+    the parts of the loss, since the held-out loss is the pairs' alone), and the held-out loss on the
+    steps it was scored (the checkpoint selection's curve)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -184,6 +184,26 @@ def grouped_reply_logprobs(model: torch.nn.Module, g: PromptGroups, average: boo
     return out
 
 
+
+@torch.no_grad()
+def reference_logprobs(model: torch.nn.Module, groups: Sequence[Sequence[Encoded]], pad_id: int, batch_size: int,
+                       device: torch.device, average: bool = False) -> list[list[float]]:
+    """The reference pass before training: every group's reply log-probs (``groups[b]`` are K
+    encodings of one prompt, as in ``collate_groups``) from the model as it is now, in eval mode
+    (its mode restored after), batched in length order for less padding; one list per group, in
+    the order given."""
+    was_training = model.training
+    model.eval()
+    out: list[list[float]] = [[] for _ in groups]
+    order = sorted(range(len(groups)), key=lambda i: max(len(e) for e in groups[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        lp = grouped_reply_logprobs(model, collate_groups([groups[i] for i in idx], pad_id).to(device), average)
+        for i, values in zip(idx, lp.view(-1, len(idx)).t().tolist()):  # rows are K-major: reply k of every group
+            out[i] = values
+    model.train(was_training)
+    return out
+
 def split_lm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(decoder stack, LM head) of a causal LM, through a PEFT wrapper if there is one.
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from chatloop.train.common import (Encoded, HeldOutSelection, collate_groups, encode_reply, fit,
-                                   grouped_reply_logprobs)
+                                   grouped_reply_logprobs, reference_logprobs)
 
 
 def kto_loss(
@@ -113,14 +113,10 @@ def _logps(model, items: list[KtoExample], pad_id: int, device) -> tuple[torch.T
     return lp[: len(items)], lp[len(items):]
 
 
-@torch.no_grad()
 def fill_reference(model, examples: list[KtoExample], pad_id: int, batch_size: int, device) -> None:
-    model.eval()
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
-        m, k = _logps(model, chunk, pad_id, device)
-        for e, a, b in zip(chunk, m.tolist(), k.tolist()):
-            e.ref, e.ref_kl = a, b
+    values = reference_logprobs(model, [(e.matched, e.mismatched) for e in examples], pad_id, batch_size, device)
+    for e, (matched, mismatched) in zip(examples, values):
+        e.ref, e.ref_kl = matched, mismatched
 
 
 def train_kto(
