@@ -250,7 +250,10 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
 
     # 6. Operator console: a schedule, the feedback browser, ratings, SQL with a CSV download ------
     page.get_by_text("Retraining schedules").click()
-    page.locator("#admin-job-spec input, #admin-job-spec textarea").first.fill("25")
+    spec = page.locator("#admin-job-spec input, #admin-job-spec textarea").first
+    expect(spec).to_be_visible()  # the accordion renders its fields as it opens: fill only once it has
+    spec.fill("25")
+    expect(spec).to_have_value("25")
     page.locator("#admin-job-add").click()
     expect(page.locator("#admin-jobs-msg")).to_contain_text("Added schedule 1: feedback 25")
     expect(page.locator("#admin-jobs")).to_contain_text("feedback", timeout=15_000)
