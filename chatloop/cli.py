@@ -45,6 +45,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from chatloop.api import create_app
+    from chatloop.hotswap_check import HotSwapUnavailable
     from chatloop.service import Service
     from jobs.scheduler import RetrainScheduler
     from ui.app import build_ui
@@ -66,7 +67,13 @@ def serve(settings: Settings) -> int:
 
         torch.set_num_threads(settings.torch_threads)
     t0 = time.perf_counter()
-    service = Service(settings).start()
+    service = Service(settings)
+    try:
+        service.start()
+    except HotSwapUnavailable as exc:
+        service.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     log.info("model %s loaded in %.1f s on %s (%s); serving adapter %s", service.model_name,
              service.load_s, service.loaded.device, service.loaded.dtype, service.engine.active_version)
     scheduler = RetrainScheduler(settings, service.retrainer, service.store).start()

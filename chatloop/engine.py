@@ -30,12 +30,14 @@ import logging
 import math
 import queue
 import random
+import tempfile
 import threading
 import time
 import weakref
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -44,6 +46,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
 from chatloop.config import GenerationDefaults
+from chatloop.hotswap_check import HotSwapUnavailable, unavailable, write_probe_adapters
 from chatloop.models import LoadedModel
 from chatloop.sampling import RowSampling, choose_tokens
 
@@ -259,6 +262,7 @@ class Engine:
         max_context_tokens: int = 2048,
         queue_size: int = 64,
         max_batch: int = 16,
+        probe_modules: Sequence[str] = ("q_proj", "v_proj"),
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -268,6 +272,7 @@ class Engine:
         self.registry = registry
         self.max_context_tokens = max_context_tokens
         self.max_batch = max_batch
+        self.probe_modules = tuple(probe_modules)  # what the self-check's probe adapters target
         self._requests: queue.Queue[_Request] = queue.Queue(maxsize=queue_size)
         self._control: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._stop = threading.Event()
@@ -293,10 +298,13 @@ class Engine:
             eos_ids.append(self.tokenizer.eos_token_id)
         self.eos_ids = {int(e) for e in eos_ids if e is not None}
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._probe_ids = self._encode([{"role": "user", "content": "Hi"}])[-4:]
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, initial_version: str | None = None) -> None:
-        """Start the engine thread; activate the registry's active version (or base if broken)."""
+        """Check the LoRA machinery, start the engine thread, and activate the registry's active
+        version (or base if it is broken). Raises ``HotSwapUnavailable`` if the check fails."""
+        self.check_hot_swap()
         self._thread = threading.Thread(target=self._loop, name="chatloop-engine", daemon=True)
         self._thread.start()
         version = initial_version if initial_version is not None else self.registry.active()
@@ -367,6 +375,73 @@ class Engine:
         return self._call(lambda: self._do_activate(version), timeout)
 
     # ---- adapters (engine thread) -----------------------------------------------------------
+    def check_hot_swap(self) -> None:
+        """Prove, before serving, that the installed transformers/peft can do what serving does.
+
+        Through the engine's own slot code: a zero probe adapter into a new slot (a mixed batch
+        of base and probe rows must give the base model's logits), a random probe hot-swapped
+        into the freed slot (its row must change, the base row must not), then every slot
+        unloaded (the base model's logits again). Takes milliseconds; runs before the engine
+        thread starts. Raises ``HotSwapUnavailable`` naming the versions and the fix.
+        """
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the self-check runs before the engine thread starts")
+        step = "writing probe adapters"
+        try:
+            with tempfile.TemporaryDirectory(prefix="chatloop-probe-") as tmp, torch.inference_mode():
+                zero, noisy = write_probe_adapters(self.model, Path(tmp), self.probe_modules)
+                step = "forward pass of the base model"
+                base = self._probe_logits([BASE_VERSION])[0]
+                tol = (1e-4 if base.dtype == torch.float32 and self.model.dtype == torch.float32
+                       else 3e-2) * (1 + float(base.abs().max()))
+                step = "loading an adapter into a new slot"
+                self._ensure_loaded("probe-zero", path=str(zero))
+                step = "a mixed batch of base and zero-adapter rows"
+                got = self._probe_logits([BASE_VERSION, "probe-zero"])
+                if (got - base).abs().max() > tol:
+                    raise RuntimeError("a zero LoRA changed the logits")
+                step = "hot-swapping an adapter into the spare slot"
+                self._unload_unused()
+                self._ensure_loaded("probe-random", path=str(noisy), must_hotswap=True)
+                step = "a mixed batch after the hot-swap"
+                got = self._probe_logits([BASE_VERSION, "probe-random"])
+                if (got[0] - base).abs().max() > tol:
+                    raise RuntimeError("the base row changed when another row used an adapter")
+                if (got[1] - base).abs().max() <= tol:
+                    raise RuntimeError("the hot-swapped adapter did not change its row's logits")
+                step = "unloading the adapters"
+                self._unload_unused()
+                for slot in list(self._slots):
+                    self._drop_slot(slot)
+                if (self._probe_logits([BASE_VERSION])[0] - base).abs().max() > tol:
+                    raise RuntimeError("the model does not give the base logits after unloading")
+        except HotSwapUnavailable:
+            raise
+        except Exception as exc:
+            raise unavailable(step, exc) from exc
+        finally:  # leave no probe behind, whatever failed
+            for slot in list(self._slots):
+                try:
+                    self._drop_slot(slot)
+                except Exception:
+                    self._slots.pop(slot, None)
+            self._slot_of.clear()
+
+    def _adapter_names(self, versions: list[str]) -> list[str] | None:
+        """Each row's PEFT adapter name for the LoRA hooks ('__base__' skips LoRA); None = no slots."""
+        if not self._slots:
+            return None
+        return [self._slot_of[v] if v != BASE_VERSION else "__base__" for v in versions]
+
+    def _probe_logits(self, versions: list[str]) -> torch.Tensor:
+        """Last-position logits of the probe prompt, one row per version (a mixed batch)."""
+        ids = torch.tensor([self._probe_ids] * len(versions), device=self.loaded.device)
+        self._row_adapters = self._adapter_names(versions)
+        try:
+            return self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :].float()
+        finally:
+            self._row_adapters = None
+
     def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
         fut: Future = Future()
         self._control.put((fn, fut))
@@ -391,11 +466,18 @@ class Engine:
         self._unload_unused()
         return previous
 
-    def _ensure_loaded(self, version: str) -> None:
+    def _ensure_loaded(self, version: str, path: str | None = None, must_hotswap: bool = False) -> None:
+        """Give ``version`` a slot: hot-swap it into the spare slot if its shape allows, else a new one.
+
+        ``path`` defaults to the registry's directory of the version; ``must_hotswap`` (the
+        self-check) raises instead of falling back to a new slot.
+        """
         if version in self._slot_of:
             return
-        path = str(self.registry.path(version))
+        path = path if path is not None else str(self.registry.path(version))
         spare = next((slot for slot, held in self._slots.items() if held is None), None)
+        if must_hotswap and spare is None:
+            raise RuntimeError("no spare slot to hot-swap into")
         if spare is not None:
             try:
                 with _quiet("transformers.integrations.peft"):
@@ -403,6 +485,8 @@ class Engine:
                 self._assign(spare, version)
                 return
             except Exception as exc:  # another rank or target modules, or a bad file: start afresh
+                if must_hotswap:
+                    raise
                 log.info("adapter %s cannot reuse slot %s (%s); loading it anew", version, spare, exc)
                 self._drop_slot(spare)
         self._slot_counter += 1
@@ -518,8 +602,7 @@ class Engine:
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, position_ids: torch.Tensor,
                  mask: torch.Tensor | None, cache: DynamicCache) -> torch.Tensor:
         """One forward pass for ``rows``; returns float logits of each row's last position."""
-        self._row_adapters = ([self._slot_of[r.version] if r.version != BASE_VERSION else "__base__"
-                               for r in rows] if self._slots else None)
+        self._row_adapters = self._adapter_names([r.version for r in rows])
         try:
             out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)

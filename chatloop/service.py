@@ -142,7 +142,8 @@ class Service:
         self.registry = AdapterRegistry(settings.adapters_dir)
         self.limiter = RateLimiter()
         self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
-                             settings.queue_size, settings.max_batch)
+                             settings.queue_size, settings.max_batch,
+                             probe_modules=settings.training.lora_target_modules)
         self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,
                                    activate=self.activate, active_version=lambda: self.engine.active_version)
 

@@ -1,0 +1,134 @@
+"""The start-up LoRA self-check and the lock: a service whose transformers/peft cannot hot-swap
+refuses to start with a message that names the versions and the fix (issue 17)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import peft
+import pytest
+import torch
+import transformers
+from transformers.integrations.peft import PeftAdapterMixin
+
+from chatloop.adapters import AdapterRegistry
+from chatloop.engine import Engine
+from chatloop.hotswap_check import HotSwapUnavailable
+from chatloop.lockdiff import diff, parse_pins
+from chatloop.models import load_model
+from conftest import ADMIN_TOKEN, REPO, free_port
+
+VERSIONS = f"transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+@pytest.fixture
+def engine(tiny_model_dir, tmp_path):
+    loaded = load_model(str(tiny_model_dir), tmp_path / "models")
+    return Engine(loaded, AdapterRegistry(tmp_path / "adapters"))
+
+
+def base_logits(engine: Engine) -> torch.Tensor:
+    with torch.inference_mode():
+        return engine._probe_logits(["base"])[0]
+
+
+def test_the_check_passes_and_leaves_the_model_as_it_was(engine):
+    before = base_logits(engine)
+    engine.check_hot_swap()
+    assert engine.adapter_slots == 0 and engine.loaded_adapters == set()
+    assert not getattr(engine.model, "peft_config", {}), "a probe adapter was left in the model"
+    assert torch.equal(base_logits(engine), before)
+    engine.start()  # start() runs it again, then serves
+    try:
+        assert engine.active_version == "base"
+    finally:
+        engine.stop()
+
+
+def test_a_failing_hot_swap_names_the_versions_and_the_fix(engine, monkeypatch):
+    real = PeftAdapterMixin.load_adapter
+
+    def like_transformers_5_24(self, *args, hotswap=False, **kwargs):  # what 5.24 + peft 0.21 did
+        if hotswap:
+            raise ValueError("Adapter with name slot1 already exists. Please use a different name.")
+        return real(self, *args, hotswap=hotswap, **kwargs)
+
+    monkeypatch.setattr(PeftAdapterMixin, "load_adapter", like_transformers_5_24)
+    with pytest.raises(HotSwapUnavailable) as err:
+        engine.start()
+    message = str(err.value)
+    assert VERSIONS in message and "hot-swapping" in message and "requirements.lock" in message
+    assert "slot1 already exists" in message
+    assert engine._thread is None, "the engine started serving despite the failed check"
+    assert engine.adapter_slots == 0 and not getattr(engine.model, "peft_config", {})
+
+
+def test_a_hot_swap_that_silently_keeps_the_old_weights_is_caught(engine, monkeypatch):
+    real = PeftAdapterMixin.load_adapter
+
+    def no_op_hotswap(self, *args, hotswap=False, **kwargs):
+        if hotswap:
+            return None  # "succeeds" but the slot still holds the zero adapter
+        return real(self, *args, hotswap=hotswap, **kwargs)
+
+    monkeypatch.setattr(PeftAdapterMixin, "load_adapter", no_op_hotswap)
+    with pytest.raises(HotSwapUnavailable, match="did not change its row's logits"):
+        engine.check_hot_swap()
+
+
+def test_a_lora_that_leaks_into_base_rows_is_caught(engine, monkeypatch):
+    monkeypatch.setattr(Engine, "_adapter_names", lambda self, versions: None)  # no per-row routing
+    with pytest.raises(HotSwapUnavailable, match="changed"):
+        engine.check_hot_swap()
+
+
+def test_serve_refuses_to_start_without_hot_swap(tiny_model_dir, tmp_path):
+    """The real `chatloop serve`, with transformers' hot-swap broken the way 5.24 broke it."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(textwrap.dedent("""
+        from transformers.integrations.peft import PeftAdapterMixin
+        _real = PeftAdapterMixin.load_adapter
+        def load_adapter(self, *args, hotswap=False, **kwargs):
+            if hotswap:
+                raise ValueError("The version of PEFT you are using is not compatible, please use a "
+                                 "version that is greater than 0.22.0")
+            return _real(self, *args, hotswap=hotswap, **kwargs)
+        PeftAdapterMixin.load_adapter = load_adapter
+    """))
+    port = free_port()
+    env = dict(os.environ, CHATLOOP_ADMIN_TOKEN=ADMIN_TOKEN,
+               PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "chatloop.cli", "serve", "--host", "127.0.0.1",
+                           "--port", str(port), "--data-dir", str(tmp_path / "data"),
+                           "--model", str(tiny_model_dir)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert VERSIONS in proc.stderr and "greater than 0.22.0" in proc.stderr
+    assert "make setup" in proc.stderr
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+
+
+def test_the_lock_pins_what_is_installed():
+    """The test environment is the lock's: every pinned package at its pinned version."""
+    from importlib.metadata import distributions
+
+    locked = parse_pins((REPO / "requirements.lock").read_text())
+    assert locked["transformers"] == transformers.__version__ and locked["peft"] == peft.__version__
+    installed = {d.metadata["Name"]: d.version for d in distributions()}
+    installed = parse_pins("\n".join(f"{n}=={v}" for n, v in installed.items()))
+    moved = [row for row in diff(locked, installed) if row[1] != "-"]
+    assert not moved, f"installed versions differ from requirements.lock: {moved}"
+
+
+def test_lockdiff_reads_pins_and_reports_moves():
+    text = "# comment\nFoo_Bar==1.0 \\\n    --hash=sha256:00\nbaz==2.0 ; python_version < '4'\n"
+    assert parse_pins(text) == {"foo-bar": "1.0", "baz": "2.0"}
+    assert diff({"foo-bar": "1.0", "baz": "2.0"}, {"foo-bar": "1.1", "qux": "3"}) == [
+        ("baz", "2.0", "-"), ("foo-bar", "1.0", "1.1"), ("qux", "-", "3")]
