@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatloop.adapters import AdapterError
-from chatloop.engine import EngineBusy, InvalidRequest
+from chatloop.engine import EngineBusy, GenerationFailed, InvalidRequest
 from chatloop.identity import IdentityMiddleware, uid_from_cookies
 from chatloop.loop import CycleBusy, NotEnoughFeedback
 from chatloop.ratelimit import RateLimited
@@ -168,6 +168,8 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             return ApiError(400, str(exc))
         if isinstance(exc, EngineBusy):
             return ApiError(503, str(exc), "server_busy", headers={"Retry-After": "2"})
+        if isinstance(exc, GenerationFailed):
+            return ApiError(500, str(exc), "server_error", "generation_failed")
         if isinstance(exc, RateLimited):
             return ApiError(429, str(exc), "rate_limit_error",
                             headers={"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
@@ -237,7 +239,8 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
                     yield chunk({"role": "assistant", "content": piece} if first else {"content": piece})
                     first = False
             except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-                err = {"error": {"message": str(exc), "type": "invalid_request_error"}}
+                err = {"error": {"message": str(exc), "type": "server_error" if isinstance(
+                    exc, GenerationFailed) else "invalid_request_error"}}
                 yield f"data: {json.dumps(err)}\n\n"
                 return
             c = turn.completion

@@ -57,6 +57,10 @@ class EngineBusy(RuntimeError):
     """The request queue is full; try again later."""
 
 
+class GenerationFailed(RuntimeError):
+    """One request's generation failed inside the engine; the rest of its batch went on."""
+
+
 class InvalidRequest(ValueError):
     """Bad generation settings or messages."""
 
@@ -249,6 +253,7 @@ class _Row:
         self.text = ""
         self.ttft: float | None = None
         self.finish: str | None = None
+        self.error: BaseException | None = None  # set with finish="error": this row alone failed
         self.last_token = -1  # sampled but not yet in the KV cache
         self.cached = 0  # real (non-padding) tokens of this row in the KV cache
         self.pad = 0  # padding columns on the left of this row in the KV cache
@@ -672,12 +677,35 @@ class Engine:
             r.cached += 1
         self._sample(rows, logits)
 
+    def _choose(self, rows: list[_Row], logits: torch.Tensor) -> list[int | None]:
+        """Each row's next token; None for a row whose sampling failed (its ``error`` says why).
+
+        The batch is sampled at once; if that raises, each row is retried alone, so one row's
+        failure (non-finite logits, say) ends only that row, never the others in the batch.
+        """
+        try:
+            return list(choose_tokens(logits, [r.sampling for r in rows], [r.seen for r in rows],
+                                      [r.generator for r in rows]))
+        except Exception:
+            pass
+        tokens: list[int | None] = []
+        for i, r in enumerate(rows):
+            try:
+                tokens.append(choose_tokens(logits[i:i + 1], [r.sampling], [r.seen], [r.generator])[0])
+            except Exception as exc:
+                log.warning("sampling failed for one request (%s); ending that request only", exc)
+                r.error = GenerationFailed(f"generation failed for this request: {exc}")
+                r.finish = "error"
+                tokens.append(None)
+        return tokens
+
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token with its own settings, stream it, and mark finished rows."""
-        tokens = choose_tokens(logits, [r.sampling for r in rows], [r.seen for r in rows],
-                               [r.generator for r in rows])
+        tokens = self._choose(rows, logits)
         now = time.perf_counter()
         for r, tok in zip(rows, tokens):
+            if tok is None:
+                continue  # failed alone (finish="error")
             if r.handle.cancelled:
                 r.finish = "cancelled"
                 continue
@@ -733,6 +761,9 @@ class Engine:
             log.exception("unloading adapters failed")
         now = time.perf_counter()
         for r in done:
+            if r.error is not None:
+                r.handle._finish(None, r.error)
+                continue
             finish = r.finish if r.finish is not None else "cancelled"
             text = r.text
             r.handle._emit(text[r.emitted:])

@@ -13,6 +13,11 @@ Invariants:
   probability zero, and it is what makes batched sampling cheap on a CPU.
 - Each sampled row draws from its own ``torch.Generator``, so a seeded request reproduces its
   reply whatever else shares the batch.
+- Any accepted setting gives a valid distribution: logits are shifted by their row maximum
+  before the temperature divides them (softmax and the top-k order do not change, but nothing
+  overflows), and a temperature below ``GREEDY_BELOW`` is greedy (its distribution is the argmax
+  to float precision; smaller ones would underflow to 0 in float32). A row whose logits are not
+  finite raises ``SamplingError`` naming only that row, so a caller can fail it alone.
 """
 
 from __future__ import annotations
@@ -21,6 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+GREEDY_BELOW = 1e-4  # temperatures below this sample the argmax
+
+
+class SamplingError(ValueError):
+    """One row's logits gave no valid distribution (NaN or inf); ``row`` is its index."""
+
+    def __init__(self, row: int, message: str):
+        super().__init__(message)
+        self.row = row
 
 
 @dataclass(frozen=True)
@@ -52,7 +67,8 @@ def filtered_distribution(logits: torch.Tensor, rows: Sequence[RowSampling]) -> 
     ks = [r.top_k if 0 < r.top_k < vocab else vocab for r in rows]
     k_max = max(ks)
     temps = logits.new_tensor([r.temperature for r in rows]).unsqueeze(1)
-    values, index = torch.topk(logits / temps, k_max, dim=-1, sorted=True)
+    shifted = logits - logits.max(dim=-1, keepdim=True).values  # <= 0, so / temps cannot overflow
+    values, index = torch.topk(shifted / temps, k_max, dim=-1, sorted=True)
     positions = torch.arange(k_max, device=logits.device).unsqueeze(0)
     values = values.masked_fill(positions >= logits.new_tensor(ks).unsqueeze(1), float("-inf"))
     probs = torch.softmax(values, dim=-1)
@@ -67,17 +83,22 @@ def filtered_distribution(logits: torch.Tensor, rows: Sequence[RowSampling]) -> 
 
 def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampling], seen: Sequence[torch.Tensor],
                   generators: Sequence[torch.Generator]) -> list[int]:
-    """The next token of every row: ``logits`` [B, V] float (modified in place by the penalty),
-    ``seen[i]`` the token ids row i has so far (prompt and reply), ``generators[i]`` its RNG."""
+    """The next token of every row: ``logits`` [B, V] float (left unchanged), ``seen[i]`` the
+    token ids row i has so far (prompt and reply), ``generators[i]`` its RNG."""
+    logits = logits.clone()  # the penalty works in place; a caller may retry rows one by one
     for i, r in enumerate(rows):
         apply_repetition_penalty(logits[i], seen[i], r.repetition_penalty)
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    if not all(finite):
+        bad = finite.index(False)
+        raise SamplingError(bad, f"the model's logits for row {bad} are not finite")
     out = [0] * len(rows)
-    greedy = [i for i, r in enumerate(rows) if r.temperature == 0.0]
+    greedy = [i for i, r in enumerate(rows) if r.temperature < GREEDY_BELOW]
     if greedy:
         picks = logits[greedy].argmax(dim=-1).tolist()
         for i, t in zip(greedy, picks):
             out[i] = int(t)
-    sampled = [i for i, r in enumerate(rows) if r.temperature != 0.0]
+    sampled = [i for i, r in enumerate(rows) if r.temperature >= GREEDY_BELOW]
     if sampled:
         probs, index = filtered_distribution(logits[sampled], [rows[i] for i in sampled])
         for j, i in enumerate(sampled):

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from chatloop.adapters import AdapterError, AdapterRegistry
 from chatloop.config import GenerationDefaults
-from chatloop.engine import Engine, EngineBusy, GenerationParams, InvalidRequest
+from chatloop.engine import Engine, EngineBusy, GenerationFailed, GenerationParams, InvalidRequest
 from chatloop.models import load_model
 
 MSGS = [{"role": "user", "content": "hello, who are you?"}]
@@ -189,3 +189,60 @@ def test_seeded_sampling_is_reproducible(setup):
 def test_bad_generation_settings_are_refused(given, message):
     with pytest.raises(InvalidRequest, match=message):
         GenerationParams.from_request(GenerationDefaults(), **given)
+
+
+def _healthy(seed: int) -> GenerationParams:
+    return GenerationParams.from_request(GenerationDefaults(), temperature=0.9, max_tokens=16, seed=seed)
+
+
+HOSTILE = [  # accepted settings at the numeric edge: each must give a reply, and harm no one
+    {"temperature": 1e-40}, {"temperature": 1e-46}, {"temperature": 2e-38, "top_p": 1e-300},
+    {"temperature": 5e-324, "top_k": 1}, {"temperature": 2.0, "top_p": 1e-45, "repetition_penalty": 2.0},
+    {"temperature": 1e-5, "top_k": 1000, "top_p": 1.0},
+]
+
+
+@pytest.fixture
+def roomy(tiny_model_dir, tmp_path):
+    """An engine with room for a dozen requests at once (``setup``'s queue holds two)."""
+    registry = AdapterRegistry(tmp_path / "adapters")
+    engine = Engine(load_model(str(tiny_model_dir), tmp_path / "models"), registry, queue_size=16)
+    engine.start()
+    yield engine, registry, tiny_model_dir, tmp_path
+    engine.stop()
+
+
+def test_degenerate_settings_neither_fail_nor_harm_the_batch(roomy):
+    """Issue 19: a temperature of 1e-40 used to give NaN, and torch.multinomial's error failed
+    every reply in the batch. Now such rows are answered, and seeded neighbours are unchanged."""
+    engine, *_ = roomy
+    alone = [engine.generate(MSGS, _healthy(s)).token_ids for s in range(3)]
+    greedy_reply = engine.generate(MSGS, greedy(max_tokens=16)).token_ids
+    healthy = [engine.submit(MSGS, _healthy(s)) for s in range(3)]
+    hostile = [engine.submit(MSGS, GenerationParams.from_request(GenerationDefaults(), max_tokens=16, **h))
+               for h in HOSTILE]
+    assert [h.result(timeout=120).token_ids for h in healthy] == alone
+    replies = [h.result(timeout=120) for h in hostile]
+    assert all(r.completion_tokens > 0 for r in replies)
+    assert replies[0].token_ids[:len(greedy_reply)] == greedy_reply[:len(replies[0].token_ids)]
+
+
+def test_a_row_whose_logits_are_not_finite_fails_alone(roomy, tmp_path_factory):
+    """A diverged adapter (NaN weights) served beside the base model: its rows end with a clear
+    error, the base rows in the same batch finish exactly as they would alone."""
+    from safetensors.torch import load_file, save_file
+
+    engine, registry, model_dir, _ = roomy
+    bad = make_adapter(model_dir, tmp_path_factory.mktemp("nan") / "a", 5)
+    weights = load_file(bad / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()},
+              str(bad / "adapter_model.safetensors"))
+    version = registry.publish(bad, {"parent": "base"})
+    alone = [engine.generate(MSGS, _healthy(s)).token_ids for s in range(3)]
+    healthy = [engine.submit(MSGS, _healthy(s)) for s in range(3)]
+    poisoned = [engine.submit(MSGS, p, adapter=version) for p in (_healthy(9), greedy(max_tokens=16))]
+    assert [h.result(timeout=120).token_ids for h in healthy] == alone
+    for handle in poisoned:
+        with pytest.raises(GenerationFailed, match="not finite"):
+            handle.result(timeout=120)
+    assert engine.generate(MSGS, _healthy(0)).token_ids == alone[0]  # and the engine serves on

@@ -13,7 +13,17 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from chatloop.sampling import RowSampling, choose_tokens, filtered_distribution
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chatloop.sampling import (
+    GREEDY_BELOW,
+    RowSampling,
+    SamplingError,
+    apply_repetition_penalty,
+    choose_tokens,
+    filtered_distribution,
+)
 
 ROWS = [
     RowSampling(0.7, 50, 0.9, 1.15),
@@ -86,3 +96,38 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
     gen = torch.Generator().manual_seed(3)
     picks = {choose_tokens(logits[:1].clone(), rows[:1], seen[:1], [gen])[0] for _ in range(200)}
     assert len(picks) > 50
+
+
+accepted = st.builds(  # every setting GenerationParams accepts, edges included
+    RowSampling,
+    temperature=st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=2.0, allow_subnormal=True)),
+    top_k=st.integers(min_value=0, max_value=1000),
+    top_p=st.floats(min_value=0.0, max_value=1.0, exclude_min=True, allow_subnormal=True),
+    repetition_penalty=st.floats(min_value=1.0, max_value=2.0),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(accepted, min_size=1, max_size=4), scale=st.sampled_from([1.0, 30.0, 1e4]))
+def test_every_accepted_setting_gives_a_token(rows, scale):
+    """Issue 19: no accepted setting may make sampling fail (a tiny temperature used to give NaN)."""
+    torch.manual_seed(0)
+    vocab = 300
+    logits = torch.randn(len(rows), vocab) * scale
+    seen = [torch.randint(0, vocab, (5,)) for _ in rows]
+    tokens = choose_tokens(logits, rows, seen, [torch.Generator().manual_seed(1) for _ in rows])
+    assert all(0 <= t < vocab for t in tokens)
+    for i, (r, t) in enumerate(zip(rows, tokens)):
+        if r.temperature < GREEDY_BELOW:
+            penalized = logits[i].clone()
+            apply_repetition_penalty(penalized, seen[i], r.repetition_penalty)
+            assert t == int(penalized.argmax())
+
+
+def test_non_finite_logits_name_their_row():
+    logits = torch.zeros(3, 10)
+    logits[1, 4] = float("nan")
+    rows = [RowSampling(0.7, 0, 1.0, 1.0)] * 3
+    with pytest.raises(SamplingError) as err:
+        choose_tokens(logits, rows, [torch.tensor([], dtype=torch.long)] * 3, [torch.Generator()] * 3)
+    assert err.value.row == 1
