@@ -79,7 +79,9 @@ def serve(settings: Settings) -> int:
     scheduler = RetrainScheduler(settings, service.retrainer, service.store).start()
     app = create_app(service, token, scheduler)
     demo = build_ui(service, token, scheduler)
-    app = gr.mount_gradio_app(app, demo, path="/")
+    # run_history=False: Gradio 6 would keep every handler's inputs and outputs (the operator
+    # token, SQL results) in the browser's localStorage; it also clears what an older run kept
+    app = gr.mount_gradio_app(app, demo, path="/", run_history=False)
 
     url = f"http://{settings.host}:{settings.port}"
     info = {"url": url, "pid": os.getpid(), "admin_token": token, "started_at": time.time()}

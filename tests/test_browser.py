@@ -13,6 +13,7 @@ Never run ``playwright install``: the browser comes from Debian, not from a down
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -271,3 +272,14 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     page.locator("#admin-sql-run").click()
     expect(page.locator("#admin-sql-csv")).to_contain_text(".csv", timeout=15_000)
     shot("admin-console")
+
+    # 7. Nothing of the operator session stays in the browser (issue 19: Gradio's run history
+    # kept the token and other users' data in localStorage) ------------------------------------
+    stored = page.evaluate("""() => {
+        const dump = (s) => Object.fromEntries(Array.from({length: s.length}, (_, i) => s.key(i))
+                                               .map((k) => [k, s.getItem(k)]));
+        return {local: dump(window.localStorage), session: dump(window.sessionStorage)};
+    }""")
+    blob = json.dumps(stored)
+    assert server.token not in blob, f"the operator token is stored in the browser: {list(stored['local'])}"
+    assert "too long" not in blob, "feedback-browser / SQL results are stored in the browser"
