@@ -24,12 +24,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatloop.adapters import AdapterError
-from chatloop.engine import EngineBusy, GenerationFailed, InvalidRequest
-from chatloop.identity import IdentityMiddleware, uid_from_cookies
+from chatloop.disconnect import CompletionResponse, event_stream
+from chatloop.engine import Completion, EngineBusy, GenerationFailed, InvalidRequest
+from chatloop.identity import IdentityMiddleware, request_uid, uid_from_cookies
 from chatloop.loop import CycleBusy, NotEnoughFeedback
 from chatloop.ratelimit import RateLimited
 from chatloop.service import Service
@@ -116,12 +117,14 @@ class SqlRequest(BaseModel):
     max_rows: int | None = Field(default=None, ge=1)
 
 
-def _user_id(raw: str | None, default: str = "api", request: Request | None = None) -> str:
-    """The caller: ``api:<user>`` when the body names one, else the browser's cookie user
-    (``ui:<id>``, see chatloop.identity), else ``default``."""
+def _user_id(raw: str | None, request: Request) -> str:
+    """The caller: ``api:<user>`` when the body names one, else the cookie's user (``ui:<id>``;
+    a caller without the cookie is a new user, see chatloop.identity). Never a shared user."""
     if raw is None or raw == "":
-        uid = uid_from_cookies(request.cookies) if request is not None else None
-        return f"ui:{uid}" if uid else default
+        uid = request_uid(request)
+        if uid is None:  # only without IdentityMiddleware, which every app here has
+            raise ApiError(400, "name a user or keep the chatloop_uid cookie")
+        return f"ui:{uid}"
     if len(raw) > 128 or not raw.isprintable():
         raise ApiError(400, "user must be a printable string of at most 128 characters")
     return "api:" + raw
@@ -202,7 +205,7 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             params = service.params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                     max_tokens=max_tokens, repetition_penalty=body.repetition_penalty,
                                     stop=body.stop, seed=body.seed)
-            user = _user_id(body.user, request=request)
+            user = _user_id(body.user, request)
             turn = service.chat(body.messages, params, user_id=user,
                                 conversation_id=body.chatloop_conversation_id, source="api",
                                 adapter=body.chatloop_adapter)
@@ -211,19 +214,25 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
         created = int(time.time())
         model = service.model_name
         if not body.stream:
-            try:
-                c = turn.result()
-            except Exception as exc:
-                raise translate(exc) from None
-            return {
-                "id": turn.message_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
-                             "finish_reason": _finish(c.finish_reason)}],
-                "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                          "total_tokens": c.prompt_tokens + c.completion_tokens},
-                "chatloop_adapter": c.adapter_version,
-                "chatloop_conversation_id": turn.conversation_id,
-            }
+            def render(c: Completion) -> Response:
+                return JSONResponse({
+                    "id": turn.message_id, "object": "chat.completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text},
+                                 "finish_reason": _finish(c.finish_reason)}],
+                    "usage": {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                              "total_tokens": c.prompt_tokens + c.completion_tokens},
+                    "chatloop_adapter": c.adapter_version,
+                    "chatloop_conversation_id": turn.conversation_id,
+                })
+
+            def on_error(exc: Exception) -> Response:
+                try:
+                    err = translate(exc)
+                except Exception:  # noqa: BLE001 - unexpected: a 500 in the usual error shape
+                    err = ApiError(500, "generation failed", "server_error")
+                return _error(err.status, err.message, err.type, err.code, err.headers)
+
+            return CompletionResponse(turn, render, on_error)  # generated as it is sent
 
         def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
             obj = {"id": turn.message_id, "object": "chat.completion.chunk", "created": created,
@@ -251,14 +260,13 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             yield chunk({}, _finish(c.finish_reason), usage=usage)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return event_stream(turn, events(), {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @v1.post("/feedback")
     def feedback(body: FeedbackRequest, request: Request):
         try:
             service.check_rate("feedback", rate_key(request, body.user))
-            user = _user_id(body.user, default="", request=request) or None
+            user = _user_id(body.user, request)
             fid = service.feedback(body.message_id, body.rating, user, body.reason, body.comment)
         except Exception as exc:
             raise translate(exc) from None
@@ -268,7 +276,7 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     def comparisons(body: ComparisonRequest, request: Request):
         try:
             service.check_rate("feedback", rate_key(request, body.user))
-            user = _user_id(body.user, default="", request=request) or None
+            user = _user_id(body.user, request)
             cid = service.compare(body.message_a, body.message_b, body.choice, user)
         except Exception as exc:
             raise translate(exc) from None

@@ -19,9 +19,10 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import unicodedata
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from chatloop.adapters import BASE_VERSION, AdapterRegistry
@@ -89,6 +90,7 @@ class ChatTurn:
     context: list[dict[str, str]]
     params: GenerationParams
     completion: Completion | None = None
+    _recording: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __iter__(self) -> Iterator[str]:
         try:
@@ -108,14 +110,25 @@ class ChatTurn:
     def adapter_version(self) -> str | None:
         return self.handle.adapter_version
 
+    def abandon(self) -> None:
+        """The client went away: stop generating at the next step, and store what was generated
+        (in the background, so the server's event loop does not wait for that step)."""
+        if not self.handle.done:
+            self.handle.cancel()
+        threading.Thread(target=self._record, name="chatloop-record-abandoned", daemon=True).start()
+
     def _record(self) -> None:
-        if self.completion is not None:
-            return
-        try:
-            c = self.handle.result(timeout=120)  # a cancelled request ends at the next step
-        except Exception:
-            return  # nothing was generated (refused by the engine): nothing to record
-        self.completion = c
+        with self._recording:  # the stream's end and abandon() may both get here: store once
+            if self.completion is not None:
+                return
+            try:
+                c = self.handle.result(timeout=120)  # a cancelled request ends at the next step
+            except Exception:
+                return  # nothing was generated (refused or failed in the engine): nothing to record
+            self.completion = c
+            self._store(c)
+
+    def _store(self, c: Completion) -> None:
         if c.finish_reason == "cancelled" and not c.completion_tokens:
             return  # stopped before the first token: there is no reply to keep
         self.service.store.record_exchange(self.conversation_id, GenerationRecord(
@@ -189,8 +202,9 @@ class Service:
                         service=self, context=context, params=params)
 
     # ---- feedback ----------------------------------------------------------------------------
-    def feedback(self, message_id: str, rating: int, user_id: str | None = None,
+    def feedback(self, message_id: str, rating: int, user_id: str,
                  reason: str | None = None, comment: str | None = None) -> int:
+        """A thumb by ``user_id``, who must be the user the reply was written for (Forbidden)."""
         lim = self.settings.limits
         if reason is not None and len(reason) > lim.max_reason_chars:
             raise InvalidRequest(f"reason is too long (at most {lim.max_reason_chars} characters)")
@@ -202,7 +216,8 @@ class Service:
         # the writer checks, in the same transaction, that the reply was shown to this user
         return self.store.record_feedback(message_id, user_id, rating, reason, comment, shown_only=True)
 
-    def compare(self, message_a: str, message_b: str, choice: str, user_id: str | None = None) -> int:
+    def compare(self, message_a: str, message_b: str, choice: str, user_id: str) -> int:
+        """An A/B choice by ``user_id``, who must have been shown both replies (Forbidden)."""
         return self.store.record_comparison(message_a, message_b, choice, user_id, shown_only=True)
 
     # ---- adapters ----------------------------------------------------------------------------

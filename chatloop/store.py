@@ -348,7 +348,7 @@ class Store:
             if t.message_id not in owners:
                 results.append(NotFound(f"unknown assistant message {t.message_id!r}"))
                 continue
-            if t.shown_only and t.user_id is not None and t.user_id != owners[t.message_id]:
+            if t.shown_only and t.user_id != owners[t.message_id]:
                 results.append(Forbidden(f"you can only rate replies you were shown ({t.message_id} was "
                                          f"written for another user)"))
                 continue
@@ -525,7 +525,7 @@ class Store:
             raise StoreError("message_a and message_b must be two different replies")
         a = self.assistant_message(message_a)
         b = self.assistant_message(message_b)
-        if shown_only and user_id is not None:
+        if shown_only:
             for m in (a, b):
                 if m["user_id"] != user_id:
                     raise Forbidden(f"you can only rate replies you were shown ({m['id']} was written for "

@@ -3,7 +3,10 @@ openai client, thumbs, an A/B choice, `chatloop retrain`, and the new adapter an
 
 from __future__ import annotations
 
+import json
 import re
+import socket
+import time
 
 import httpx
 import openai
@@ -27,15 +30,18 @@ def test_chat_rate_compare_retrain_and_hot_swap(live_server):
     # feedback: thumbs on two replies to the same context and A/B choices
     for i in range(3):
         msgs = [{"role": "user", "content": f"Tell me something nice #{i}"}]
-        a, b = (client.chat.completions.create(model="m", messages=msgs, max_tokens=8, seed=s, temperature=1.0)
-                for s in (1, 2))
+        # a client without the cookie names its user, on the chat and on the votes (issue 19)
+        a, b = (client.chat.completions.create(model="m", messages=msgs, max_tokens=8, seed=s, temperature=1.0,
+                                               user="e2e") for s in (1, 2))
         assert httpx.post(live_server.url + "/v1/feedback",
-                          json={"message_id": a.id, "rating": 1, "reason": "helpful"}).status_code == 200
+                          json={"message_id": a.id, "rating": 1, "reason": "helpful", "user": "e2e"}).status_code == 200
         assert httpx.post(live_server.url + "/v1/feedback",
-                          json={"message_id": b.id, "rating": -1, "comment": "rude"}).status_code == 200
-        c = client.chat.completions.create(model="m", messages=msgs, max_tokens=8, seed=3, temperature=1.0)
+                          json={"message_id": b.id, "rating": -1, "comment": "rude", "user": "e2e"}).status_code == 200
+        c = client.chat.completions.create(model="m", messages=msgs, max_tokens=8, seed=3, temperature=1.0, user="e2e")
         assert httpx.post(live_server.url + "/v1/comparisons",
-                          json={"message_a": a.id, "message_b": c.id, "choice": "a"}).status_code == 200
+                          json={"message_a": a.id, "message_b": c.id, "choice": "a", "user": "e2e"}).status_code == 200
+        assert httpx.post(live_server.url + "/v1/feedback",  # nobody else may rate it
+                          json={"message_id": c.id, "rating": -1}).status_code == 403
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], temperature=7)
 
@@ -83,3 +89,61 @@ def test_cli_works_on_the_data_dir_when_no_service_runs(tmp_path, tiny_model_dir
     r = subprocess.run([sys.executable, "-m", "chatloop.cli", "retrain", *env_args],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not enough feedback" in r.stderr
+
+
+def _raw_request(url: str, body: dict) -> socket.socket:
+    """A chat request on a bare socket (so the test can really hang up)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+    return sock
+
+
+def _stored(server, user: str) -> list:
+    r = httpx.post(server.url + "/admin/sql", headers={"Authorization": f"Bearer {server.token}"}, json={
+        "sql": "SELECT g.finish_reason, g.completion_tokens, m.content FROM messages m"
+               " JOIN generations g ON g.message_id = m.id JOIN conversations c ON c.id = m.conversation_id"
+               f" WHERE c.user_id = 'api:{user}'"})
+    return r.json()["rows"]
+
+
+def _wait_stored(server, user: str, timeout: float = 30) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = _stored(server, user)
+        if rows:
+            return rows
+        time.sleep(0.2)
+    pytest.fail(f"the hung-up reply of {user} was never stored")
+
+
+LONG = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 1024,
+        "temperature": 1.0, "repetition_penalty": 1.0, "stop": ["\\u0000never"]}
+
+
+def test_a_client_that_hangs_up_stops_its_generation_and_the_reply_is_kept(live_server):
+    """Issue 19: a real disconnect (socket closed mid-stream through the real server) used to
+    leave the row decoding to max_tokens and the reply unstored."""
+    healthy = httpx.post(live_server.url + "/v1/chat/completions", timeout=120,
+                         json={**LONG, "user": "timing", "stream": False}).json()
+    full_tokens = healthy["usage"]["completion_tokens"]  # what an uninterrupted reply runs to
+    print("uninterrupted reply:", full_tokens, "tokens")  # shown with -s
+    sock = _raw_request(live_server.url, {**LONG, "user": "hangup-stream", "stream": True})
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += sock.recv(65536)
+    sock.close()
+    finish, tokens, text = _wait_stored(live_server, "hangup-stream")[0]
+    print(f"hung up after {received.count(b'data: ')} chunks; generation stopped at {tokens} tokens")
+    assert finish == "cancelled" and tokens < full_tokens / 2, (finish, tokens, full_tokens)
+    first = json.loads(received.split(b"data: ")[1].split(b"\n\n")[0])
+    assert text.startswith(first["choices"][0]["delta"]["content"])
+
+    sock = _raw_request(live_server.url, {**LONG, "user": "hangup-plain", "stream": False})
+    time.sleep(0.3)  # generating, nothing sent yet
+    sock.close()
+    finish, tokens, _ = _wait_stored(live_server, "hangup-plain")[0]
+    print(f"non-streaming: hung up after 0.3 s; generation stopped at {tokens} tokens")
+    assert finish == "cancelled" and tokens < full_tokens / 2, (finish, tokens, full_tokens)

@@ -79,3 +79,39 @@ def test_the_ui_user_comes_from_the_cookie():
     assert _browser_user(FakeRequest({COOKIE: uid})) == f"ui:{uid}"
     assert _browser_user(FakeRequest({COOKIE: "bad value"})).startswith("ui:")
     assert _browser_user(FakeRequest({COOKIE: "bad value"})) != _browser_user(FakeRequest({}))
+
+
+def test_callers_without_user_or_cookie_are_strangers_not_one_shared_user(app):
+    """Issue 19: cookieless API callers were all user 'api' and skipped the 'shown to you' check,
+    so anyone could overwrite anyone's vote and continue anyone's conversation."""
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with TestClient(app) as alice, TestClient(app) as stateless:
+        alice.get("/healthz")
+        reply = alice.post("/v1/chat/completions", json=HI).json()
+        second = alice.post("/v1/chat/completions", json=HI).json()
+
+        def bare(path, body):  # a client that keeps no cookies (curl, a script)
+            stateless.cookies.clear()
+            return stateless.post(path, json=body)
+
+        thumb = bare("/v1/feedback", {"message_id": reply["id"], "rating": -1})
+        assert thumb.status_code == 403 and "you were shown" in thumb.json()["error"]["message"]
+        vote = bare("/v1/comparisons", {"message_a": reply["id"], "message_b": second["id"], "choice": "b"})
+        assert vote.status_code == 403
+        cont = bare("/v1/chat/completions", {**HI, "chatloop_conversation_id": reply["chatloop_conversation_id"]})
+        assert cont.status_code == 403
+        # two cookieless chats belong to two different new users, and each got its cookie
+        first, other = bare("/v1/chat/completions", HI), bare("/v1/chat/completions", HI)
+        uids = [r.cookies.get(COOKIE) for r in (first, other)]
+        assert all(uids) and uids[0] != uids[1]
+        owners = alice.post("/admin/sql", headers=admin, json={
+            "sql": "SELECT DISTINCT c.user_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
+                   f" WHERE m.id IN ('{first.json()['id']}', '{other.json()['id']}')"}).json()["rows"]
+        assert sorted(o[0] for o in owners) == sorted(f"ui:{u}" for u in uids)
+        # a client that keeps the cookie it was given is that user: it may rate its own reply
+        stateless.cookies.clear()
+        stateless.cookies.set(COOKIE, uids[0])
+        assert stateless.post("/v1/feedback", json={"message_id": first.json()["id"], "rating": 1}).status_code == 200
+        rows = alice.post("/admin/sql", headers=admin, json={
+            "sql": "SELECT count(*) FROM feedback_events WHERE rating = -1 OR user_id = 'api'"}).json()["rows"]
+        assert rows == [[0]]
