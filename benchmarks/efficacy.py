@@ -63,15 +63,17 @@ from chatloop.simulate import simulate  # noqa: E402
 SERVICE_ENV = {"CHATLOOP_LIMITS__CHAT_PER_MINUTE": "0", "CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0"}
 
 
-def answer_all(url: str, prompts: list, version: str, max_tokens: int, seed: int, streams: int) -> list[dict]:
-    """Every prompt answered by ``version`` (seed + i for prompt i), ``streams`` requests at a time."""
+def answer_all(url: str, prompts: list, version: str, max_tokens: int, seed: int, streams: int,
+               headers: dict | None = None) -> list[dict]:
+    """Every prompt answered by ``version`` (seed + i for prompt i), ``streams`` requests at a time.
+    ``headers`` carry the operator token: only an operator may ask for a candidate the gate rejected."""
     out: list[dict | None] = [None] * len(prompts)
     todo = iter(range(len(prompts)))
     lock = threading.Lock()
     errors: list[str] = []
 
     def worker() -> None:
-        with httpx.Client(timeout=600) as http:
+        with httpx.Client(timeout=600, headers=headers) as http:
             while not errors:
                 with lock:
                     i = next(todo, None)
@@ -106,11 +108,12 @@ def judge(oracle, prompts: list, replies: list[dict]) -> dict[str, Any]:
             "mean_tokens": sum(r["tokens"] for r in replies) / len(replies)}
 
 
-def uncapped_length(url: str, prompts: list, version: str, args: argparse.Namespace) -> float | None:
+def uncapped_length(url: str, prompts: list, version: str, args: argparse.Namespace,
+                    headers: dict | None = None) -> float | None:
     """Mean reply tokens of ``version`` on ``prompts`` when replies may run to --length-max-tokens."""
     if not prompts:
         return None
-    replies = answer_all(url, prompts, version, args.length_max_tokens, args.seed, args.streams)
+    replies = answer_all(url, prompts, version, args.length_max_tokens, args.seed, args.streams, headers)
     return sum(r["tokens"] for r in replies) / len(replies)
 
 
@@ -263,8 +266,9 @@ def main() -> int:
             if run["status"] == "failed" or not version:
                 results[algo] = {"error": run.get("error"), "events": sim.events, "cycle_s": round(cycle_s, 1)}
                 continue
-            after = judge(oracle, held, answer_all(server.url, held, version, args.max_tokens, args.seed, args.streams))
-            uncapped = uncapped_length(server.url, held[: args.length_prompts], version, args)
+            after = judge(oracle, held, answer_all(server.url, held, version, args.max_tokens, args.seed, args.streams,
+                                                    admin))
+            uncapped = uncapped_length(server.url, held[: args.length_prompts], version, args, admin)
             m = run.get("metrics") or {}
             results[algo] = {
                 "before": round(before["liked_pct"], 2), "after": round(after["liked_pct"], 2),

@@ -32,7 +32,7 @@ BASE_VERSION = "base"
 META_FILE = "chatloop.json"
 ACTIVE_FILE = "active.json"
 COMPARE_FILE = "compare.json"
-_VERSION_RE = re.compile(r"^v(\d+)$")
+_VERSION_RE = re.compile(r"^v([1-9]\d{0,8})$")  # v1 .. v999999999: a name is never too long for a path
 
 
 class AdapterError(ValueError):

@@ -33,6 +33,7 @@ from chatloop.engine import Completion, EngineBusy, GenerationFailed, InvalidReq
 from chatloop.identity import IdentityMiddleware, request_uid, uid_from_cookies
 from chatloop.loop import CycleBusy, NotEnoughFeedback
 from chatloop.ratelimit import RateLimited
+from chatloop.requestguard import BodyLimitMiddleware
 from chatloop.service import Service
 from chatloop.store import Forbidden, NotFound, SqlRefused, StoreError
 
@@ -137,6 +138,10 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     app = FastAPI(title="chatloop", version="0.1.0")
     app.state.service = service
     app.add_middleware(IdentityMiddleware)
+    lim = service.settings.limits
+    app.add_middleware(BodyLimitMiddleware, max_bytes=lim.max_body_bytes, read_timeout_s=lim.request_read_timeout_s,
+                       large_prefixes={"/admin/import/": lim.max_import_bytes},
+                       trusted=lambda scope: is_operator(Request(scope)))
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
@@ -208,7 +213,8 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
             user = _user_id(body.user, request)
             turn = service.chat(body.messages, params, user_id=user,
                                 conversation_id=body.chatloop_conversation_id, source="api",
-                                adapter=body.chatloop_adapter)
+                                adapter=body.chatloop_adapter,
+                                operator=body.chatloop_adapter is not None and is_operator(request))
         except Exception as exc:
             raise translate(exc) from None
         created = int(time.time())
@@ -289,18 +295,48 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
         return {"ok": True, "active_adapter": service.engine.active_version}
 
     # ---- operators -----------------------------------------------------------------------------
+    def given_token(request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
+        return request.headers.get("x-admin-token", "")
+
+    def client_address(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    def token_matches(request: Request, given: str) -> bool:
+        """Compare a token, with a back-off per client address after repeated wrong ones."""
+        address = client_address(request)
+        service.signin_backoff.check(address)  # RateLimited while the address must wait
+        if hmac.compare_digest(given.encode(), admin_token.encode()):
+            service.signin_backoff.succeeded(address)
+            return True
+        service.signin_backoff.failed(address)
+        return False
+
+    def is_operator(request: Request) -> bool:
+        """Whether the request carries the operator token (never raises; a wrong one counts
+        toward the address's back-off, and an address that must wait is no operator)."""
+        given = given_token(request)
+        if not (admin_token and given):
+            return False
+        try:
+            return token_matches(request, given)
+        except RateLimited:
+            return False
+
     def require_operator(request: Request) -> None:
         if not admin_token:
             raise ApiError(403, "admin routes are disabled: no operator token is configured "
                                 "(set CHATLOOP_ADMIN_TOKEN)", "permission_error")
-        given = request.headers.get("x-admin-token", "")
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
+        given = given_token(request)
         if not given:
             raise ApiError(401, "operator token required", "authentication_error")
-        if not hmac.compare_digest(given.encode(), admin_token.encode()):
-            raise ApiError(403, "wrong operator token", "permission_error")
+        try:
+            if not token_matches(request, given):
+                raise ApiError(403, "wrong operator token", "permission_error")
+        except RateLimited as exc:
+            raise translate(exc) from None
 
     admin = APIRouter(prefix="/admin", dependencies=[Depends(require_operator)])
 
@@ -395,7 +431,7 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
         lim = service.settings.limits
         try:
             res = service.store.query_readonly(body.sql, min(body.max_rows or lim.sql_max_rows, lim.sql_max_rows),
-                                               lim.sql_timeout_s)
+                                               lim.sql_timeout_s, lim.sql_max_bytes)
         except SqlRefused as exc:
             raise ApiError(400, str(exc), "sql_refused") from None
         return {"columns": res.columns, "rows": [list(map(_jsonable, r)) for r in res.rows],

@@ -46,6 +46,7 @@ def serve(settings: Settings) -> int:
 
     from chatloop.api import create_app
     from chatloop.hotswap_check import HotSwapUnavailable
+    from chatloop.requestguard import guarded_protocol
     from chatloop.service import Service
     from jobs.scheduler import RetrainScheduler
     from ui.app import build_ui
@@ -92,7 +93,8 @@ def serve(settings: Settings) -> int:
     print(f"chatloop ready in {time.perf_counter() - t0:.1f} s: {url}  (model {service.model_name}, "
           f"adapter {service.engine.active_version})", flush=True)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                    http=guarded_protocol(settings.limits.request_read_timeout_s))
     finally:
         scheduler.shutdown()
         service.close()
@@ -437,7 +439,8 @@ def sql_cmd(settings: Settings, query: str, url: str | None) -> int:
 
         local = Local(settings)
         try:
-            r = local.store.query_readonly(query, settings.limits.sql_max_rows, settings.limits.sql_timeout_s)
+            lim = settings.limits
+            r = local.store.query_readonly(query, lim.sql_max_rows, lim.sql_timeout_s, lim.sql_max_bytes)
         except SqlRefused as exc:
             raise SystemExit(f"error: {exc}")
         cols, rows, truncated = r.columns, r.rows, r.truncated

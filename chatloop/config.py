@@ -123,8 +123,12 @@ class Limits:
     max_comment_chars: int = 2000
     sql_max_rows: int = 1000
     sql_timeout_s: float = 10.0
+    sql_max_bytes: int = 8 << 20  # the console also stops once its rows' text passes this
     chat_per_minute: int = 30  # per user (API: per `user`, else per client address); 0 = no limit
     feedback_per_minute: int = 300  # thumbs and A/B votes together, per user; 0 = no limit
+    max_body_bytes: int = 4 << 20  # a request body larger than this is refused (413) unread
+    max_import_bytes: int = 512 << 20  # ... except an operator's data import (/admin/import)
+    request_read_timeout_s: float = 30.0  # a request's head, and then its body, must arrive within this
 
 
 @dataclass(frozen=True)

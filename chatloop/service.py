@@ -25,12 +25,12 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from chatloop.adapters import BASE_VERSION, AdapterRegistry
+from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
 from chatloop.config import Settings
 from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest, StreamHandle
 from chatloop.loop import Retrainer
 from chatloop.models import LoadedModel, load_model
-from chatloop.ratelimit import RateLimiter
+from chatloop.ratelimit import FailureBackoff, RateLimiter
 from chatloop.store import Forbidden, GenerationRecord, Store, new_id
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class Service:
             log.warning("marked %d interrupted training run(s) failed", failed)
         self.registry = AdapterRegistry(settings.adapters_dir)
         self.limiter = RateLimiter()
+        self.signin_backoff = FailureBackoff()  # wrong operator tokens, API and Admin tab alike
         self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
                              settings.queue_size, settings.max_batch,
                              probe_modules=settings.training.lora_target_modules)
@@ -185,8 +186,14 @@ class Service:
 
     def chat(self, messages: Any, params: GenerationParams, user_id: str,
              conversation_id: str | None = None, source: str = "api",
-             adapter: str | None = None) -> ChatTurn:
+             adapter: str | None = None, operator: bool = False) -> ChatTurn:
+        """One reply. ``adapter`` names a version other than the active one: any published
+        version for an operator; for anyone else only one that serves or has served (base, the
+        active one, the live comparison's candidate, an earlier active one), never a candidate the
+        gate rejected or a failed run left behind."""
         lim = self.settings.limits
+        if adapter is not None and not operator:
+            self.check_public_version(adapter)
         context = validate_messages(messages, lim.max_messages, lim.max_message_chars)
         if conversation_id is not None and self.store.conversation_owner(conversation_id) != user_id:
             raise Forbidden("that conversation belongs to another user")
@@ -221,6 +228,12 @@ class Service:
         return self.store.record_comparison(message_a, message_b, choice, user_id, shown_only=True)
 
     # ---- adapters ----------------------------------------------------------------------------
+    def check_public_version(self, version: str) -> None:
+        """AdapterError (worded as for an unknown one) unless ``version`` may serve anyone."""
+        public = {BASE_VERSION, self.engine.active_version, self.registry.compare_version()}
+        if version not in public and version not in self.store.served_versions():
+            raise AdapterError(f"unknown adapter version {version!r}")
+
     def activate(self, version: str, actor: str = "operator", reason: str = "") -> str:
         previous = self.engine.activate(version)
         self.registry.set_active(version)

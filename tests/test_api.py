@@ -237,3 +237,30 @@ def test_local_mode_binds_only_loopback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "chatloop.cli", "serve", "--local", "--host", "0.0.0.0",
                         "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "only binds to loopback" in r.stderr
+
+
+def test_only_an_operator_may_ask_for_a_candidate_that_never_served(client, tiny_model_dir, tmp_path):
+    """A rejected candidate (or one a failed run left on disk) is not for the public: an
+    anonymous ``chatloop_adapter`` naming it is refused like an unknown version; an operator may;
+    once it has served, anyone may ask for it again."""
+    from test_engine import make_adapter
+
+    service = client.service
+    version = service.registry.publish(make_adapter(tiny_model_dir, tmp_path / "unserved", 7), {"parent": "base"})
+    r = chat(client, chatloop_adapter=version, user="curious")
+    assert r.status_code == 400 and "unknown adapter" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", headers=ADMIN,
+                    json={"messages": HI, "max_tokens": 3, "chatloop_adapter": version, "user": "op"})
+    assert r.status_code == 200 and r.json()["chatloop_adapter"] == version
+    before = service.engine.active_version
+    assert client.post(f"/admin/adapters/{version}/activate", headers=ADMIN).status_code == 200
+    client.post("/admin/rollback", headers=ADMIN)
+    assert service.engine.active_version == before
+    assert chat(client, chatloop_adapter=version, user="curious").status_code == 200
+
+
+@pytest.mark.parametrize("name", ["v" + "9" * 300, "v0", "v01", "v1/../../x"])
+def test_odd_version_names_are_unknown_not_a_server_error(client, name):
+    r = client.post(f"/admin/adapters/{name}/activate", headers=ADMIN)
+    assert r.status_code == 404 and r.json()["error"]["code"] is None
+    assert chat(client, chatloop_adapter=name, user="odd").status_code == 400

@@ -101,6 +101,12 @@ HOSTILE = [
     ("SELECT * FROM 'https://example.com/x.parquet'", "disabled|not found|extension"),
     ("", "empty"),
     ("SELEC 1", "parse"),
+    # writes that DuckDB parses as a SELECT statement, and a sequence the rollback cannot undo
+    ("WITH x AS (DELETE FROM messages RETURNING *) SELECT count(*) FROM x", "DELETE"),
+    ("SELECT * FROM (WITH y AS (UPDATE messages SET content = 'x' RETURNING id) SELECT * FROM y)", "UPDATE"),
+    ("WITH x AS (INSERT INTO schema_version VALUES (99, now(), 'x') RETURNING *) SELECT 1", "INSERT"),
+    ("EXPLAIN ANALYZE WITH x AS (DELETE FROM messages RETURNING *) SELECT 1 FROM x", "DELETE"),
+    ("SELECT nextval('nope')", "sequence"),
 ]
 
 
@@ -123,6 +129,16 @@ def test_sql_console_reads_with_row_and_time_limits(store):
     with pytest.raises(SqlRefused, match="time limit"):
         store.query_readonly("SELECT count(*) FROM range(10000000000) a", timeout_s=0.5)
     assert store.query_readonly("SELECT 42").rows == [(42,)]  # still usable afterwards
+    assert store.query_readonly("EXPLAIN SELECT 1").rows
+    assert store.query_readonly("SELECT 1 UNION ALL SELECT 2 ORDER BY 1").rows == [(1,), (2,)]
+
+
+def test_sql_console_caps_the_bytes_it_returns(store):
+    """Under the row cap, a query's text is also capped: 200 rows of 100 kB stop near 1 MB."""
+    res = store.query_readonly("SELECT repeat('x', 100000) FROM range(200)", max_rows=1000, max_bytes=1 << 20)
+    assert res.truncated and 9 <= len(res.rows) <= 11
+    one = store.query_readonly("SELECT repeat('x', 3000000)", max_bytes=1 << 20)
+    assert len(one.rows) == 1 and not one.truncated  # a single row is returned whole
 
 
 def test_feedback_browser_filters_by_kind_version_user_and_date(store):

@@ -379,11 +379,19 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
 
             refresh_outs = [status_md, cycle_md, runs_df, adapters_df, curve, jobs_df]
 
-            def _login(tok):
-                ok = bool(admin_token) and hmac.compare_digest((tok or "").encode(), admin_token.encode())
+            def _login(tok, request: gr.Request):
+                address = getattr(getattr(request, "client", None), "host", None) or "?"
+                try:
+                    service.signin_backoff.check(address)
+                    ok = bool(admin_token) and hmac.compare_digest((tok or "").encode(), admin_token.encode())
+                    wait = ""
+                except RateLimited as exc:
+                    ok, wait = False, str(exc)
+                if admin_token and not wait:
+                    (service.signin_backoff.succeeded if ok else service.signin_backoff.failed)(address)
                 if not ok:
                     msg = ("Admin is disabled: no operator token is configured." if not admin_token
-                           else "Wrong operator token.")
+                           else wait or "Wrong operator token.")
                     return False, msg, gr.update(visible=False), gr.update(visible=True), gr.Timer(active=False)
                 return True, "Signed in.", gr.update(visible=True), gr.update(visible=False), gr.Timer(active=True)
 
@@ -512,7 +520,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 _guard(ok)
                 lim = service.settings.limits
                 try:
-                    res = service.store.query_readonly(q, lim.sql_max_rows, lim.sql_timeout_s)
+                    res = service.store.query_readonly(q, lim.sql_max_rows, lim.sql_timeout_s, lim.sql_max_bytes)
                 except SqlRefused as exc:
                     return gr.update(visible=False), f"⚠️ {exc}", gr.update(visible=False)
                 rows = [[v if isinstance(v, (int, float, str, type(None))) else json.dumps(v, default=str)
