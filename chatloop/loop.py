@@ -30,6 +30,7 @@ from typing import Any, Callable
 from chatloop import evaluate, prefs
 from chatloop.adapters import BASE_VERSION, AdapterRegistry
 from chatloop.config import Settings
+from chatloop.reconcile import CHILD_PID_FILE
 from chatloop.store import Store
 
 log = logging.getLogger(__name__)
@@ -314,9 +315,10 @@ class Retrainer:
 
     def _train_in_child(self, job_dir: Path, on_progress) -> dict[str, Any]:
         log_file = open(job_dir / "child.log", "w")
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", CHATLOOP_PARENT_PID=str(os.getpid()))  # dies with us
         proc = subprocess.Popen([sys.executable, "-m", "chatloop.train.runner", str(job_dir)],
                                 stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        (job_dir / CHILD_PID_FILE).write_text(str(proc.pid))  # for the start-up reconciliation
         progress_file = job_dir / "progress.jsonl"
         offset = 0
         try:

@@ -31,6 +31,7 @@ from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest
 from chatloop.loop import Retrainer
 from chatloop.models import LoadedModel, load_model
 from chatloop.ratelimit import FailureBackoff, RateLimiter
+from chatloop.reconcile import reconcile
 from chatloop.store import Forbidden, GenerationRecord, Store, new_id
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,9 @@ class Service:
         self.load_s = time.perf_counter() - t0
         self.model_name = self.loaded.name
         self.store = Store(settings.db_path)
-        failed = self.store.fail_running_runs("the service stopped while this run was in progress")
-        if failed:
-            log.warning("marked %d interrupted training run(s) failed", failed)
         self.registry = AdapterRegistry(settings.adapters_dir)
+        # after a crash: runs, adapter rows and the activation log brought in line with the registry
+        self.reconciled = reconcile(self.store, self.registry)
         self.limiter = RateLimiter()
         self.signin_backoff = FailureBackoff()  # wrong operator tokens, API and Admin tab alike
         self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
@@ -292,4 +292,5 @@ class Service:
             "running_requests": self.engine.running(),
             "cycle": cur.as_dict() if cur else None,
             "feedback_events": self.store.feedback_count(),
+            "reconciled_at_startup": self.reconciled,
         }

@@ -745,14 +745,6 @@ class Store:
             " FROM training_runs ORDER BY id DESC LIMIT ?", [limit])
         return rows
 
-    def fail_running_runs(self, reason: str) -> int:
-        """At start-up: runs left 'running' by a crashed process are marked failed."""
-        with self._lock:
-            n = self._con.execute("SELECT count(*) FROM training_runs WHERE status = 'running'").fetchone()[0]
-            self._con.execute("UPDATE training_runs SET status = 'failed', error = ?, finished_at = ?"
-                              " WHERE status = 'running'", [reason, now()])
-        return int(n)
-
     def record_adapter(self, version: str, parent: str, algo: str, run_id: int | None,
                        path: str, metrics: dict) -> None:
         with self._lock:
@@ -765,6 +757,19 @@ class Store:
             self._con.execute(
                 "INSERT INTO adapter_activations (version, previous, actor, reason, activated_at)"
                 " VALUES (?, ?, ?, ?, ?)", [version, previous, actor, reason, now()])
+
+    def running_runs(self) -> list[dict[str, Any]]:
+        return self._dicts("SELECT id, snapshot_dir FROM training_runs WHERE status = 'running' ORDER BY id")
+
+    def recorded_adapters(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._con.execute("SELECT version FROM adapters").fetchall()}
+
+    def last_activation(self) -> str | None:
+        """The version the activation log says serves (None before the first activation)."""
+        with self._lock:
+            row = self._con.execute("SELECT version FROM adapter_activations ORDER BY id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
 
     def served_versions(self) -> set[str]:
         """Every version that has been made active (by the gate, an operator, a rollback)."""

@@ -13,15 +13,20 @@ The child writes ``progress.jsonl`` (one line per step, each naming its phase: t
 ``error.txt`` and exits non-zero.
 
 Invariants: the child never opens the DuckDB file; it reads the snapshot and writes files in
-JOB_DIR only. The new adapter starts from the parent adapter's weights (or a fresh LoRA on the
+JOB_DIR only. It dies with the service that started it (``CHATLOOP_PARENT_PID``): the kernel kills
+it when its parent dies (Linux ``PR_SET_PDEATHSIG``), and a watcher thread exits it once it has
+been re-parented (elsewhere, and for the moment before the first takes effect). The new adapter starts from the parent adapter's weights (or a fresh LoRA on the
 base model), and the parent is the DPO reference.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -228,8 +233,32 @@ def run_job(job_dir: Path) -> dict[str, Any]:
     return metrics
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Exit as soon as the process ``parent_pid`` (the service) is no longer our parent."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # it died before the signal was asked for
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    parent = os.environ.get("CHATLOOP_PARENT_PID")
+    if parent:
+        die_with_parent(int(parent))
     if len(argv) != 1:
         print("usage: python -m chatloop.train.runner JOB_DIR", file=sys.stderr)
         return 2
