@@ -10,6 +10,9 @@ Invariants:
   with no token configured every admin route answers 403.
 - The chat response ``id`` is the stored assistant message id; ``chatloop_adapter`` names the
   version that produced it, in every stream chunk and in the final response.
+- The caller of a /v1 route is its API key's user when it brings one (a wrong or revoked key is
+  401), else (unless ``require_api_key``) the ``user`` it names or its cookie's; see ``caller``.
+- Wrong operator tokens count toward a back-off per client address (429 while it lasts).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hmac
 import math
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,9 +32,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from chatloop.adapters import AdapterError
+from chatloop.apikeys import ApiKey, looks_like_key
 from chatloop.disconnect import CompletionResponse, event_stream
 from chatloop.engine import Completion, EngineBusy, GenerationFailed, InvalidRequest
-from chatloop.identity import IdentityMiddleware, request_uid, uid_from_cookies
+from chatloop.identity import IdentityMiddleware, request_uid
 from chatloop.loop import CycleBusy, NotEnoughFeedback
 from chatloop.ratelimit import RateLimited
 from chatloop.requestguard import BodyLimitMiddleware
@@ -118,17 +123,25 @@ class SqlRequest(BaseModel):
     max_rows: int | None = Field(default=None, ge=1)
 
 
-def _user_id(raw: str | None, request: Request) -> str:
-    """The caller: ``api:<user>`` when the body names one, else the cookie's user (``ui:<id>``;
-    a caller without the cookie is a new user, see chatloop.identity). Never a shared user."""
-    if raw is None or raw == "":
-        uid = request_uid(request)
-        if uid is None:  # only without IdentityMiddleware, which every app here has
-            raise ApiError(400, "name a user or keep the chatloop_uid cookie")
-        return f"ui:{uid}"
-    if len(raw) > 128 or not raw.isprintable():
-        raise ApiError(400, "user must be a printable string of at most 128 characters")
-    return "api:" + raw
+class KeyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100)
+    chat_per_minute: int | None = Field(default=None, ge=0, le=1_000_000)
+    feedback_per_minute: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_pairs: int | None = Field(default=None, ge=0, le=1_000_000)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a /v1 request is: its user id, the rate-limit bucket it draws on, and its API key."""
+    user_id: str
+    rate_key: str
+    key: ApiKey | None = None
+
+    def per_minute(self, action: str) -> int | None:
+        if self.key is None:
+            return None
+        return self.key.chat_per_minute if action == "chat" else self.key.feedback_per_minute
 
 
 # ---- the app -------------------------------------------------------------------------------------
@@ -137,7 +150,7 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     composition root passes it in; without one the /admin/jobs routes answer 503)."""
     app = FastAPI(title="chatloop", version="0.1.0")
     app.state.service = service
-    app.add_middleware(IdentityMiddleware)
+    app.add_middleware(IdentityMiddleware, signer=service.signer)
     lim = service.settings.limits
     app.add_middleware(BodyLimitMiddleware, max_bytes=lim.max_body_bytes, read_timeout_s=lim.request_read_timeout_s,
                        large_prefixes={"/admin/import/": lim.max_import_bytes},
@@ -192,29 +205,51 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
                                             "owned_by": "chatloop",
                                             "chatloop_adapter": service.engine.active_version}]}
 
-    def rate_key(request: Request, user: str | None) -> str:
-        """Whose allowance a request uses: the named user, else the browser's cookie, else the
-        client address."""
+    def caller(request: Request, user: str | None) -> Caller:
+        """The caller of a /v1 route: the API key's user when it brings a key (``user`` is then
+        only a label of the key holder's and not recorded); else, unless the service requires
+        keys, ``api:<user>`` when the body names one or the cookie's ``ui:<id>`` (a new id when
+        it has none: never a shared user), each one new to this client address counting toward
+        its hourly ceiling."""
+        token = given_token(request)
+        if looks_like_key(token):
+            key = service.keys.authenticate(token)
+            if key is None:
+                raise ApiError(401, "invalid or revoked API key", "authentication_error")
+            return Caller(key.user_id, f"key:{key.id}", key)
+        if service.settings.require_api_key and not is_operator(request):
+            raise ApiError(401, "this service requires an API key: send Authorization: Bearer clk_... "
+                                "(an operator issues one with `chatloop keys create`)", "authentication_error")
         if user:
-            return f"user:{user}"
-        uid = uid_from_cookies(request.cookies)
-        return f"cookie:{uid}" if uid else f"addr:{request.client.host if request.client else '?'}"
+            if len(user) > 128 or not user.isprintable():
+                raise ApiError(400, "user must be a printable string of at most 128 characters")
+            user_id, bucket = "api:" + user, f"user:{user}"
+        else:
+            uid = request_uid(request)
+            if uid is None:  # only without IdentityMiddleware, which every app here has
+                raise ApiError(400, "name a user or keep the chatloop_uid cookie")
+            user_id = f"ui:{uid}"
+            known = service.signer.uid_from_cookies(request.cookies)
+            bucket = f"cookie:{known}" if known else f"addr:{client_address(request)}"
+        service.new_identities.admit(client_address(request), user_id)  # RateLimited past the ceiling
+        return Caller(user_id, bucket)
 
     @v1.post("/chat/completions")
     def chat_completions(body: ChatCompletionRequest, request: Request):
         try:
-            service.check_rate("chat", rate_key(request, body.user))
+            who = caller(request, body.user)
+            service.check_rate("chat", who.rate_key, who.per_minute("chat"))
             if body.n not in (None, 1):
                 raise InvalidRequest("n must be 1")
             max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
             params = service.params(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                                     max_tokens=max_tokens, repetition_penalty=body.repetition_penalty,
                                     stop=body.stop, seed=body.seed)
-            user = _user_id(body.user, request)
-            turn = service.chat(body.messages, params, user_id=user,
+            adapter = body.chatloop_adapter
+            operator = adapter is not None and not service.is_public_version(adapter) and is_operator(request)
+            turn = service.chat(body.messages, params, user_id=who.user_id,
                                 conversation_id=body.chatloop_conversation_id, source="api",
-                                adapter=body.chatloop_adapter,
-                                operator=body.chatloop_adapter is not None and is_operator(request))
+                                adapter=adapter, operator=operator)
         except Exception as exc:
             raise translate(exc) from None
         created = int(time.time())
@@ -271,9 +306,9 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     @v1.post("/feedback")
     def feedback(body: FeedbackRequest, request: Request):
         try:
-            service.check_rate("feedback", rate_key(request, body.user))
-            user = _user_id(body.user, request)
-            fid = service.feedback(body.message_id, body.rating, user, body.reason, body.comment)
+            who = caller(request, body.user)
+            service.check_rate("feedback", who.rate_key, who.per_minute("feedback"))
+            fid = service.feedback(body.message_id, body.rating, who.user_id, body.reason, body.comment)
         except Exception as exc:
             raise translate(exc) from None
         return {"id": fid, "message_id": body.message_id, "rating": body.rating}
@@ -281,9 +316,9 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
     @v1.post("/comparisons")
     def comparisons(body: ComparisonRequest, request: Request):
         try:
-            service.check_rate("feedback", rate_key(request, body.user))
-            user = _user_id(body.user, request)
-            cid = service.compare(body.message_a, body.message_b, body.choice, user)
+            who = caller(request, body.user)
+            service.check_rate("feedback", who.rate_key, who.per_minute("feedback"))
+            cid = service.compare(body.message_a, body.message_b, body.choice, who.user_id)
         except Exception as exc:
             raise translate(exc) from None
         return {"id": cid, "choice": body.choice}
@@ -425,6 +460,27 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
         except AdapterError as exc:
             raise ApiError(400, str(exc)) from None
         return {"active": active, "previous": previous}
+
+    @admin.get("/keys")
+    def list_keys():
+        return {"keys": service.keys.list()}
+
+    @admin.post("/keys", status_code=201)
+    def create_key(body: KeyRequest):
+        try:
+            listing, token = service.keys.create(body.name, body.chat_per_minute, body.feedback_per_minute,
+                                                 body.max_pairs)
+        except StoreError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {**listing, "key": token}  # the only time the key is shown
+
+    @admin.delete("/keys/{key_id}")
+    def revoke_key(key_id: str):
+        try:
+            service.keys.revoke(key_id)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), "not_found_error") from None
+        return {"revoked": key_id}
 
     @admin.post("/sql")
     def sql(body: SqlRequest):

@@ -283,6 +283,59 @@ def adapters_cmd(settings: Settings, action: str, version: str | None, url: str 
     raise SystemExit(f"error: unknown adapters action {action!r}")
 
 
+def keys_cmd(settings: Settings, args: argparse.Namespace) -> int:
+    """API keys: through the running service (so it knows at once), or the store when none runs."""
+    remote = find_service(settings, args.url)
+    keyring = None
+    if remote is None:
+        from chatloop.apikeys import KeyRing
+
+        keyring = KeyRing(Local(settings).store)
+    if args.action == "create":
+        if not args.name:
+            raise SystemExit("error: keys create needs a NAME (who the key is for)")
+        limits = {"chat_per_minute": args.chat_per_minute, "feedback_per_minute": args.feedback_per_minute,
+                  "max_pairs": args.max_pairs}
+        if remote is not None:
+            out = remote.call("POST", "/admin/keys", json={"name": args.name, **limits})
+        else:
+            from chatloop.store import StoreError
+
+            try:
+                listing, token = keyring.create(args.name, **limits)
+            except StoreError as exc:
+                raise SystemExit(f"error: {exc}")
+            out = {**listing, "key": token}
+        print(f"created key {out['id']} for {out['name']!r} (its user is {out['user']}).")
+        print("The key, shown this once (it is stored hashed):")
+        print(out["key"])
+        return 0
+    if args.action == "list":
+        keys = remote.call("GET", "/admin/keys")["keys"] if remote is not None else keyring.list()
+        print("id\tname\tstate\tchat/min\tfeedback/min\tmax pairs\tcreated")
+        for k in keys:
+            def show(v):
+                return "default" if v is None else str(v)
+            print(f"{k['id']}\t{k['name']}\t{'revoked' if k['revoked'] else 'active'}\t{show(k['chat_per_minute'])}\t"
+                  f"{show(k['feedback_per_minute'])}\t{show(k['max_pairs'])}\t{k['created_at']}")
+        return 0
+    if args.action == "revoke":
+        if not args.name:
+            raise SystemExit("error: keys revoke needs the key's ID (see `chatloop keys list`)")
+        if remote is not None:
+            remote.call("DELETE", f"/admin/keys/{args.name}")
+        else:
+            from chatloop.store import NotFound
+
+            try:
+                keyring.revoke(args.name)
+            except NotFound as exc:
+                raise SystemExit(f"error: {exc}")
+        print(f"revoked key {args.name}")
+        return 0
+    raise SystemExit(f"error: unknown keys action {args.action!r}")
+
+
 def jobs_cmd(settings: Settings, args: argparse.Namespace) -> int:
     """Retraining schedules: through the running service, or the store when none runs (the
     service picks them up at its next start)."""
@@ -473,6 +526,13 @@ def _parser() -> argparse.ArgumentParser:
     a = sub.add_parser("adapters", parents=[common], help="list, activate or roll back adapters")
     a.add_argument("action", choices=["list", "activate", "rollback"])
     a.add_argument("version", nargs="?")
+    k = sub.add_parser("keys", parents=[common], help="create, list or revoke API keys")
+    k.add_argument("action", choices=["create", "list", "revoke"])
+    k.add_argument("name", nargs="?", help="create: who the key is for; revoke: the key's id")
+    k.add_argument("--chat-per-minute", type=int, help="this key's chat limit (default: [limits])")
+    k.add_argument("--feedback-per-minute", type=int, help="this key's feedback limit (default: [limits])")
+    k.add_argument("--max-pairs", type=int, help="training items from this key per snapshot (default: "
+                                                 "[training] max_pairs_per_user)")
     j = sub.add_parser("jobs", parents=[common], help="list, add, remove or run retraining schedules")
     j.add_argument("action", choices=["list", "add", "remove", "run"])
     j.add_argument("id", nargs="?", type=int, help="schedule id (remove, run)")
@@ -525,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         return adapters_cmd(settings, args.action, args.version, args.url)
     if args.cmd == "jobs":
         return jobs_cmd(settings, args)
+    if args.cmd == "keys":
+        return keys_cmd(settings, args)
     if args.cmd == "export":
         return export_cmd(settings, args.what, args.format, args.out, args.url)
     if args.cmd == "sql":

@@ -76,6 +76,10 @@ class TrainingDefaults:
     min_eval_pairs: int = 4
     seed: int = 0
     max_pairs_per_user: int = 100  # no user may contribute more pairs (or KTO thumbs) to a snapshot; 0 = no cap
+    # raters whose A/B votes between versions side with everyone else's consensus this many standard deviations
+    # less than chance would (chatloop/outliers.py), given this many such votes, are left out of snapshots; 0 = off
+    outlier_z: float = 3.0
+    outlier_min_votes: int = 10
     # KTO (unpaired thumbs)
     min_thumbs: int = 8
     kto_desirable_weight: float = 1.0
@@ -129,6 +133,7 @@ class Limits:
     max_body_bytes: int = 4 << 20  # a request body larger than this is refused (413) unread
     max_import_bytes: int = 512 << 20  # ... except an operator's data import (/admin/import)
     request_read_timeout_s: float = 30.0  # a request's head, and then its body, must arrive within this
+    new_identities_per_hour: int = 60  # unkeyed users (cookie or `user` field) new to one client address; 0 = no limit
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ class Settings:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     admin_token: str = ""
     local_mode: bool = False  # no token needed on loopback: one is generated per run (`serve --local`)
+    require_api_key: bool = False  # API callers must bring a key (`chatloop keys create`); the browser UI is not affected
+    cookie_secret: str = ""  # signs the browser identity cookie; empty = a random one kept in the data directory
     host: str = "127.0.0.1"
     port: int = 7860
     torch_threads: int = 0  # 0 = leave torch's default

@@ -6,7 +6,7 @@ Invariants:
 - Read-only: exports go through the store's typed reads, never through writes or files that
   DuckDB itself would open (the database has external access disabled).
 - Pairs are exactly what a training snapshot builds (latest votes, duplicates merged, the
-  per-user cap applied) and carry ``held_out``: whether the gate's context-hash split keeps
+  per-user cap applied, outlier raters left out) and carry ``held_out``: whether the gate's context-hash split keeps
   that context out of training, so offline work can respect the same split.
 - Timestamps are ISO-8601 strings (UTC) in both formats.
 """
@@ -29,7 +29,8 @@ FORMATS = ("jsonl", "parquet")
 def export_rows(store: Store, what: str, training: TrainingDefaults | None = None) -> list[dict[str, Any]]:
     t = training or TrainingDefaults()
     if what == "pairs":
-        pairset = prefs.build_pairs(store, t.max_pairs_per_user)
+        outliers = prefs.outlier_raters(store, t.outlier_z, t.outlier_min_votes)
+        pairset = prefs.build_pairs(store, t.max_pairs_per_user, outliers)
         return [{**p.to_json(), "held_out": prefs.is_held_out(p.context_hash, t.eval_fraction)}
                 for p in pairset.pairs]
     if what == "feedback":

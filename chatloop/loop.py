@@ -269,8 +269,9 @@ class Retrainer:
         same context-hash rule then splits pairs, thumbs and prompts alike (no context leaks).
         """
         t = self.settings.training
-        pairset = prefs.build_pairs(self.store, t.max_pairs_per_user)
-        thumbs, capped_thumbs = prefs.unpaired_thumbs(self.store, t.max_pairs_per_user)
+        outliers = prefs.outlier_raters(self.store, t.outlier_z, t.outlier_min_votes)
+        pairset = prefs.build_pairs(self.store, t.max_pairs_per_user, outliers)
+        thumbs, capped_thumbs = prefs.unpaired_thumbs(self.store, t.max_pairs_per_user, outliers)
         pairs = pairset.pairs
         hint = ("Pairs come from A/B choices and from a thumbs-up and a thumbs-down on two replies to "
                 "the same conversation.")
@@ -310,7 +311,7 @@ class Retrainer:
             "feedback_ids": sorted({i for p in used_pairs for i in p.feedback_ids}
                                    | {i for th in used_thumbs for i in th.feedback_ids}),
             "comparison_ids": sorted({i for p in used_pairs for i in p.comparison_ids}),
-            "capped": {"pairs": pairset.capped, "thumbs": capped_thumbs},
+            "capped": {"pairs": pairset.capped, "thumbs": capped_thumbs, "outlier_raters": sorted(outliers)},
         }
 
     def _train_in_child(self, job_dir: Path, on_progress) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Feedback log -> training data: preference pairs, splits and snapshots.
 
 Owns: turning stored A/B choices and thumbs into (prompt, chosen, rejected) pairs, the
-per-user cap, the leak-free train/held-out split, and the snapshot files a training child reads.
+per-user cap, leaving out outlier raters, the leak-free train/held-out split, and the snapshot files a training child reads.
 
 Invariants:
 - Only the latest vote of a user on a message (or on a pair of messages) counts.
@@ -112,23 +112,36 @@ def pairs_from_thumbs(thumbs: Iterable[Thumb]) -> list[Pair]:
             if up.completion != down.completion]
 
 
-def cap_per_user(items: list, cap: int) -> tuple[list, int]:
-    """Keep at most ``cap`` items (pairs or thumbs) per user, the most recent ones; 0 means no cap."""
-    if cap <= 0:
+def cap_per_user(items: list, cap: int, caps: dict[str, int] | None = None) -> tuple[list, int]:
+    """Keep at most ``cap`` items (pairs or thumbs) per user, the most recent ones; 0 means no cap.
+    ``caps`` gives some users (API keys) a cap of their own (0 there: none of theirs)."""
+    caps = caps or {}
+    if cap <= 0 and not caps:
         return items, 0
     counts: dict[str, int] = defaultdict(int)
     kept = []
     for p in reversed(items):  # items are in log order: keep the newest
-        if counts[p.user_id] < cap:
+        limit = caps.get(p.user_id, cap if cap > 0 else None)
+        if limit is None or counts[p.user_id] < limit:
             counts[p.user_id] += 1
             kept.append(p)
     kept.reverse()
     return kept, len(items) - len(kept)
 
 
-def unpaired_thumbs(store: Store, max_per_user: int = 0) -> tuple[list[Thumb], int]:
+def outlier_raters(store: Store, z: float, min_votes: int) -> set[str]:
+    """Users whose A/B votes between versions disagree with everyone else's far more than chance
+    (``chatloop.outliers``): no snapshot uses their pairs or thumbs."""
+    from chatloop.outliers import outlier_users
+
+    return outlier_users(store.user_version_votes(), z, min_votes) if z > 0 else set()
+
+
+def unpaired_thumbs(store: Store, max_per_user: int = 0,
+                    exclude_users: frozenset[str] | set[str] = frozenset()) -> tuple[list[Thumb], int]:
     """The rated replies KTO trains on, after the per-user cap; and how many the cap dropped."""
-    return cap_per_user(net_thumbs(store.latest_thumbs()), max_per_user)
+    thumbs = [th for th in net_thumbs(store.latest_thumbs()) if th.user_id not in exclude_users]
+    return cap_per_user(thumbs, max_per_user, store.user_caps())
 
 
 def merge_duplicates(pairs: list[Pair]) -> list[Pair]:
@@ -146,10 +159,12 @@ def merge_duplicates(pairs: list[Pair]) -> list[Pair]:
     return list(merged.values())
 
 
-def build_pairs(store: Store, max_pairs_per_user: int = 0) -> PairSet:
+def build_pairs(store: Store, max_pairs_per_user: int = 0,
+                exclude_users: frozenset[str] | set[str] = frozenset()) -> PairSet:
     pairs = merge_duplicates(pairs_from_comparisons(store.latest_comparisons())
                              + pairs_from_thumbs(net_thumbs(store.latest_thumbs())))
-    pairs, capped = cap_per_user(pairs, max_pairs_per_user)
+    pairs = [p for p in pairs if p.user_id not in exclude_users]
+    pairs, capped = cap_per_user(pairs, max_pairs_per_user, store.user_caps())
     return PairSet(pairs=pairs, capped=capped)
 
 

@@ -26,9 +26,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
+from chatloop.apikeys import KeyRing
 from chatloop.config import Settings
 from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest, StreamHandle
 from chatloop.loop import Retrainer
+from chatloop.identity import CookieSigner, NewIdentityLimit, load_secret
 from chatloop.models import LoadedModel, load_model
 from chatloop.ratelimit import FailureBackoff, RateLimiter
 from chatloop.reconcile import reconcile
@@ -155,6 +157,9 @@ class Service:
         self.reconciled = reconcile(self.store, self.registry)
         self.limiter = RateLimiter()
         self.signin_backoff = FailureBackoff()  # wrong operator tokens, API and Admin tab alike
+        self.keys = KeyRing(self.store)  # API keys: issued identities with their own limits
+        self.signer = CookieSigner(load_secret(settings.cookie_secret, settings.data_dir))
+        self.new_identities = NewIdentityLimit(settings.limits.new_identities_per_hour)
         self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
                              settings.queue_size, settings.max_batch,
                              probe_modules=settings.training.lora_target_modules)
@@ -174,11 +179,12 @@ class Service:
         self.store.close()
 
     # ---- chat --------------------------------------------------------------------------------
-    def check_rate(self, action: str, user_key: str) -> None:
+    def check_rate(self, action: str, user_key: str, per_minute: int | None = None) -> None:
         """Raise RateLimited when ``user_key`` has used up its ``action`` allowance ('chat' or
-        'feedback', per ``[limits]``)."""
-        per_minute = (self.settings.limits.chat_per_minute if action == "chat"
-                      else self.settings.limits.feedback_per_minute)
+        'feedback', per ``[limits]`` unless ``per_minute`` is given: an API key's own)."""
+        if per_minute is None:
+            per_minute = (self.settings.limits.chat_per_minute if action == "chat"
+                          else self.settings.limits.feedback_per_minute)
         self.limiter.check(action, user_key, per_minute)
 
     def params(self, **given: Any) -> GenerationParams:
@@ -192,8 +198,8 @@ class Service:
         active one, the live comparison's candidate, an earlier active one), never a candidate the
         gate rejected or a failed run left behind."""
         lim = self.settings.limits
-        if adapter is not None and not operator:
-            self.check_public_version(adapter)
+        if adapter is not None and not operator and not self.is_public_version(adapter):
+            raise AdapterError(f"unknown adapter version {adapter!r}")  # worded as for one that does not exist
         context = validate_messages(messages, lim.max_messages, lim.max_message_chars)
         if conversation_id is not None and self.store.conversation_owner(conversation_id) != user_id:
             raise Forbidden("that conversation belongs to another user")
@@ -228,11 +234,10 @@ class Service:
         return self.store.record_comparison(message_a, message_b, choice, user_id, shown_only=True)
 
     # ---- adapters ----------------------------------------------------------------------------
-    def check_public_version(self, version: str) -> None:
-        """AdapterError (worded as for an unknown one) unless ``version`` may serve anyone."""
+    def is_public_version(self, version: str) -> bool:
+        """Whether ``version`` may serve anyone (it serves or has served), not only operators."""
         public = {BASE_VERSION, self.engine.active_version, self.registry.compare_version()}
-        if version not in public and version not in self.store.served_versions():
-            raise AdapterError(f"unknown adapter version {version!r}")
+        return version in public or version in self.store.served_versions()
 
     def activate(self, version: str, actor: str = "operator", reason: str = "") -> str:
         previous = self.engine.activate(version)

@@ -161,6 +161,22 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX conversations_external ON conversations(external_id);
         """,
     ),
+    (
+        4,
+        "API keys an operator issues: the key is the caller's identity, with its own limits and cap",
+        """
+        CREATE TABLE api_keys (
+            id VARCHAR PRIMARY KEY,           -- the public part of the key: clk_<id>_<secret>
+            name VARCHAR NOT NULL,
+            secret_sha256 VARCHAR NOT NULL,   -- the secret itself is shown once and never stored
+            created_at TIMESTAMP NOT NULL,
+            revoked_at TIMESTAMP,
+            chat_per_minute INTEGER,          -- NULL: the service's [limits]
+            feedback_per_minute INTEGER,
+            max_pairs INTEGER                 -- NULL: [training] max_pairs_per_user
+        );
+        """,
+    ),
 ]
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -647,9 +663,17 @@ class Store:
     def version_votes(self) -> list[tuple[Any, str, str, str]]:
         """(time, version of A, version of B, choice) of the latest vote of each user on each pair
         of replies, oldest first: what adapter ratings are fitted on."""
+        return self._version_votes("c.created_at")
+
+    def user_version_votes(self) -> list[tuple[str, str, str, str]]:
+        """(user, version of A, version of B, choice), as ``version_votes``: what the outlier-rater
+        test reads (``chatloop.outliers``)."""
+        return self._version_votes("c.user_id")
+
+    def _version_votes(self, first_column: str) -> list[tuple[Any, str, str, str]]:
         return [tuple(r) for r in self._all(
             f"""
-            SELECT c.created_at, ga.adapter_version, gb.adapter_version, c.choice
+            SELECT {first_column}, ga.adapter_version, gb.adapter_version, c.choice
             FROM comparisons c
             JOIN generations ga ON ga.message_id = c.message_a
             JOIN generations gb ON gb.message_id = c.message_b
@@ -770,6 +794,29 @@ class Store:
         with self._lock:
             row = self._con.execute("SELECT version FROM adapter_activations ORDER BY id DESC LIMIT 1").fetchone()
         return row[0] if row else None
+
+    # ---- API keys (written by operators, read through chatloop.apikeys) -----------------------
+    def add_api_key(self, key_id: str, name: str, secret_sha256: str, chat_per_minute: int | None,
+                    feedback_per_minute: int | None, max_pairs: int | None) -> None:
+        with self._lock:
+            self._con.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL, ?, ?, ?)",
+                              [key_id, name, secret_sha256, now(), chat_per_minute, feedback_per_minute, max_pairs])
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        return self._dicts("SELECT * FROM api_keys ORDER BY created_at, id")
+
+    def revoke_api_key(self, key_id: str) -> None:
+        with self._lock:
+            n = self._con.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"
+                                  " RETURNING id", [now(), key_id]).fetchall()
+        if not n:
+            raise NotFound(f"no active API key {key_id!r}")
+
+    def user_caps(self) -> dict[str, int]:
+        """Per-user caps on training items that differ from the default: API keys' ``max_pairs``."""
+        with self._lock:
+            rows = self._con.execute("SELECT id, max_pairs FROM api_keys WHERE max_pairs IS NOT NULL").fetchall()
+        return {f"key:{key_id}": int(cap) for key_id, cap in rows}
 
     def served_versions(self) -> set[str]:
         """Every version that has been made active (by the gate, an operator, a rollback)."""

@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from chatloop.api import create_app
-from chatloop.identity import COOKIE, uid_from_cookies
+from chatloop.identity import COOKIE, CookieSigner
 from chatloop.models import load_model
 from chatloop.service import Service
 from conftest import ADMIN_TOKEN, make_settings
@@ -28,7 +28,7 @@ def test_a_browser_gets_one_id_cookie_and_keeps_it(app):
     with TestClient(app) as browser:
         first = browser.get("/healthz")
         uid = first.cookies.get(COOKIE)
-        assert uid and uid_from_cookies({COOKIE: uid}) == uid
+        assert uid and app.state.service.signer.uid_from_cookies({COOKIE: uid})
         assert "httponly" in first.headers["set-cookie"].lower() and "samesite=lax" in first.headers["set-cookie"].lower()
         again = browser.get("/healthz")
         assert COOKIE not in again.cookies and "set-cookie" not in again.headers  # kept, not replaced
@@ -47,7 +47,7 @@ def test_users_rate_only_replies_they_were_shown(app):
         owner = alice.post("/admin/sql", headers=admin, json={
             "sql": f"SELECT c.user_id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
                    f"WHERE m.id = '{reply['id']}'"}).json()["rows"][0][0]
-        assert owner == "ui:" + alice.cookies.get(COOKIE)
+        assert owner == "ui:" + alice.cookies.get(COOKIE).split(".")[0]
         assert alice.post("/v1/feedback", json={"message_id": reply["id"], "rating": 1}).status_code == 200
         foreign = bob.post("/v1/feedback", json={"message_id": reply["id"], "rating": -1})
         assert foreign.status_code == 403 and "you were shown" in foreign.json()["error"]["message"]
@@ -74,11 +74,16 @@ class FakeRequest:
         self.cookies = cookies
 
 
-def test_the_ui_user_comes_from_the_cookie():
-    uid = "A" * 22
-    assert _browser_user(FakeRequest({COOKIE: uid})) == f"ui:{uid}"
-    assert _browser_user(FakeRequest({COOKIE: "bad value"})).startswith("ui:")
-    assert _browser_user(FakeRequest({COOKIE: "bad value"})) != _browser_user(FakeRequest({}))
+def test_the_ui_user_comes_from_the_signed_cookie():
+    signer = CookieSigner(b"s" * 32)
+    uid, value = signer.new()
+    assert _browser_user(FakeRequest({COOKIE: value}), signer) == f"ui:{uid}"
+    assert _browser_user(FakeRequest({COOKIE: "bad value"}), signer).startswith("ui:")
+    forged = _browser_user(FakeRequest({COOKIE: uid}), signer)  # the id without its signature
+    assert forged.startswith("ui:") and forged != f"ui:{uid}"
+    other = CookieSigner(b"t" * 32)  # signed by another server
+    assert _browser_user(FakeRequest({COOKIE: value}), other) != f"ui:{uid}"
+    assert _browser_user(FakeRequest({COOKIE: "bad value"}), signer) != _browser_user(FakeRequest({}), signer)
 
 
 def test_callers_without_user_or_cookie_are_strangers_not_one_shared_user(app):
@@ -107,7 +112,7 @@ def test_callers_without_user_or_cookie_are_strangers_not_one_shared_user(app):
         owners = alice.post("/admin/sql", headers=admin, json={
             "sql": "SELECT DISTINCT c.user_id FROM messages m JOIN conversations c ON c.id = m.conversation_id"
                    f" WHERE m.id IN ('{first.json()['id']}', '{other.json()['id']}')"}).json()["rows"]
-        assert sorted(o[0] for o in owners) == sorted(f"ui:{u}" for u in uids)
+        assert sorted(o[0] for o in owners) == sorted(f"ui:{u.split('.')[0]}" for u in uids)
         # a client that keeps the cookie it was given is that user: it may rate its own reply
         stateless.cookies.clear()
         stateless.cookies.set(COOKIE, uids[0])

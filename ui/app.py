@@ -26,7 +26,7 @@ import gradio as gr
 
 from chatloop.adapters import AdapterError
 from chatloop.engine import EngineBusy, InvalidRequest
-from chatloop.identity import uid_from_cookies
+from chatloop.identity import CookieSigner
 from chatloop.loop import CycleBusy, NotEnoughFeedback
 from chatloop.ratelimit import RateLimited
 from chatloop.service import Service
@@ -44,10 +44,14 @@ def _new_user() -> str:
     return "ui:" + uuid.uuid4().hex[:16]
 
 
-def _browser_user(request: gr.Request | None) -> str:
-    """The browser's anonymous user from its ``chatloop_uid`` cookie (see chatloop.identity)."""
-    uid = uid_from_cookies(getattr(request, "cookies", None)) if request is not None else None
+def _browser_user(request: gr.Request | None, signer: CookieSigner) -> str:
+    """The browser's anonymous user from its signed ``chatloop_uid`` cookie (see chatloop.identity)."""
+    uid = signer.uid_from_cookies(getattr(request, "cookies", None)) if request is not None else None
     return f"ui:{uid}" if uid else _new_user()
+
+
+def _address(request: gr.Request | None) -> str:
+    return getattr(getattr(request, "client", None), "host", None) or "?"
 
 
 def _display(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -139,10 +143,11 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 temperature = gr.Slider(0.0, 2.0, value=g.temperature, step=0.05, label="Temperature")
                 max_tokens = gr.Slider(1, g.max_tokens_limit, value=g.max_tokens, step=1, label="Max tokens")
 
-            def _respond(turns_v, conv, uid, temp, maxt):
+            def _respond(turns_v, conv, uid, temp, maxt, request: gr.Request):
                 uid = uid or _new_user()
                 context = [{"role": t["role"], "content": t["content"]} for t in turns_v]
                 try:
+                    service.new_identities.admit(_address(request), uid)
                     service.check_rate("chat", uid)
                     params = service.params(temperature=float(temp), max_tokens=int(maxt))
                     turn = service.chat(context, params, user_id=uid, conversation_id=conv, source="ui")
@@ -223,7 +228,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 random.shuffle(sides)
                 return sides
 
-            def _ask(text, uid):
+            def _ask(text, uid, request: gr.Request):
                 uid = uid or _new_user()
                 text = (text or "").strip()
                 disabled = [gr.update(interactive=False)] * 4
@@ -232,6 +237,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 context = [{"role": "user", "content": text}]
                 answers, ids, conv = ["", ""], [None, None], None
                 try:
+                    service.new_identities.admit(_address(request), uid)
                     service.check_rate("chat", uid)
                     for i, adapter in enumerate(_sides()):
                         turn = service.chat(context, service.params(), user_id=uid, conversation_id=conv,
@@ -318,6 +324,21 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     ratings_df = gr.Dataframe(label="Ratings (Bradley-Terry, 95% bootstrap interval)",
                                               interactive=False, elem_id="admin-ratings")
                     ratings_fig = gr.Plot(label="Ratings over time", elem_id="admin-ratings-plot")
+                with gr.Accordion("API keys", open=False):
+                    gr.Markdown("A key is its holder's identity on the API (`Authorization: Bearer clk_...`), with "
+                                "its own limits and training cap; empty limits keep the service's.")
+                    with gr.Row():
+                        key_name = gr.Textbox(label="Who the key is for", elem_id="admin-key-name")
+                        key_chat = gr.Number(label="Chats a minute", precision=0, value=None)
+                        key_fb = gr.Number(label="Ratings a minute", precision=0, value=None)
+                        key_pairs = gr.Number(label="Max training items", precision=0, value=None,
+                                              elem_id="admin-key-pairs")
+                        key_create = gr.Button("Create key", elem_id="admin-key-create")
+                    with gr.Row():
+                        key_id = gr.Textbox(label="Key id to revoke", elem_id="admin-key-id")
+                        key_revoke = gr.Button("Revoke", variant="stop", elem_id="admin-key-revoke")
+                    keys_md = gr.Markdown("", elem_id="admin-keys-msg")
+                    keys_df = gr.Dataframe(label="Keys", interactive=False, elem_id="admin-keys")
                 with gr.Accordion("Feedback browser", open=False):
                     with gr.Row():
                         fb_rating = gr.Dropdown(["all", "up", "down", "A/B"], value="all", label="Kind")
@@ -395,7 +416,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     return False, msg, gr.update(visible=False), gr.update(visible=True), gr.Timer(active=False)
                 return True, "Signed in.", gr.update(visible=True), gr.update(visible=False), gr.Timer(active=True)
 
-            login.click(_login, [token], [signed_in, login_msg, panel, login_row, timer]).then(
+            signin = login.click(_login, [token], [signed_in, login_msg, panel, login_row, timer]).then(
                 _refresh, [signed_in], refresh_outs)
             timer.tick(_refresh, [signed_in], refresh_outs)
 
@@ -473,6 +494,41 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
             job_remove.click(_job_action("remove"), [signed_in, job_id], [jobs_md, jobs_df])
             job_run.click(_job_action("run"), [signed_in, job_id], [jobs_md, jobs_df])
 
+            def _keys_table():
+                import pandas as pd
+
+                cols = ["id", "name", "user", "revoked", "chat_per_minute", "feedback_per_minute", "max_pairs",
+                        "created_at", "revoked_at"]
+                return pd.DataFrame(service.keys.list(), columns=cols)
+
+            def _create_key(ok, name, chat_pm, fb_pm, pairs):
+                _guard(ok)
+
+                def whole(v):
+                    return None if v is None else int(v)
+
+                try:
+                    listing, token = service.keys.create(name, whole(chat_pm), whole(fb_pm), whole(pairs))
+                except StoreError as exc:
+                    return f"⚠️ {exc}", _keys_table()
+                return (f"Created key `{listing['id']}` for {listing['name']}. Copy it now, it is not shown again:"
+                        f"\n\n`{token}`"), _keys_table()
+
+            def _revoke_key(ok, kid):
+                _guard(ok)
+                try:
+                    service.keys.revoke((kid or "").strip())
+                except NotFound as exc:
+                    return f"⚠️ {exc}", _keys_table()
+                return f"Revoked key `{kid.strip()}`.", _keys_table()
+
+            def _show_keys(ok):
+                return _keys_table() if ok else None
+
+            signin.then(_show_keys, [signed_in], [keys_df])
+            key_create.click(_create_key, [signed_in, key_name, key_chat, key_fb, key_pairs], [keys_md, keys_df])
+            key_revoke.click(_revoke_key, [signed_in, key_id], [keys_md, keys_df])
+
             def _ratings(ok, msg=""):
                 _guard(ok)
                 from chatloop.ratings import history
@@ -537,7 +593,10 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
             sql_btn.click(_sql, [signed_in, sql_box], [sql_df, sql_msg, sql_csv])
 
         # the same browser is the same user across reloads: its identity cookie names it
-        demo.load(_browser_user, None, [user_id])
+        def _user(request: gr.Request) -> str:
+            return _browser_user(request, service.signer)
+
+        demo.load(_user, None, [user_id])
 
     calm_idle_queue(demo)
     return demo
