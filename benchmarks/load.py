@@ -1,14 +1,21 @@
 """Load on a real service: simulated users chat and rate for a while on loopback while an
-operator activates another adapter version every minute.
+operator activates another adapter version every minute, and one hostile client attacks.
 
-Each user loops: a chat request (streamed), then a thumb on the reply, and every third turn a
-second reply to the same prompt and an A/B vote. Counts requests, failures (any non-2xx, or a
-stream that breaks), acknowledged feedback vs rows in the store at the end, and latency.
+Each honest user has its own API key (as distinct clients would; they all share the loopback
+address here) and loops: a chat request (streamed), then a thumb on the reply, and every third
+turn a second reply to the same prompt and an A/B vote. Counts requests, failures (any non-2xx,
+or a stream that breaks), acknowledged feedback vs rows in the store at the end, and latency.
+
+The hostile client (``--no-hostile`` leaves it out) has no key and takes a new identity (a new
+``user`` and no cookie, or a forged cookie) for every attempt, in turn: degenerate sampling
+settings inside the accepted ranges, a stream it hangs up on after two chunks, and two replies
+with an A/B vote for the worse one (feedback poisoning). Its figures: what it was answered, how
+many identities the service admitted, and how many of its votes the training snapshot holds.
 
     python benchmarks/load.py [--users 16] [--minutes 5] [--model default] [--json]
 
-With --json the last line is one JSON object with requests, failures, acked_feedback,
-stored_feedback, p50_ms, p95_ms (and a few more figures).
+With --json the last line is one JSON object with requests, failures (honest users only),
+acked_feedback, stored_feedback, lost_feedback, p50_ms, p95_ms, and ``hostile`` (its figures).
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=5)
     ap.add_argument("--model", default="default")
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True,
+                    help="run one hostile client beside the honest users")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -69,6 +78,8 @@ def main() -> None:
         "CHATLOOP_LIMITS__CHAT_PER_MINUTE": "0", "CHATLOOP_LIMITS__FEEDBACK_PER_MINUTE": "0",
         "CHATLOOP_GENERATION__MAX_TOKENS": str(args.max_tokens)})
     admin = {"Authorization": f"Bearer {server.token}"}
+    keys = [httpx.post(server.url + "/admin/keys", headers=admin, json={"name": f"load user {u}"}).json()["key"]
+            for u in range(args.users)]
     lock = threading.Lock()
     stats = {"requests": 0, "failures": 0, "acked_feedback": 0, "chats": 0}
     latencies: list[float] = []
@@ -84,7 +95,7 @@ def main() -> None:
             elif ms is not None:
                 latencies.append(ms)
 
-    def chat(client: httpx.Client, user: str, prompt: str) -> str | None:
+    def chat(client: httpx.Client, user: str, prompt: str) -> str | None:  # an honest user's
         t0 = time.perf_counter()
         msg_id, text = None, ""
         try:
@@ -120,8 +131,8 @@ def main() -> None:
         return r.status_code == 200
 
     def user_loop(u: int) -> None:
-        user = f"load{u}"
-        with httpx.Client(base_url=server.url, timeout=120) as client:
+        user = f"load{u}"  # only a label: the key is the identity
+        with httpx.Client(base_url=server.url, timeout=120, headers={"Authorization": f"Bearer {keys[u]}"}) as client:
             turn = 0
             while time.monotonic() < stop_at:
                 prompt = PROMPTS[(u + turn) % len(PROMPTS)]
@@ -138,6 +149,51 @@ def main() -> None:
                             stats["acked_feedback"] += 1
                 turn += 1
 
+    hostile: dict = {"attempts": 0, "answers": {}, "hangups": 0, "votes_acked": 0}
+    # inside every accepted range, but numerically degenerate (issue 19, item 1)
+    degenerate = [{"temperature": 1e-40}, {"temperature": 5e-324, "top_p": 5e-324}, {"top_p": 1e-300, "top_k": 1},
+                  {"temperature": 2.0, "repetition_penalty": 1e-9}, {"temperature": 1e-300, "seed": 2**63 - 1}]
+
+    def hostile_loop() -> None:
+        i = 0
+        while time.monotonic() < stop_at:
+            i += 1
+            cookies = {"chatloop_uid": f"{'A' * 22}.forged{i}"} if i % 2 else None  # a forged cookie, or none
+            with httpx.Client(base_url=server.url, timeout=120, cookies=cookies) as client:
+                user = f"sock{i}"
+                body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "user": user}
+                try:
+                    kind = i % 3
+                    if kind == 0:
+                        r = client.post("/v1/chat/completions", json={**body, **degenerate[i % len(degenerate)]})
+                        codes = [r.status_code]
+                    elif kind == 1:
+                        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
+                                                                                 "max_tokens": 1024}) as r:
+                            codes = [r.status_code]
+                            for n, _ in enumerate(r.iter_lines()):
+                                if n >= 3:
+                                    break  # leaving the block closes the socket mid-stream
+                        with lock:
+                            hostile["hangups"] += 1
+                    else:
+                        a, b = (client.post("/v1/chat/completions", json={**body, "seed": s}) for s in (1, 2))
+                        codes = [a.status_code, b.status_code]
+                        if a.status_code == b.status_code == 200:
+                            v = client.post("/v1/comparisons", json={"message_a": a.json()["id"], "user": user,
+                                                                     "message_b": b.json()["id"], "choice": "b"})
+                            codes.append(v.status_code)
+                            with lock:
+                                hostile["votes_acked"] += v.status_code == 200
+                except httpx.HTTPError as exc:
+                    codes = [type(exc).__name__]
+            with lock:
+                hostile["attempts"] += 1
+                for c in codes:
+                    hostile["answers"][str(c)] = hostile["answers"].get(str(c), 0) + 1
+            if codes and codes[0] == 429:
+                time.sleep(0.2)  # refused at the door: try the next identity a moment later
+
     try:
         converted = sorted((tmp / "data" / "models").glob("*/config.json"))  # the default model, converted
         source = str(converted[0].parent) if converted else args.model
@@ -147,6 +203,8 @@ def main() -> None:
 
         registry = AdapterRegistry(tmp / "data" / "adapters")  # publishing is a file operation
         threads = [threading.Thread(target=user_loop, args=(u,), daemon=True) for u in range(args.users)]
+        if args.hostile:
+            threads.append(threading.Thread(target=hostile_loop, daemon=True))
         for t in threads:
             t.start()
         activations = []
@@ -167,10 +225,18 @@ def main() -> None:
         for t in threads:
             t.join(300)
         stored = httpx.post(server.url + "/admin/sql", headers=admin, timeout=60, json={
-            "sql": "SELECT (SELECT count(*) FROM feedback_events) + (SELECT count(*) FROM comparisons)"}).json()
+            "sql": "SELECT (SELECT count(*) FROM feedback_events WHERE user_id LIKE 'key:%') "  # the honest users'
+                   "+ (SELECT count(*) FROM comparisons WHERE user_id LIKE 'key:%')"}).json()
         stored_feedback = stored["rows"][0][0]
         by_version = httpx.post(server.url + "/admin/sql", headers=admin, timeout=60, json={
             "sql": "SELECT adapter_version, count(*) FROM generations GROUP BY 1 ORDER BY 1"}).json()["rows"]
+        admitted = httpx.post(server.url + "/admin/sql", headers=admin, timeout=60, json={
+            "sql": "SELECT count(DISTINCT user_id) FROM conversations WHERE user_id NOT LIKE 'key:%'"}).json()
+        hostile["identities_admitted"] = admitted["rows"][0][0]
+        snapshot = httpx.get(server.url + "/admin/export", headers=admin, timeout=120,
+                             params={"what": "pairs", "format": "jsonl"}).text.splitlines()
+        hostile["pairs_in_snapshot"] = sum(not json.loads(line)["user_id"].startswith("key:") for line in snapshot)
+        hostile["pairs_in_snapshot_total"] = len(snapshot)
     finally:
         stop_server(server)
     latencies.sort()
@@ -183,6 +249,8 @@ def main() -> None:
         "activations": len(activations), "activation_failures": sum(a["status"] != 200 for a in activations),
         "replies_by_version": {v: n for v, n in by_version},
     }
+    if args.hostile:
+        result["hostile"] = hostile
     if errors:
         result["first_errors"] = errors[:3]
     print_report(result, args.json)
