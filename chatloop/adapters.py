@@ -28,6 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from chatloop.errors import ChatloopError
+
 BASE_VERSION = "base"
 META_FILE = "chatloop.json"
 ACTIVE_FILE = "active.json"
@@ -35,8 +37,13 @@ COMPARE_FILE = "compare.json"
 _VERSION_RE = re.compile(r"^v([1-9]\d{0,8})$")  # v1 .. v999999999: a name is never too long for a path
 
 
-class AdapterError(ValueError):
-    """An adapter version is unknown, corrupt or cannot be activated."""
+class AdapterError(ChatloopError, ValueError):
+    """An adapter version is corrupt or cannot be activated."""
+
+
+class UnknownAdapter(AdapterError):
+    """No published adapter has that version name."""
+    status, type = 404, "not_found_error"
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -100,10 +107,10 @@ class AdapterRegistry:
 
     def path(self, version: str) -> Path:
         if not _VERSION_RE.match(version or ""):
-            raise AdapterError(f"unknown adapter version {version!r}")
+            raise UnknownAdapter(f"unknown adapter version {version!r}")
         p = self.root / version
         if not p.is_dir():
-            raise AdapterError(f"unknown adapter version {version!r}")
+            raise UnknownAdapter(f"unknown adapter version {version!r}")
         return p
 
     def metadata(self, version: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from chatloop.algorithms import NAMES as ALGORITHMS
 from chatloop.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("chatloop")
@@ -44,7 +45,7 @@ def serve(settings: Settings) -> int:
     import gradio as gr
     import uvicorn
 
-    from chatloop.api import create_app
+    from chatloop.web import create_app
     from chatloop.hotswap_check import HotSwapUnavailable
     from chatloop.requestguard import guarded_protocol
     from chatloop.service import Service
@@ -488,18 +489,17 @@ def sql_cmd(settings: Settings, query: str, url: str | None) -> int:
         res = remote.call("POST", "/admin/sql", json={"sql": query})
         cols, rows, truncated = res["columns"], res["rows"], res["truncated"]
     else:
+        from chatloop.operations import run_sql
         from chatloop.store import SqlRefused
 
-        local = Local(settings)
         try:
-            lim = settings.limits
-            r = local.store.query_readonly(query, lim.sql_max_rows, lim.sql_timeout_s, lim.sql_max_bytes)
+            res = run_sql(Local(settings).store, settings.limits, query)
         except SqlRefused as exc:
             raise SystemExit(f"error: {exc}")
-        cols, rows, truncated = r.columns, r.rows, r.truncated
+        cols, rows, truncated = res["columns"], res["rows"], res["truncated"]
     print("\t".join(cols))
-    for row in rows:
-        print("\t".join("" if v is None else str(v) for v in row))
+    for row in rows:  # the same JSON values either way; a LIST or STRUCT as its JSON text
+        print("\t".join("" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v) for v in row))
     if truncated:
         print(f"(truncated to {len(rows)} rows)", file=sys.stderr)
     return 0
@@ -522,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="auto | cpu | cuda")
     s.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     r = sub.add_parser("retrain", parents=[common], help="run one retraining cycle")
-    r.add_argument("--algo", default="dpo", choices=["dpo", "kto", "ppo"])
+    r.add_argument("--algo", default="dpo", choices=ALGORITHMS)
     a = sub.add_parser("adapters", parents=[common], help="list, activate or roll back adapters")
     a.add_argument("action", choices=["list", "activate", "rollback"])
     a.add_argument("version", nargs="?")
@@ -539,7 +539,7 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--cron", help='crontab line in UTC, e.g. "0 3 * * *"')
     j.add_argument("--interval", type=int, metavar="MINUTES")
     j.add_argument("--after-feedback", type=int, metavar="N", help="after N new thumbs or A/B votes")
-    j.add_argument("--algo", default="dpo", choices=["dpo", "kto", "ppo"])
+    j.add_argument("--algo", default="dpo", choices=ALGORITHMS)
     e = sub.add_parser("export", parents=[common], help="export pairs, feedback or conversations")
     e.add_argument("--what", default="feedback", choices=["pairs", "feedback", "conversations"])
     e.add_argument("--format", default="jsonl", choices=["jsonl", "parquet"])

@@ -46,6 +46,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
 from chatloop.config import GenerationDefaults
+from chatloop.errors import ChatloopError
 from chatloop.hotswap_check import HotSwapUnavailable, unavailable, write_probe_adapters
 from chatloop.models import LoadedModel
 from chatloop.sampling import RowSampling, choose_tokens
@@ -53,15 +54,20 @@ from chatloop.sampling import RowSampling, choose_tokens
 log = logging.getLogger(__name__)
 
 
-class EngineBusy(RuntimeError):
+class EngineBusy(ChatloopError, RuntimeError):
     """The request queue is full; try again later."""
+    status, type = 503, "server_busy"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "2"}
 
 
-class GenerationFailed(RuntimeError):
+class GenerationFailed(ChatloopError, RuntimeError):
     """One request's generation failed inside the engine; the rest of its batch went on."""
+    status, type, code = 500, "server_error", "generation_failed"
 
 
-class InvalidRequest(ValueError):
+class InvalidRequest(ChatloopError, ValueError):
     """Bad generation settings or messages."""
 
 

@@ -29,13 +29,14 @@ from typing import Any, Callable
 
 from chatloop import evaluate, prefs
 from chatloop.adapters import BASE_VERSION, AdapterRegistry
+from chatloop.algorithms import Algorithm
+from chatloop.algorithms import parse as parse_algorithm
 from chatloop.config import Settings
+from chatloop.errors import ChatloopError, Conflict
 from chatloop.reconcile import CHILD_PID_FILE
 from chatloop.store import Store
 
 log = logging.getLogger(__name__)
-
-ALGORITHMS = ("dpo", "kto", "ppo")
 
 
 def _live_score(vote: tuple[str, str, str], candidate: str) -> float:
@@ -46,16 +47,18 @@ def _live_score(vote: tuple[str, str, str], candidate: str) -> float:
     return 1.0 if (a if choice == "a" else b) == candidate else 0.0
 
 
-class CycleBusy(RuntimeError):
+class CycleBusy(Conflict, RuntimeError):
     """A retraining cycle is already running."""
 
 
-class NotEnoughFeedback(ValueError):
+class NotEnoughFeedback(ChatloopError, ValueError):
     """The log does not hold enough preference pairs to train on."""
+    status, type = 422, "not_enough_feedback"
 
 
-class TrainingFailed(RuntimeError):
-    pass
+class TrainingFailed(ChatloopError, RuntimeError):
+    """A cycle failed after it started (its run is recorded as failed)."""
+    status, type, code = 500, "server_error", "training_failed"
 
 
 @dataclass
@@ -91,13 +94,13 @@ class Retrainer:
         self.current: CycleState | None = None
 
     # ---- triggers ----------------------------------------------------------------------------
-    def run_cycle(self, algo: str = "dpo", trigger: str = "cli",
+    def run_cycle(self, algo: str = Algorithm.DPO, trigger: str = "cli",
                   on_progress: Callable[[CycleState], None] | None = None) -> dict[str, Any]:
         """Run one cycle to the end in this thread; returns the finished run record."""
         run_id = self._begin(algo, trigger)
         return self._run(run_id, algo, on_progress)
 
-    def start_cycle(self, algo: str = "dpo", trigger: str = "api") -> int:
+    def start_cycle(self, algo: str = Algorithm.DPO, trigger: str = "api") -> int:
         """Start a cycle in a background thread; returns its run id at once."""
         run_id = self._begin(algo, trigger)
         threading.Thread(target=self._run_quietly, args=(run_id, algo), name=f"cycle-{run_id}",
@@ -112,8 +115,7 @@ class Retrainer:
 
     # ---- the cycle ---------------------------------------------------------------------------
     def _begin(self, algo: str, trigger: str) -> int:
-        if algo not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {algo!r}; available: {', '.join(ALGORITHMS)}")
+        algo = parse_algorithm(algo)
         if not self._lock.acquire(blocking=False):
             busy = self.current.run_id if self.current else "?"
             raise CycleBusy(f"a retraining cycle is already running (run {busy}); try again when it ends")
@@ -247,7 +249,7 @@ class Retrainer:
         held-out side (so it never trained on a context that is held out now: the split is a
         stable hash of the context), and have seen enough of today's training data."""
         t = self.settings.training
-        if algo == "ppo" or not t.gate_reward_model or t.gate_reward_refresh <= 0:
+        if algo == Algorithm.PPO or not t.gate_reward_model or t.gate_reward_refresh <= 0:
             return None
         for run in self.store.list_runs(50):
             path = self.settings.runs_dir / f"run-{run['id']}" / "reward"
@@ -275,39 +277,39 @@ class Retrainer:
         pairs = pairset.pairs
         hint = ("Pairs come from A/B choices and from a thumbs-up and a thumbs-down on two replies to "
                 "the same conversation.")
-        if algo in ("dpo", "ppo") and len(pairs) < t.min_pairs:
+        if algo in (Algorithm.DPO, Algorithm.PPO) and len(pairs) < t.min_pairs:
             raise NotEnoughFeedback(f"not enough feedback to retrain: {len(pairs)} preference pair(s), "
                                     f"need at least {t.min_pairs}. {hint}")
-        if algo == "kto":
+        if algo == Algorithm.KTO:
             ups = sum(th.label for th in thumbs)
             if len(thumbs) < t.min_thumbs or ups == 0 or ups == len(thumbs):
                 raise NotEnoughFeedback(
                     f"not enough feedback for KTO: {ups} thumbs-up and {len(thumbs) - ups} thumbs-down "
                     f"replies, need at least {t.min_thumbs} in all, with both kinds")
-        main = thumbs if algo == "kto" else pairs
+        main = thumbs if algo == Algorithm.KTO else pairs
         hold = prefs.enough_to_hold_out(len(main), t.eval_fraction, t.min_eval_pairs)
         job_dir.mkdir(parents=True, exist_ok=True)
         train_p, held_p = prefs.split_by_context(pairs, t.eval_fraction, hold)
         train_t, held_t = prefs.split_by_context(thumbs, t.eval_fraction, hold)
-        if not (train_t if algo == "kto" else train_p):  # a degenerate draw: train on everything
+        if not (train_t if algo == Algorithm.KTO else train_p):  # a degenerate draw: train on everything
             train_p, held_p, train_t, held_t = pairs, [], thumbs, []
         # Every algorithm gets pairs and thumbs: the reward model (PPO's, and the gate's for
         # DPO/KTO) trains on both; held-out prompts are what the gate's judge asks both sides.
-        uses_pairs = algo in ("dpo", "ppo") or t.gate_reward_model
-        uses_thumbs = (algo in ("kto", "ppo") or t.gate_reward_model
-                       or (algo == "dpo" and t.dpo_thumbs_weight > 0))  # DPO's thumbs term
+        uses_pairs = algo in (Algorithm.DPO, Algorithm.PPO) or t.gate_reward_model
+        uses_thumbs = (algo in (Algorithm.KTO, Algorithm.PPO) or t.gate_reward_model
+                       or (algo == Algorithm.DPO and t.dpo_thumbs_weight > 0))  # DPO's thumbs term
         prefs.write_jsonl(job_dir / "train.jsonl", train_p if uses_pairs else [])
         prefs.write_jsonl(job_dir / "eval.jsonl", held_p if uses_pairs else [])
         prefs.write_jsonl(job_dir / "train_thumbs.jsonl", train_t if uses_thumbs else [])
         prefs.write_jsonl(job_dir / "eval_thumbs.jsonl", held_t if uses_thumbs else [])
         train_q, held_q = prefs.split_by_context(prefs.logged_prompts(self.store), t.eval_fraction, hold)
-        prefs.write_jsonl(job_dir / "train_prompts.jsonl", train_q if algo == "ppo" else [])
+        prefs.write_jsonl(job_dir / "train_prompts.jsonl", train_q if algo == Algorithm.PPO else [])
         prefs.write_jsonl(job_dir / "eval_prompts.jsonl", held_q)
         used_pairs = train_p if uses_pairs else []
         used_thumbs = train_t if uses_thumbs else []
         return {
-            "n_train": len(train_t) if algo == "kto" else len(train_p),
-            "n_eval": len(held_t) if algo == "kto" else len(held_p),
+            "n_train": len(train_t) if algo == Algorithm.KTO else len(train_p),
+            "n_eval": len(held_t) if algo == Algorithm.KTO else len(held_p),
             "feedback_ids": sorted({i for p in used_pairs for i in p.feedback_ids}
                                    | {i for th in used_thumbs for i in th.feedback_ids}),
             "comparison_ids": sorted({i for p in used_pairs for i in p.comparison_ids}),

@@ -15,13 +15,19 @@ import math
 import threading
 import time
 
+from chatloop.errors import ChatloopError
 
-class RateLimited(RuntimeError):
+
+class RateLimited(ChatloopError, RuntimeError):
     """Too many requests from one user; ``retry_after`` seconds until the next is allowed."""
+    status, type = 429, "rate_limit_error"
 
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class RateLimiter:

@@ -13,7 +13,7 @@ Invariants:
   be complete ``head_timeout_s`` after the connection opens (or after the previous response), the
   body ``read_timeout_s`` after the head. Streamed responses are not limited (only the request).
 - After the body, the app's ``receive`` is the server's own, so a client disconnect still
-  reaches the app (see chatloop.disconnect).
+  reaches the app (see chatloop.web.disconnect).
 """
 
 from __future__ import annotations

@@ -2,14 +2,13 @@
 
 Owns: wiring settings, store, registry, engine and retrainer together; validating chat input;
 recording every reply with the version that produced it; feedback and comparisons; per-user rate
-limits; activation, override, live comparison, ratings and rollback (engine first, then the
-registry pointer, then the log).
+limits. The operator's actions (activation, override, rollback, retraining, runs, SQL, export,
+import) are the ``Operations`` half it inherits (``chatloop.operations``).
 
 Invariants:
 - A reply is recorded once, after it ends (finished, stopped or cancelled), with its message id
   allocated when it starts, so streams can name it from the first chunk.
-- Activation goes engine -> registry -> store: if the engine refuses an adapter nothing else
-  changes, and the registry's pointer never names a version the engine could not load.
+- Routes, the UI and the CLI call this object only; none reaches past it into its parts.
 - A user continues only their own conversations and rates only replies written for them
   (Forbidden otherwise); text that could not be stored (control characters, lone surrogates) is
   refused before anything is written.
@@ -22,16 +21,17 @@ import logging
 import threading
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
+from chatloop.adapters import BASE_VERSION, AdapterRegistry, UnknownAdapter
 from chatloop.apikeys import KeyRing
 from chatloop.config import Settings
 from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest, StreamHandle
 from chatloop.loop import Retrainer
 from chatloop.identity import CookieSigner, NewIdentityLimit, load_secret
 from chatloop.models import LoadedModel, load_model
+from chatloop.operations import Operations
 from chatloop.ratelimit import FailureBackoff, RateLimiter
 from chatloop.reconcile import reconcile
 from chatloop.store import Forbidden, GenerationRecord, Store, new_id
@@ -142,7 +142,9 @@ class ChatTurn:
         ), message_id=self.message_id)
 
 
-class Service:
+class Service(Operations):
+    """The service: chat and feedback here, the operator's actions in ``Operations``."""
+
     def __init__(self, settings: Settings, loaded: LoadedModel | None = None):
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -199,12 +201,15 @@ class Service:
         gate rejected or a failed run left behind."""
         lim = self.settings.limits
         if adapter is not None and not operator and not self.is_public_version(adapter):
-            raise AdapterError(f"unknown adapter version {adapter!r}")  # worded as for one that does not exist
+            raise InvalidRequest(f"unknown adapter version {adapter!r}")  # worded as for one that does not exist
         context = validate_messages(messages, lim.max_messages, lim.max_message_chars)
         if conversation_id is not None and self.store.conversation_owner(conversation_id) != user_id:
             raise Forbidden("that conversation belongs to another user")
         # tokenizes once and checks the context limit: ContextTooLong, EngineBusy, AdapterError
-        handle = self.engine.submit(context, params, adapter=adapter)
+        try:
+            handle = self.engine.submit(context, params, adapter=adapter)
+        except UnknownAdapter as exc:  # a field of the request, not a resource in its path: 400
+            raise InvalidRequest(str(exc)) from None
         if conversation_id is None:
             try:
                 conversation_id = self.store.new_conversation(user_id, source)
@@ -238,64 +243,3 @@ class Service:
         """Whether ``version`` may serve anyone (it serves or has served), not only operators."""
         public = {BASE_VERSION, self.engine.active_version, self.registry.compare_version()}
         return version in public or version in self.store.served_versions()
-
-    def activate(self, version: str, actor: str = "operator", reason: str = "") -> str:
-        previous = self.engine.activate(version)
-        self.registry.set_active(version)
-        self.store.record_activation(version, previous, actor, reason)
-        log.info("activated %s (was %s) by %s", version, previous, actor)
-        return previous
-
-    def override(self, run_id: int, reason: str, actor: str = "operator") -> str:
-        """Promote a candidate the gate rejected; the override and its reason are recorded with
-        the run and the activation. Returns the previously active version."""
-        reason = (reason or "").strip()
-        if not reason:
-            raise InvalidRequest("say why you override the gate (a reason is required)")
-        run = self.store.get_run(run_id)  # NotFound
-        if run["status"] != "rejected" or not run.get("candidate_version"):
-            raise InvalidRequest(f"run {run_id} is {run['status']}: only a rejected candidate can be promoted "
-                                 f"by override")
-        version = run["candidate_version"]
-        previous = self.activate(version, actor="override", reason=f"{actor} overrode the gate: {reason}")
-        self.store.update_run(run_id, status="overridden", override=f"{actor}: {reason}")
-        return previous
-
-    def set_live_comparison(self, version: str | None) -> None:
-        """Serve ``version`` (a published candidate) on one side of the Compare tab, against the
-        active version, until stopped with None."""
-        if version is not None and version in (BASE_VERSION, self.engine.active_version):
-            raise InvalidRequest(f"{version} is already what serves; pick a candidate version")
-        self.registry.set_compare_version(version)
-
-    def live_comparison(self) -> str | None:
-        version = self.registry.compare_version()
-        return None if version == self.engine.active_version else version
-
-    def ratings(self, bootstrap: int = 200) -> list[dict[str, Any]]:
-        """Bradley-Terry ratings of adapter versions from A/B votes (see ``chatloop.ratings``)."""
-        from chatloop.ratings import rate
-
-        votes = [(a, b, c) for _, a, b, c in self.store.version_votes()]
-        return [asdict(r) for r in rate(votes, bootstrap=bootstrap)]
-
-    def rollback(self, actor: str = "operator") -> tuple[str, str]:
-        target = self.registry.rollback_target()
-        previous = self.engine.activate(target)
-        self.registry.pop_active()
-        self.store.record_activation(target, previous, "rollback", f"rolled back by {actor}")
-        return previous, target
-
-    def status(self) -> dict[str, Any]:
-        cur = self.retrainer.current
-        return {
-            "model": self.model_name,
-            "device": str(self.loaded.device),
-            "dtype": str(self.loaded.dtype).replace("torch.", ""),
-            "active_adapter": self.engine.active_version,
-            "queue_depth": self.engine.queue_depth(),
-            "running_requests": self.engine.running(),
-            "cycle": cur.as_dict() if cur else None,
-            "feedback_events": self.store.feedback_count(),
-            "reconciled_at_startup": self.reconciled,
-        }

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import duckdb
 
+from chatloop.errors import ChatloopError
 from chatloop.writer import GroupWriter
 
 BASE_VERSION = "base"
@@ -188,20 +189,21 @@ _STATEFUL_FUNCTIONS = {"nextval", "setval", "currval"}
 _EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+ANALY[SZ]E)?\s+", re.IGNORECASE)
 
 
-class StoreError(ValueError):
+class StoreError(ChatloopError, ValueError):
     """A request refers to something that does not exist or breaks a rule of the log."""
 
 
 class NotFound(StoreError):
-    pass
+    status, type = 404, "not_found_error"
 
 
 class SqlRefused(StoreError):
-    pass
+    type = "sql_refused"
 
 
 class Forbidden(StoreError):
     """The user may not do this to that row (e.g. rate a reply they were never shown)."""
+    status, type = 403, "permission_error"
 
 
 def now() -> dt.datetime:

@@ -29,7 +29,9 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from chatloop.config import Settings
-from chatloop.loop import ALGORITHMS, CycleBusy, NotEnoughFeedback, Retrainer
+from chatloop.errors import ChatloopError
+from chatloop.algorithms import NAMES as ALGORITHMS
+from chatloop.loop import CycleBusy, NotEnoughFeedback, Retrainer
 from chatloop.store import NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ JOB_DEFAULTS = {"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600
 KINDS = ("cron", "interval", "feedback")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(ChatloopError, ValueError):
     """A schedule that cannot be built (bad kind, crontab line, number or algorithm)."""
 
 

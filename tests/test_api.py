@@ -8,7 +8,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from chatloop.api import create_app
+from chatloop.web import create_app
 from chatloop.models import load_model
 from chatloop.service import Service
 from conftest import ADMIN_TOKEN, make_settings

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from chatloop import prefs
-from chatloop.api import create_app
+from chatloop.web import create_app
 from chatloop.config import Limits
 from chatloop.models import load_model
 from chatloop.service import Service

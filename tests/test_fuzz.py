@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatloop.api import create_app
+from chatloop.web import create_app
 from chatloop.config import GenerationDefaults, Limits
 from chatloop.models import load_model
 from chatloop.service import Service

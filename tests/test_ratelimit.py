@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from chatloop.api import create_app
+from chatloop.web import create_app
 from chatloop.config import Limits
 from chatloop.models import load_model
 from chatloop.ratelimit import RateLimited, RateLimiter

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from chatloop.api import create_app
+from chatloop.web import create_app
 from chatloop.models import load_model
 from chatloop.ratelimit import FailureBackoff, RateLimited
 from chatloop.service import Service

@@ -14,7 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import csv
-import hmac
 import json
 import os
 import random
@@ -24,19 +23,19 @@ from typing import Any
 
 import gradio as gr
 
-from chatloop.adapters import AdapterError
-from chatloop.engine import EngineBusy, InvalidRequest
+from chatloop.algorithms import NAMES as ALGORITHMS
+from chatloop.algorithms import Algorithm
+from chatloop.errors import ChatloopError
 from chatloop.identity import CookieSigner
-from chatloop.loop import CycleBusy, NotEnoughFeedback
+from chatloop.operators import OperatorGate
 from chatloop.ratelimit import RateLimited
 from chatloop.service import Service
-from chatloop.store import NotFound, SqlRefused, StoreError
+from chatloop.store import NotFound
 
 NOTICE = ("**Your ratings improve this bot.** Replies you rate (👍/👎, with an optional reason) and "
           "A/B choices are logged and used to retrain the model. Do not share personal information.")
 REASONS = ["", "helpful", "accurate", "well written", "wrong", "unhelpful", "repetitive",
            "too long", "unsafe or rude"]
-USER_ERRORS = (InvalidRequest, EngineBusy, StoreError, AdapterError, RateLimited)
 
 
 def _new_user() -> str:
@@ -116,6 +115,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
     """The Gradio app. ``schedules`` is the process's ``jobs.scheduler.RetrainScheduler``
     (the Admin tab's schedule editor is hidden without one)."""
     g = service.settings.generation
+    operators = OperatorGate(admin_token, service.signin_backoff)  # the admin API's check, the same back-off
 
     with gr.Blocks(title="chatloop") as demo:
         user_id = gr.State(None)
@@ -153,7 +153,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     turn = service.chat(context, params, user_id=uid, conversation_id=conv, source="ui")
                 except NotFound as exc:
                     raise gr.Error(str(exc))
-                except USER_ERRORS as exc:
+                except ChatloopError as exc:
                     turns_v = turns_v[:-1] if turns_v and turns_v[-1]["role"] == "user" else turns_v
                     yield turns_v, conv, uid, _display(turns_v), f"⚠️ {exc}"
                     return
@@ -198,7 +198,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 try:
                     service.check_rate("feedback", uid)
                     service.feedback(turns_v[idx]["message_id"], rating, uid, reason=why or None)
-                except USER_ERRORS as exc:
+                except ChatloopError as exc:
                     raise gr.Error(str(exc))
                 # the reason was for this rating only: clear it for the next one
                 return f"Thanks! Recorded {'👍' if rating > 0 else '👎'}" + (f" ({why})" if why else "") + ".", ""
@@ -248,7 +248,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                             yield answers[0], answers[1], None, uid, "", *disabled
                         answers[i] = turn.completion.text
                         ids[i] = turn.message_id
-                except USER_ERRORS as exc:
+                except ChatloopError as exc:
                     yield answers[0], answers[1], None, uid, f"⚠️ {exc}", *disabled
                     return
                 enabled = [gr.update(interactive=True)] * 4
@@ -263,7 +263,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     try:
                         service.check_rate("feedback", uid)
                         service.compare(pair_v["a"], pair_v["b"], choice, uid)
-                    except USER_ERRORS as exc:
+                    except ChatloopError as exc:
                         raise gr.Error(str(exc))
                     label = {"a": "A is better", "b": "B is better", "tie": "a tie", "both_bad": "both are bad"}[choice]
                     return f"Thanks! Recorded: {label}.", *[gr.update(interactive=False)] * 4
@@ -282,7 +282,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
             with gr.Column(visible=False) as panel:
                 status_md = gr.Markdown("", elem_id="admin-status")
                 with gr.Row():
-                    algo = gr.Dropdown(["dpo", "kto", "ppo"], value="dpo", label="Algorithm")
+                    algo = gr.Dropdown(list(ALGORITHMS), value=Algorithm.DPO.value, label="Algorithm")
                     retrain_btn = gr.Button("Retrain now", variant="primary", elem_id="admin-retrain")
                     cancel_btn = gr.Button("Cancel cycle", elem_id="admin-cancel")
                 cycle_md = gr.Markdown("", elem_id="admin-cycle")
@@ -306,7 +306,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                                                elem_id="admin-job-kind")
                         job_spec = gr.Textbox(label="crontab (UTC) | minutes | new feedback events", value="50",
                                               elem_id="admin-job-spec")
-                        job_algo = gr.Dropdown(["dpo", "kto", "ppo"], value="dpo", label="Algorithm")
+                        job_algo = gr.Dropdown(list(ALGORITHMS), value=Algorithm.DPO.value, label="Algorithm")
                         job_add = gr.Button("Add schedule", elem_id="admin-job-add")
                     with gr.Row():
                         job_id = gr.Number(label="Schedule id", precision=0, value=None, elem_id="admin-job-id")
@@ -375,11 +375,11 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                                   + (f", loss {cyc['last'].get('loss', 0):.4f}" if cyc["last"] else ""))
                 else:
                     cycle_text = "No cycle running."
-                runs = service.store.list_runs(20)
+                runs = service.runs(20)
                 cols = ["id", "algo", "trigger", "status", "started_at", "parent_version",
                         "candidate_version", "n_pairs", "verdict", "override", "error"]
                 runs_rows = [[r.get(c) for c in cols] for r in runs]
-                ad = service.registry.list()
+                ad = service.adapters()
                 acols = ["version", "active", "parent", "algo", "run_id", "train_pairs", "verdict"]
                 ad_rows = [[a.get(c) for c in acols] for a in ad]
                 return (status_text, cycle_text, {"headers": cols, "data": runs_rows or [[None] * len(cols)]},
@@ -393,7 +393,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     title = f"run {cyc['run_id']} (running{', ' + cyc['phase'] if cyc.get('phase') else ''})"
                 else:
                     done = next((r for r in runs if r["status"] in ("promoted", "rejected")), None)
-                    history = ((service.store.get_run(done["id"]).get("metrics") or {}).get("history", [])
+                    history = ((service.run(done["id"]).get("metrics") or {}).get("history", [])
                                if done else [])
                     title = f"run {done['id']} ({done['status']})" if done else "no finished run yet"
                 return training_curve(history, title)
@@ -401,17 +401,12 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
             refresh_outs = [status_md, cycle_md, runs_df, adapters_df, curve, jobs_df]
 
             def _login(tok, request: gr.Request):
-                address = getattr(getattr(request, "client", None), "host", None) or "?"
                 try:
-                    service.signin_backoff.check(address)
-                    ok = bool(admin_token) and hmac.compare_digest((tok or "").encode(), admin_token.encode())
-                    wait = ""
+                    ok, wait = operators.matches(tok or "", _address(request)), ""
                 except RateLimited as exc:
                     ok, wait = False, str(exc)
-                if admin_token and not wait:
-                    (service.signin_backoff.succeeded if ok else service.signin_backoff.failed)(address)
                 if not ok:
-                    msg = ("Admin is disabled: no operator token is configured." if not admin_token
+                    msg = ("Admin is disabled: no operator token is configured." if not operators.enabled
                            else wait or "Wrong operator token.")
                     return False, msg, gr.update(visible=False), gr.update(visible=True), gr.Timer(active=False)
                 return True, "Signed in.", gr.update(visible=True), gr.update(visible=False), gr.Timer(active=True)
@@ -427,20 +422,20 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
             def _retrain(ok, algo_v):
                 _guard(ok)
                 try:
-                    run_id = service.retrainer.start_cycle(algo_v, trigger="ui")
-                except (CycleBusy, NotEnoughFeedback, ValueError) as exc:
+                    run_id = service.retrain(algo_v, trigger="ui")
+                except ChatloopError as exc:
                     return f"⚠️ {exc}"
                 return f"Started retraining run {run_id}."
 
             retrain_btn.click(_retrain, [signed_in, algo], [action_md])
-            cancel_btn.click(lambda ok: (_guard(ok), "Cancelling…" if service.retrainer.cancel()
+            cancel_btn.click(lambda ok: (_guard(ok), "Cancelling…" if service.cancel_retraining()
                                          else "No cycle is running.")[1], [signed_in], [action_md])
 
             def _activate(ok, v):
                 _guard(ok)
                 try:
                     prev = service.activate((v or "").strip(), actor="operator", reason="activated in the UI")
-                except AdapterError as exc:
+                except ChatloopError as exc:
                     return f"⚠️ {exc}"
                 return f"Activated {v.strip()} (was {prev})."
 
@@ -448,7 +443,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 _guard(ok)
                 try:
                     prev, now_active = service.rollback()
-                except AdapterError as exc:
+                except ChatloopError as exc:
                     return f"⚠️ {exc}"
                 return f"Rolled back from {prev} to {now_active}."
 
@@ -458,7 +453,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     return "⚠️ Enter the id of a rejected run."
                 try:
                     prev = service.override(int(run_id), why or "", actor="operator (UI)")
-                except (NotFound, InvalidRequest, AdapterError) as exc:
+                except ChatloopError as exc:
                     return f"⚠️ {exc}"
                 return f"Run {int(run_id)} promoted by override (was {prev}); the reason is recorded."
 
@@ -486,7 +481,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                             return f"Removed schedule {int(jid)}.", _jobs_table()
                         run_id = schedules.run_now(int(jid))
                         return f"Started retraining run {run_id} for schedule {int(jid)}.", _jobs_table()
-                    except (NotFound, CycleBusy, NotEnoughFeedback) as exc:
+                    except ChatloopError as exc:
                         return f"⚠️ {exc}", _jobs_table()
                 return handler
 
@@ -509,7 +504,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
 
                 try:
                     listing, token = service.keys.create(name, whole(chat_pm), whole(fb_pm), whole(pairs))
-                except StoreError as exc:
+                except ChatloopError as exc:
                     return f"⚠️ {exc}", _keys_table()
                 return (f"Created key `{listing['id']}` for {listing['name']}. Copy it now, it is not shown again:"
                         f"\n\n`{token}`"), _keys_table()
@@ -518,7 +513,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 _guard(ok)
                 try:
                     service.keys.revoke((kid or "").strip())
-                except NotFound as exc:
+                except ChatloopError as exc:
                     return f"⚠️ {exc}", _keys_table()
                 return f"Revoked key `{kid.strip()}`.", _keys_table()
 
@@ -540,14 +535,14 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                 note = msg or (f"Live comparison: **{live}** against the active version in the Compare tab."
                                if live else "No live comparison: the Compare tab shows two samples of the active version.")
                 return (note, {"headers": rcols, "data": rows or [[None] * len(rcols)]},
-                        ratings_plot(history(service.store.version_votes())))
+                        ratings_plot(history(service.version_votes())))
 
             def _live(start):
                 def handler(ok, v):
                     _guard(ok)
                     try:
                         service.set_live_comparison((v or "").strip() if start else None)
-                    except (AdapterError, InvalidRequest) as exc:
+                    except ChatloopError as exc:
                         return _ratings(ok, f"⚠️ {exc}")
                     return _ratings(ok)
                 return handler
@@ -560,10 +555,10 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
             def _browse(ok, kind, version, user, since):
                 _guard(ok)
                 try:
-                    found = service.store.browse_feedback(kind=kind, version=(version or "").strip() or None,
-                                                          user=(user or "").strip() or None,
-                                                          since=(since or "").strip() or None)
-                except StoreError as exc:
+                    found = service.browse_feedback(kind=kind, version=(version or "").strip() or None,
+                                                    user=(user or "").strip() or None,
+                                                    since=(since or "").strip() or None)
+                except ChatloopError as exc:
                     raise gr.Error(str(exc))
                 fcols = ["kind", "id", "created_at", "user_id", "rating", "choice", "reason", "adapter_version",
                          "prompt", "reply"]
@@ -574,19 +569,19 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
 
             def _sql(ok, q):
                 _guard(ok)
-                lim = service.settings.limits
                 try:
-                    res = service.store.query_readonly(q, lim.sql_max_rows, lim.sql_timeout_s, lim.sql_max_bytes)
-                except SqlRefused as exc:
+                    res = service.sql(q)
+                except ChatloopError as exc:
                     return gr.update(visible=False), f"⚠️ {exc}", gr.update(visible=False)
-                rows = [[v if isinstance(v, (int, float, str, type(None))) else json.dumps(v, default=str)
-                         for v in r] for r in res.rows]
-                note = f"{len(rows)} row(s)" + (" (truncated)" if res.truncated else "")
-                table = {"headers": res.columns, "data": rows or [[None] * len(res.columns)]}
+                # the service's JSON values; a LIST or STRUCT shows as its JSON text in a cell
+                rows = [[json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for v in r]
+                        for r in res["rows"]]
+                note = f"{len(rows)} row(s)" + (" (truncated)" if res["truncated"] else "")
+                table = {"headers": res["columns"], "data": rows or [[None] * len(res["columns"])]}
                 fd, path = tempfile.mkstemp(prefix="chatloop-query-", suffix=".csv")
                 with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
                     writer = csv.writer(fh)
-                    writer.writerow(res.columns)
+                    writer.writerow(res["columns"])
                     writer.writerows(rows)
                 return gr.update(value=table, visible=True), note, gr.update(value=path, visible=True)
 
