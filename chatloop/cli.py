@@ -27,6 +27,7 @@ from typing import Any
 
 from chatloop.algorithms import NAMES as ALGORITHMS
 from chatloop.config import ConfigError, Settings, load_settings
+from chatloop.run_status import RunStatus
 
 log = logging.getLogger("chatloop")
 
@@ -203,7 +204,7 @@ def retrain(settings: Settings, algo: str, url: str | None, trigger: str = "cli"
                 run = remote.call("GET", f"/admin/runs/{run_id}")
                 prog = run.get("progress") or {}
                 bars.show(prog.get("phase", ""), prog.get("step", 0), prog.get("total", 0), prog.get("last"))
-                if run["status"] != "running":
+                if run["status"] != RunStatus.RUNNING:
                     break
                 time.sleep(0.5)
         finally:
@@ -237,10 +238,10 @@ def retrain(settings: Settings, algo: str, url: str | None, trigger: str = "cli"
 
 def _report(run: dict[str, Any]) -> int:
     status = run["status"]
-    if status == "refused":
+    if status == RunStatus.REFUSED:
         print(f"error: {run.get('error')}", file=sys.stderr)
         return 2
-    if status == "failed":
+    if status == RunStatus.FAILED:
         print(f"error: retraining failed: {run.get('error')}", file=sys.stderr)
         return 1
     print(f"run {run['id']}: {status} {run.get('candidate_version') or ''} — {run.get('verdict') or ''}")

@@ -28,8 +28,8 @@ A candidate is promoted only when every check passes:
 5. its share of degenerate replies (empty or repetitive) exceeds the reference's by at most
    ``gate_max_degenerate_increase``.
 
-Invariant: the verdict and every reason are returned for the caller to store; nothing here
-activates anything.
+Invariant: the verdict (structured checks, see ``Verdict``) is returned for the caller to store;
+nothing here activates anything, and nobody parses its text back.
 """
 
 from __future__ import annotations
@@ -38,95 +38,138 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from chatloop.algorithms import Algorithm
 from chatloop.config import TrainingDefaults
 
 REFERENCE_ACCURACY = 0.5
 
 
+@dataclass(frozen=True)
+class Check:
+    """One check of the gate: passed (True), failed (False) or not measured (None), the figure it
+    read and the threshold it compared with (where it has them), and the reason in words."""
+    name: str
+    passed: bool | None
+    reason: str
+    figure: float | None = None
+    threshold: float | None = None
+
+    def render(self) -> str:
+        return ("✓ " if self.passed else "✗ " if self.passed is False else "– ") + self.reason
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "passed": self.passed, "reason": self.reason,
+                "figure": self.figure, "threshold": self.threshold}
+
+
 @dataclass
 class Verdict:
-    promote: bool
-    reasons: list[str] = field(default_factory=list)
-    checks: dict[str, bool | None] = field(default_factory=dict)  # None = skipped
+    """The checks in order; the candidate is promoted when none failed. Stored as JSON
+    (``as_dict``, read back with ``from_dict``) and rendered to text in one place (``summary``)."""
+    results: list[Check] = field(default_factory=list)
+
+    @property
+    def promote(self) -> bool:
+        return all(c.passed is not False for c in self.results)
+
+    @property
+    def checks(self) -> dict[str, bool | None]:
+        return {c.name: c.passed for c in self.results}
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.render() for c in self.results]
+
+    def add(self, check: Check) -> "Verdict":
+        self.results.append(check)
+        return self
+
+    def without(self, name: str) -> "Verdict":
+        return Verdict([c for c in self.results if c.name != name])
+
+    def line(self, status: str | None = None) -> str:
+        """The verdict as one line: its status (promoted or rejected unless given), then every reason."""
+        return f"{status or ('promoted' if self.promote else 'rejected')}: " + "; ".join(self.reasons)
 
     @property
     def summary(self) -> str:
-        return ("promoted: " if self.promote else "rejected: ") + "; ".join(self.reasons)
+        return self.line()
 
     def as_dict(self) -> dict[str, Any]:
-        return {"promote": self.promote, "reasons": self.reasons, "checks": self.checks}
+        return {"promote": self.promote, "reasons": self.reasons, "checks": self.checks,
+                "results": [c.as_dict() for c in self.results]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Verdict":
+        return cls([Check(**c) for c in d.get("results", [])])
 
 
 def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
     t = t or TrainingDefaults()
     final = metrics.get("final_loss")
     if final is None or not math.isfinite(final):
-        return Verdict(False, [f"✗ training loss is not finite ({final})"], {"finite_loss": False})
-    verdict = Verdict(True)
-
-    def check(name: str, ok: bool | None, reason: str) -> None:
-        verdict.checks[name] = ok
-        verdict.reasons.append(("✓ " if ok else "✗ " if ok is False else "– ") + reason)
-        if ok is False:
-            verdict.promote = False
-
-    check("accuracy", *_accuracy(metrics))
+        return Verdict([Check("finite_loss", False, f"training loss is not finite ({final})")])
+    verdict = Verdict([_accuracy(metrics)])
     judged = metrics.get("judge") or {}
     if not judged.get("prompts"):
         why = judged.get("skipped", "no behavioural evaluation")
-        check("win_rate", None, f"reward-model win rate not measured ({why})")
-        check("kl", None, "KL to base not measured")
-        check("degenerate", None, "degenerate replies not measured")
-        return verdict
+        return verdict.add(Check("win_rate", None, f"reward-model win rate not measured ({why})")).add(
+            Check("kl", None, "KL to base not measured")).add(Check("degenerate", None, "degenerate replies not measured"))
     n = judged["prompts"]
     reward = judged.get("reward")
     if reward:
         wins = reward["win_rate"] >= t.gate_win_rate
         higher = reward["candidate"] > reward["reference"]
-        check("win_rate", wins and higher,
-              f"reward model prefers the candidate on {reward['win_rate']:.2f} of {n} held-out "
-              f"prompts ({'>=' if wins else '<'} {t.gate_win_rate:.2f}) with a mean score "
-              f"{reward['candidate']:.3f} {'above' if higher else 'not above'} the reference's "
-              f"{reward['reference']:.3f}")
+        verdict.add(Check(
+            "win_rate", wins and higher,
+            f"reward model prefers the candidate on {reward['win_rate']:.2f} of {n} held-out "
+            f"prompts ({'>=' if wins else '<'} {t.gate_win_rate:.2f}) with a mean score "
+            f"{reward['candidate']:.3f} {'above' if higher else 'not above'} the reference's "
+            f"{reward['reference']:.3f}", reward["win_rate"], t.gate_win_rate))
     else:
         rm = judged.get("reward_model")
-        check("win_rate", None, f"reward-model win rate not measured ({rm if isinstance(rm, str) else 'no reward model'})")
+        verdict.add(Check("win_rate", None, "reward-model win rate not measured "
+                                            f"({rm if isinstance(rm, str) else 'no reward model'})"))
     kl = judged["kl_to_base"]
     ok = math.isfinite(kl) and kl <= t.gate_max_kl
-    check("kl", ok, f"KL to base {kl:.3f} nats/token ({'<=' if ok else '>'} {t.gate_max_kl:g})")
+    verdict.add(Check("kl", ok, f"KL to base {kl:.3f} nats/token ({'<=' if ok else '>'} {t.gate_max_kl:g})",
+                      kl, t.gate_max_kl))
     deg = judged["degenerate"]
     ok = deg["candidate"] <= deg["reference"] + t.gate_max_degenerate_increase
-    check("degenerate", ok, f"degenerate replies {deg['candidate']:.2f} vs reference {deg['reference']:.2f} "
-                            f"({'within' if ok else 'beyond'} +{t.gate_max_degenerate_increase:g})")
+    verdict.add(Check("degenerate", ok, f"degenerate replies {deg['candidate']:.2f} vs reference "
+                                        f"{deg['reference']:.2f} ({'within' if ok else 'beyond'} "
+                                        f"+{t.gate_max_degenerate_increase:g})",
+                      deg["candidate"] - deg["reference"], t.gate_max_degenerate_increase))
     return verdict
 
 
-def _accuracy(metrics: dict[str, Any]) -> tuple[bool, str]:
-    if metrics.get("algo") == "ppo":
+def _accuracy(metrics: dict[str, Any]) -> Check:
+    if metrics.get("algo") == Algorithm.PPO:
         rm = metrics.get("reward_model") or {}
         held = rm.get("held_out") or {}
         if held.get("pairs"):
             ok = held["accuracy"] >= REFERENCE_ACCURACY
-            return ok, (f"reward model held-out pair accuracy {held['accuracy']:.3f} on {held['pairs']} pairs "
-                        f"({'>=' if ok else '<'} chance {REFERENCE_ACCURACY})")
-        return True, "reward model has no held-out pairs (too little feedback); its win rate decides"
+            return Check("accuracy", ok, f"reward model held-out pair accuracy {held['accuracy']:.3f} on "
+                                         f"{held['pairs']} pairs ({'>=' if ok else '<'} chance {REFERENCE_ACCURACY})",
+                         held["accuracy"], REFERENCE_ACCURACY)
+        return Check("accuracy", True, "reward model has no held-out pairs (too little feedback); its win rate decides")
     held = metrics.get("held_out") or {}
     n = held.get("pairs") or held.get("examples")
     selection = metrics.get("selection") or {}
     if n and selection.get("best_step") == 0:
-        return False, (f"no training step lowered the held-out loss ({selection['best_score']:.4f} at the start); "
-                       "the candidate is the active adapter unchanged")
+        return Check("accuracy", False, f"no training step lowered the held-out loss ({selection['best_score']:.4f} "
+                                        "at the start); the candidate is the active adapter unchanged")
     if n:
         acc = held["accuracy"]
         ok = acc >= REFERENCE_ACCURACY
         what = "preference" if held.get("pairs") else "thumb ranking"
         unit = "pairs" if held.get("pairs") else "replies"
-        return ok, (f"held-out {what} accuracy {acc:.3f} on {n} {unit} "
-                    f"({'>=' if ok else '<'} active adapter's {REFERENCE_ACCURACY})")
+        return Check("accuracy", ok, f"held-out {what} accuracy {acc:.3f} on {n} {unit} "
+                                     f"({'>=' if ok else '<'} active adapter's {REFERENCE_ACCURACY})", acc, REFERENCE_ACCURACY)
     train = metrics.get("train_eval") or {}
     first = metrics.get("first_loss")
     if not train or first is None:
-        return False, "no evaluation metrics"
+        return Check("accuracy", False, "no evaluation metrics")
     ok = train["loss"] < first
-    return ok, (f"no held-out data (too little feedback); training loss {train['loss']:.4f} "
-                f"{'<' if ok else '>='} starting loss {first:.4f}")
+    return Check("accuracy", ok, f"no held-out data (too little feedback); training loss {train['loss']:.4f} "
+                                 f"{'<' if ok else '>='} starting loss {first:.4f}", train["loss"], first)

@@ -34,9 +34,12 @@ from chatloop.algorithms import parse as parse_algorithm
 from chatloop.config import Settings
 from chatloop.errors import ChatloopError, Conflict
 from chatloop.reconcile import CHILD_PID_FILE
+from chatloop.run_status import RunStatus
 from chatloop.store import Store
 
 log = logging.getLogger(__name__)
+
+LIVE_CHECK = "live_ab"  # the gate's last check for a staged candidate: users' blind A/B votes
 
 
 def _live_score(vote: tuple[str, str, str], candidate: str) -> float:
@@ -175,7 +178,7 @@ class Retrainer:
 
             self._stage("gate", on_progress)
             verdict = evaluate.gate(metrics, t)
-            metrics["gate"] = verdict.as_dict()
+            metrics["gate"] = verdict.as_dict()  # the offline checks, in the adapter's metadata too
             self._stage("publishing", on_progress)
             meta = {"parent": parent, "algo": algo, "run_id": run_id, "settings": job["settings"],
                     "train_pairs": snap["n_train"], "eval_pairs": snap["n_eval"], "capped": snap["capped"],
@@ -188,21 +191,23 @@ class Retrainer:
             staged = verdict.promote and t.gate_live_votes > 0
             if staged:  # the last check is live: users' blind A/B votes against the active version
                 self.registry.set_compare_version(version)
-                verdict.reasons.append(f"– waiting for {t.gate_live_votes} live A/B votes against {parent}")
+                verdict.add(evaluate.Check(LIVE_CHECK, None, f"waiting for {t.gate_live_votes} live A/B votes "
+                                                             f"against {parent}", threshold=0.5))
             elif verdict.promote:
                 self._activate(version, "gate", verdict.summary)
             lap("publish")
             metrics["timings"] = timings
-            status = "staged" if staged else "promoted" if verdict.promote else "rejected"
-            summary = ("staged: " + "; ".join(verdict.reasons)) if staged else verdict.summary
-            self.store.finish_run(run_id, status, candidate_version=version, metrics=metrics, verdict=summary)
+            metrics["gate"] = verdict.as_dict()
+            status = RunStatus.STAGED if staged else RunStatus.PROMOTED if verdict.promote else RunStatus.REJECTED
+            self.store.finish_run(run_id, status, candidate_version=version, metrics=metrics,
+                                  verdict=verdict.line(status))
             self._stage("done", on_progress)
             return self.store.get_run(run_id)
         except NotEnoughFeedback as exc:
-            self.store.finish_run(run_id, "refused", error=str(exc))
+            self.store.finish_run(run_id, RunStatus.REFUSED, error=str(exc))
             raise
         except BaseException as exc:
-            self.store.finish_run(run_id, "failed", error=f"{type(exc).__name__}: {exc}")
+            self.store.finish_run(run_id, RunStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self.current = None
@@ -213,7 +218,7 @@ class Retrainer:
         half of the votes against its parent (ties count half), reject it otherwise. Skipped
         while a cycle runs; a candidate whose parent is no longer active is rejected as stale."""
         need = self.settings.training.gate_live_votes
-        staged = [r for r in self.store.list_runs(500) if r["status"] == "staged"]
+        staged = [r for r in self.store.list_runs(500) if r["status"] == RunStatus.STAGED]
         if not staged or not self._lock.acquire(blocking=False):
             return []
         try:
@@ -223,21 +228,23 @@ class Retrainer:
                 cand, parent = run["candidate_version"], run["parent_version"]
                 between = [(a, b, c) for _, a, b, c in votes if {a, b} == {cand, parent}]
                 if self._active_version() != parent:
-                    ok, why = False, f"✗ stale: {parent} is no longer active"
+                    live = evaluate.Check(LIVE_CHECK, False, f"stale: {parent} is no longer active")
                 elif len(between) < need:
                     continue
                 else:
                     share = sum(_live_score(v, cand) for v in between) / len(between)
-                    ok = share >= 0.5
-                    why = (f"{'✓' if ok else '✗'} live A/B: {cand} won {share:.2f} of {len(between)} "
-                           f"votes against {parent}")
-                if ok:
-                    self._activate(cand, "gate", why)
+                    live = evaluate.Check(LIVE_CHECK, share >= 0.5, f"live A/B: {cand} won {share:.2f} of "
+                                                                    f"{len(between)} votes against {parent}", share, 0.5)
+                if live.passed:
+                    self._activate(cand, "gate", live.render())
                 if self.registry.compare_version() == cand:
                     self.registry.set_compare_version(None)
-                offline = (run["verdict"] or "").split(": ", 1)[-1].split("; – waiting for")[0]
-                verdict = ("promoted: " if ok else "rejected: ") + f"{offline}; {why}"
-                self.store.update_run(run["id"], status="promoted" if ok else "rejected", verdict=verdict)
+                record = self.store.get_run(run["id"])
+                metrics = record.get("metrics") or {}
+                verdict = evaluate.Verdict.from_dict(metrics.get("gate") or {}).without(LIVE_CHECK).add(live)
+                metrics["gate"] = verdict.as_dict()
+                status = RunStatus.PROMOTED if live.passed else RunStatus.REJECTED
+                self.store.update_run(run["id"], status=status, verdict=verdict.line(status), metrics=metrics)
                 decided.append(self.store.get_run(run["id"]))
             return decided
         finally:

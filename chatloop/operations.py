@@ -25,6 +25,7 @@ from chatloop.algorithms import parse as parse_algorithm
 from chatloop.engine import InvalidRequest
 from chatloop.errors import ChatloopError, Conflict
 from chatloop.loop import TrainingFailed
+from chatloop.run_status import RunStatus
 
 if TYPE_CHECKING:  # the attributes ``Service`` gives this mixin
     from chatloop.adapters import AdapterRegistry
@@ -91,12 +92,12 @@ class Operations:
         if not reason:
             raise InvalidRequest("say why you override the gate (a reason is required)")
         run = self.store.get_run(run_id)  # NotFound
-        if run["status"] != "rejected" or not run.get("candidate_version"):
+        if run["status"] != RunStatus.REJECTED or not run.get("candidate_version"):
             raise NotOverridable(f"run {run_id} is {run['status']}: only a rejected candidate can be promoted "
                                  f"by override")
         version = run["candidate_version"]
         previous = self.activate(version, actor="override", reason=f"{actor} overrode the gate: {reason}")
-        self.store.update_run(run_id, status="overridden", override=f"{actor}: {reason}")
+        self.store.update_run(run_id, status=RunStatus.OVERRIDDEN, override=f"{actor}: {reason}")
         return previous
 
     def rollback(self, actor: str = "operator") -> tuple[str, str]:

@@ -26,6 +26,7 @@ import signal
 from pathlib import Path
 
 from chatloop.adapters import AdapterError, AdapterRegistry
+from chatloop.run_status import RunStatus
 from chatloop.store import NotFound, Store
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def reconcile(store: Store, registry: AdapterRegistry) -> list[str]:
             killed = _kill_orphan(Path(run["snapshot_dir"]))
             if killed:
                 done.append(f"run {run['id']}: {killed}")
-        store.finish_run(run["id"], "failed", error=INTERRUPTED)
+        store.finish_run(run["id"], RunStatus.FAILED, error=INTERRUPTED)
         done.append(f"run {run['id']}: marked failed ({INTERRUPTED})")
 
     active, compare = registry.active(), registry.compare_version()
@@ -83,11 +84,11 @@ def reconcile(store: Store, registry: AdapterRegistry) -> list[str]:
             continue  # the run finished and knows its candidate
         verdict = meta.get("verdict") or ""
         if version == active:
-            store.finish_run(run["id"], "promoted", candidate_version=version, error=None,
+            store.finish_run(run["id"], RunStatus.PROMOTED, candidate_version=version, error=None,
                              verdict=f"{verdict} (finished at start-up: the service stopped after activating {version})")
             done.append(f"run {run['id']}: promoted, since {version} serves (the service stopped after activating it)")
         elif version == compare:
-            store.finish_run(run["id"], "staged", candidate_version=version, error=None,
+            store.finish_run(run["id"], RunStatus.STAGED, candidate_version=version, error=None,
                              verdict=f"staged: {verdict} (finished at start-up)")
             done.append(f"run {run['id']}: staged, since {version} is in live comparison")
         else:

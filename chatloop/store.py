@@ -97,7 +97,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             id BIGINT PRIMARY KEY DEFAULT nextval('run_seq'),
             algo VARCHAR NOT NULL,
             trigger VARCHAR NOT NULL,         -- cli | api | ui | <kind>:schedule-N | manual:schedule-N
-            status VARCHAR NOT NULL,          -- running | promoted | rejected | overridden | failed | refused
+            status VARCHAR NOT NULL,          -- chatloop.run_status.RunStatus: running | refused | failed | rejected | staged | promoted | overridden
             started_at TIMESTAMP NOT NULL,
             finished_at TIMESTAMP,
             parent_version VARCHAR NOT NULL,

@@ -29,6 +29,7 @@ from chatloop.errors import ChatloopError
 from chatloop.identity import CookieSigner
 from chatloop.operators import OperatorGate
 from chatloop.ratelimit import RateLimited
+from chatloop.run_status import RunStatus
 from chatloop.service import Service
 from chatloop.store import NotFound
 
@@ -392,7 +393,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
                     history = [h for h in cyc["history"] if h.get("phase", "") == cyc.get("phase", "")]
                     title = f"run {cyc['run_id']} (running{', ' + cyc['phase'] if cyc.get('phase') else ''})"
                 else:
-                    done = next((r for r in runs if r["status"] in ("promoted", "rejected")), None)
+                    done = next((r for r in runs if r["status"] in (RunStatus.PROMOTED, RunStatus.REJECTED)), None)
                     history = ((service.run(done["id"]).get("metrics") or {}).get("history", [])
                                if done else [])
                     title = f"run {done['id']} ({done['status']})" if done else "no finished run yet"

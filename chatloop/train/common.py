@@ -28,6 +28,21 @@ import torch
 import torch.nn.functional as F
 
 
+@dataclass
+class TrainConfig:
+    """The fields every offline trainer here shares (DPO, KTO, the reward model), as TRL's
+    per-algorithm configs share theirs: each algorithm's config inherits these and adds its own."""
+    learning_rate: float = 1e-4
+    epochs: int = 3
+    batch_size: int = 4
+    max_prompt_tokens: int = 384  # a longer prompt keeps its end
+    max_reply_tokens: int = 256  # a longer reply is cut
+    seed: int = 0
+    select_best: bool = True  # keep the checkpoint with the lowest held-out loss (when anything is held out)
+    evals_per_epoch: int = 2  # held-out scores an epoch (and one before the first step)
+    patience: int = 2  # stop after this many held-out scores without a new best (0 = never)
+
+
 @dataclass(frozen=True)
 class Encoded:
     prompt_ids: list[int]

@@ -51,7 +51,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from chatloop.train.common import (Encoded, HeldOutSelection, collate_groups, encode_reply, fit,
+from chatloop.train.common import (Encoded, HeldOutSelection, TrainConfig, collate_groups, encode_reply, fit,
                                    grouped_reply_logprobs, reference_logprobs)
 from chatloop.train.kto import kto_loss
 
@@ -85,19 +85,10 @@ def dpo_loss(
 
 
 @dataclass
-class DpoConfig:
+class DpoConfig(TrainConfig):
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
-    learning_rate: float = 1e-4
-    epochs: int = 3
-    batch_size: int = 4
-    max_prompt_tokens: int = 384
-    max_reply_tokens: int = 256
-    seed: int = 0
-    select_best: bool = True  # keep the checkpoint with the lowest held-out loss (when pairs are held out)
-    evals_per_epoch: int = 2
-    patience: int = 2  # stop after this many held-out scores without a new best (0 = never)
     thumbs_weight: float = 0.0  # weight of the thumbs' loss (see the module docstring); 0 = pairs only
     thumbs_per_step: int = 2
     thumbs_balance: bool = True  # every step takes as many ups as downs (see the module docstring)

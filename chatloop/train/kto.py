@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from chatloop.train.common import (Encoded, HeldOutSelection, collate_groups, encode_reply, fit,
+from chatloop.train.common import (Encoded, HeldOutSelection, TrainConfig, collate_groups, encode_reply, fit,
                                    grouped_reply_logprobs, reference_logprobs)
 
 
@@ -66,20 +66,12 @@ def balanced_weights(n_desirable: int, n_undesirable: int, desirable_weight: flo
 
 
 @dataclass
-class KtoConfig:
+class KtoConfig(TrainConfig):
+    batch_size: int = 8
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     balance: bool = True  # apply ``balanced_weights`` to the training set's counts
-    learning_rate: float = 1e-4
-    epochs: int = 3
-    batch_size: int = 8
-    max_prompt_tokens: int = 384
-    max_reply_tokens: int = 256
-    seed: int = 0
-    select_best: bool = True  # keep the checkpoint with the lowest held-out loss (when thumbs are held out)
-    evals_per_epoch: int = 2
-    patience: int = 2  # stop after this many held-out scores without a new best (0 = never)
 
 
 @dataclass

@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from chatloop.train.common import (Encoded, HeldOutSelection, PromptGroups, collate_groups, encode_reply, fit,
-                                   grouped_hidden)
+from chatloop.train.common import (Encoded, HeldOutSelection, PromptGroups, TrainConfig, collate_groups,
+                                   encode_reply, fit, grouped_hidden)
 
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
@@ -88,8 +88,9 @@ class RewardModel(torch.nn.Module):
 
 
 @dataclass
-class RewardConfig:
-    learning_rate: float = 1e-4
+class RewardConfig(TrainConfig):
+    """``select_best``: with held-out pairs, the checkpoint (the probed head before any
+    fine-tuning included) with the lowest held-out Bradley-Terry loss."""
     # The head starts from zero and must move far in a few dozen steps, which it cannot at the
     # LoRA's rate (Adam moves each weight by about the learning rate per step).
     head_learning_rate: float = 1e-3
@@ -98,16 +99,8 @@ class RewardConfig:
     head_warm_start_l2: float = 0.1
     epochs: int = 2
     batch_size: int = 8
-    max_prompt_tokens: int = 384
-    max_reply_tokens: int = 256
     center_coefficient: float = 0.0
     pointwise_weight: float = 0.0  # weight of the thumbs term; 0 = pairs only
-    seed: int = 0
-    # with held-out pairs: keep the checkpoint (the probed head before any fine-tuning included)
-    # with the lowest held-out Bradley-Terry loss, and stop after `patience` scores without a new best
-    select_best: bool = True
-    evals_per_epoch: int = 2
-    patience: int = 2  # 0 = never stop early
 
 
 @torch.no_grad()

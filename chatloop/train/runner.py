@@ -34,6 +34,11 @@ from typing import Any
 
 import torch
 
+from chatloop.algorithms import Algorithm
+from chatloop.algorithms import parse as parse_algorithm
+from chatloop.config import TrainingDefaults
+from chatloop.train import configs
+
 
 def in_phase(hooks: dict, phase: str) -> dict:
     """The same hooks, with every progress line naming its phase (each phase counts its own
@@ -42,20 +47,13 @@ def in_phase(hooks: dict, phase: str) -> dict:
     return {"on_step": lambda m: hooks["on_step"]({"phase": phase, **m}), "should_stop": hooks["should_stop"]}
 
 
-def _lora(s: dict):
-    from peft import LoraConfig
-
-    return LoraConfig(r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"],
-                      target_modules=list(s["lora_target_modules"]), task_type="CAUSAL_LM")
-
-
-def _policy(loaded, job: dict, s: dict):
+def _policy(loaded, job: dict, t: TrainingDefaults):
     """The model to train: the parent adapter (trainable) or a fresh LoRA on the base model."""
     from peft import PeftModel, get_peft_model
 
     if job.get("parent_adapter"):
         return PeftModel.from_pretrained(loaded.model, job["parent_adapter"], is_trainable=True)
-    return get_peft_model(loaded.model, _lora(s))
+    return get_peft_model(loaded.model, configs.lora_config(t))
 
 
 def _load(job: dict):
@@ -64,47 +62,30 @@ def _load(job: dict):
     return load_model(job["model_path"], Path(job["models_dir"]), job.get("device", "auto"), job.get("dtype", "auto"))
 
 
-def _selection(s: dict) -> dict:
-    """Held-out checkpoint selection settings, shared by DPO, KTO and the reward model."""
-    return {"select_best": s["select_best"], "evals_per_epoch": s["evals_per_epoch"],
-            "patience": s["early_stop_patience"]}
-
-
-def train_dpo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
+def train_dpo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
     from chatloop.prefs import read_jsonl
-    from chatloop.train.dpo import DpoConfig, train_dpo
+    from chatloop.train.dpo import train_dpo
 
     loaded = _load(job)
-    model = _policy(loaded, job, s)
-    cfg = DpoConfig(beta=s["beta"], loss_type=s["loss_type"], label_smoothing=s["label_smoothing"],
-                    learning_rate=s["learning_rate"], epochs=s["epochs"], batch_size=s["batch_size"],
-                    max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"],
-                    seed=s["seed"], thumbs_weight=s["dpo_thumbs_weight"], thumbs_per_step=s["dpo_thumbs_per_step"],
-                    thumbs_balance=s["kto_balance"], nll_weight=s["dpo_nll_weight"], **_selection(s))
+    model = _policy(loaded, job, t)
     metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
-                        read_jsonl(job_dir / "eval.jsonl"), cfg, **hooks,
+                        read_jsonl(job_dir / "eval.jsonl"), configs.dpo_config(t), **hooks,
                         thumbs=read_jsonl(job_dir / "train_thumbs.jsonl"))
     model.save_pretrained(job_dir / "adapter")
-    metrics["judge"] = judge_candidate(job_dir, job, s, model, loaded.tokenizer, hooks)
+    metrics["judge"] = judge_candidate(job_dir, job, t, model, loaded.tokenizer, hooks)
     return metrics
 
 
-def train_kto_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
+def train_kto_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
     from chatloop.prefs import read_jsonl
-    from chatloop.train.kto import KtoConfig, train_kto
+    from chatloop.train.kto import train_kto
 
     loaded = _load(job)
-    model = _policy(loaded, job, s)
-    cfg = KtoConfig(beta=s["beta"], desirable_weight=s["kto_desirable_weight"],
-                    undesirable_weight=s["kto_undesirable_weight"], balance=s["kto_balance"],
-                    learning_rate=s["learning_rate"],
-                    epochs=s["epochs"], batch_size=max(2, s["batch_size"] * 2),
-                    max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"], seed=s["seed"],
-                    **_selection(s))
+    model = _policy(loaded, job, t)
     metrics = train_kto(model, loaded.tokenizer, read_jsonl(job_dir / "train_thumbs.jsonl"),
-                        read_jsonl(job_dir / "eval_thumbs.jsonl"), cfg, **hooks)
+                        read_jsonl(job_dir / "eval_thumbs.jsonl"), configs.kto_config(t), **hooks)
     model.save_pretrained(job_dir / "adapter")
-    metrics["judge"] = judge_candidate(job_dir, job, s, model, loaded.tokenizer, hooks)
+    metrics["judge"] = judge_candidate(job_dir, job, t, model, loaded.tokenizer, hooks)
     return metrics
 
 
@@ -119,113 +100,104 @@ def _reference(job: dict):
     return ref.eval().requires_grad_(False)
 
 
-def _reward_fn(rm, tokenizer, s: dict):
-    from chatloop.train.reward import RewardConfig, score
+def _reward_fn(rm, tokenizer, t: TrainingDefaults):
+    from chatloop.train.reward import score
 
-    cfg = RewardConfig(max_prompt_tokens=s["max_prompt_tokens"], max_reply_tokens=s["max_reply_tokens"])
+    cfg = configs.scoring_config(t)
     return lambda items: score(rm, tokenizer, items, cfg)
 
 
-def judge_candidate(job_dir: Path, job: dict, s: dict, candidate, tokenizer, hooks: dict,
+def judge_candidate(job_dir: Path, job: dict, t: TrainingDefaults, candidate, tokenizer, hooks: dict,
                     reference=None, rm=None) -> dict:
     """The gate's behavioural checks on held-out prompts (see ``chatloop.train.judge``). DPO/KTO
     train a reward model on the snapshot first when ``gate_reward_model`` is on and there are pairs."""
     from chatloop.prefs import read_jsonl
     from chatloop.train.judge import judge
 
-    contexts = [p["prompt"] for p in read_jsonl(job_dir / "eval_prompts.jsonl")][: s["gate_prompts"]]
+    contexts = [p["prompt"] for p in read_jsonl(job_dir / "eval_prompts.jsonl")][: t.gate_prompts]
     if not contexts:
         return {"prompts": 0, "skipped": "no held-out prompts (too little feedback to hold any out)"}
     note = None
-    if rm is None and s["gate_reward_model"] and job.get("reward_model"):
+    if rm is None and t.gate_reward_model and job.get("reward_model"):
         from chatloop.train.reward import RewardModel
 
         rm = RewardModel.load(Path(job["reward_model"]), _load(job).model)
         note = f"reused {job['reward_model']}"
-    if rm is None and s["gate_reward_model"]:
+    if rm is None and t.gate_reward_model:
         if len(read_jsonl(job_dir / "train.jsonl")) >= 2:
-            reward_metrics, rm = train_reward_job(job_dir, job, s, in_phase(hooks, "gate reward model"))
+            reward_metrics, rm = train_reward_job(job_dir, job, t, in_phase(hooks, "gate reward model"))
             note = {k: v for k, v in reward_metrics.items() if k != "history"}
         else:
             note = "no reward model: fewer than 2 training pairs"
     if reference is None:
         reference = _reference(job)
-    out = judge(candidate, reference, tokenizer, contexts, _reward_fn(rm, tokenizer, s) if rm is not None else None,
-                s["max_prompt_tokens"], s["gate_max_new_tokens"], seed=s["seed"] + 12345)
+    out = judge(candidate, reference, tokenizer, contexts, _reward_fn(rm, tokenizer, t) if rm is not None else None,
+                t.max_prompt_tokens, t.gate_max_new_tokens, seed=t.seed + 12345)
     if note is not None:
         out["reward_model"] = note
     return out
 
 
-def train_reward_job(job_dir: Path, job: dict, s: dict, hooks: dict):
+def train_reward_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict):
     """Train the reward model (LoRA + head on the base model) on pairs, plus thumbs pointwise;
     save it under ``reward/`` and return (metrics, the trained model)."""
     from peft import get_peft_model
 
     from chatloop.prefs import read_jsonl
-    from chatloop.train.reward import RewardConfig, RewardModel, train_reward
+    from chatloop.train.reward import RewardModel, train_reward
 
     loaded = _load(job)
-    rm = RewardModel(get_peft_model(loaded.model, _lora(s)), loaded.model.config.hidden_size).to(loaded.device)
-    cfg = RewardConfig(learning_rate=s["reward_learning_rate"], head_learning_rate=s["reward_head_learning_rate"],
-                       epochs=s["reward_epochs"],
-                       batch_size=s["batch_size"], max_prompt_tokens=s["max_prompt_tokens"],
-                       max_reply_tokens=s["max_reply_tokens"], pointwise_weight=s["reward_pointwise_weight"],
-                       seed=s["seed"], **{**_selection(s), "evals_per_epoch": s["reward_evals_per_epoch"]})
+    rm = RewardModel(get_peft_model(loaded.model, configs.lora_config(t)),
+                     loaded.model.config.hidden_size).to(loaded.device)
     metrics = train_reward(rm, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
-                           read_jsonl(job_dir / "eval.jsonl"), cfg, read_jsonl(job_dir / "train_thumbs.jsonl"),
+                           read_jsonl(job_dir / "eval.jsonl"), configs.reward_config(t), read_jsonl(job_dir / "train_thumbs.jsonl"),
                            **hooks)
-    rm.save(job_dir / "reward", {"model_path": job["model_path"], "eval_fraction": s["eval_fraction"],
+    rm.save(job_dir / "reward", {"model_path": job["model_path"], "eval_fraction": t.eval_fraction,
                                  "metrics": {k: v for k, v in metrics.items() if k != "history"}})
     return metrics, rm
 
 
-def train_ppo_job(job_dir: Path, job: dict, s: dict, hooks: dict) -> dict:
+def train_ppo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
     """Reward model first, then PPO against it; the candidate is compared with the reference by the
     reward model on held-out prompts (sampled replies, same seeds)."""
     from peft import PeftModel
 
     from chatloop.prefs import read_jsonl
-    from chatloop.train.ppo import PpoConfig, train_ppo
+    from chatloop.train.ppo import train_ppo
 
-    reward_metrics, rm = train_reward_job(job_dir, job, s, in_phase(hooks, "reward model"))
+    reward_metrics, rm = train_reward_job(job_dir, job, t, in_phase(hooks, "reward model"))
     loaded = _load(job)
-    policy = _policy(loaded, job, s)
+    policy = _policy(loaded, job, t)
     ref_loaded = _load(job)
     reference = (PeftModel.from_pretrained(ref_loaded.model, job["parent_adapter"]) if job.get("parent_adapter")
                  else ref_loaded.model)
     reference.eval().requires_grad_(False)
     tok = loaded.tokenizer
-    cfg = PpoConfig(learning_rate=s["ppo_learning_rate"], rollout_batch_size=s["ppo_rollout_batch_size"],
-                    minibatch_size=s["ppo_minibatch_size"], ppo_epochs=s["ppo_epochs"], rollouts=s["ppo_rollouts"],
-                    max_new_tokens=s["ppo_max_new_tokens"], max_prompt_tokens=s["max_prompt_tokens"],
-                    init_kl_coef=s["ppo_init_kl_coef"], target_kl=s["ppo_target_kl"], seed=s["seed"])
     prompts = [p["prompt"] for p in read_jsonl(job_dir / "train_prompts.jsonl")]
-    reward_fn = _reward_fn(rm, tok, s)
-    metrics = train_ppo(policy, reference, tok, prompts, reward_fn, cfg, **hooks)
+    metrics = train_ppo(policy, reference, tok, prompts, _reward_fn(rm, tok, t), configs.ppo_config(t), **hooks)
     metrics["reward_model"] = {k: v for k, v in reward_metrics.items() if k != "history"}
     policy.save_pretrained(job_dir / "adapter")
-    metrics["judge"] = judge_candidate(job_dir, job, s, policy, tok, hooks, reference=reference, rm=rm)
+    metrics["judge"] = judge_candidate(job_dir, job, t, policy, tok, hooks, reference=reference, rm=rm)
     return metrics
 
 
-ALGORITHMS = {"dpo": train_dpo_job, "kto": train_kto_job, "ppo": train_ppo_job}
+TRAINERS = {Algorithm.DPO: train_dpo_job, Algorithm.KTO: train_kto_job, Algorithm.PPO: train_ppo_job}
 
 
 def run_job(job_dir: Path) -> dict[str, Any]:
     job = json.loads((job_dir / "job.json").read_text())
-    if job["algo"] not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {job['algo']!r}; use one of {', '.join(ALGORITHMS)}")
+    algo = parse_algorithm(job["algo"])
+    t = configs.training_settings(job["settings"])
     if job.get("torch_threads"):
         torch.set_num_threads(int(job["torch_threads"]))
-    torch.manual_seed(job["settings"]["seed"])
+    torch.manual_seed(t.seed)
     t0 = time.perf_counter()
     progress = open(job_dir / "progress.jsonl", "a", buffering=1)
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("flag", True))
     hooks = {"on_step": lambda m: progress.write(json.dumps(m) + "\n"), "should_stop": lambda: stop["flag"]}
     try:
-        metrics = ALGORITHMS[job["algo"]](job_dir, job, job["settings"], in_phase(hooks, job["algo"]))
+        metrics = TRAINERS[algo](job_dir, job, t, in_phase(hooks, algo.value))
     finally:
         progress.close()
     metrics["total_s"] = time.perf_counter() - t0
