@@ -216,6 +216,9 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     shot("compare-chosen")
 
     # 5. Admin: sign in, retrain, promoted -> v1, roll back -> base ----------------------------
+    def admin_tab(name: str) -> None:
+        page.get_by_role("tab", name=name, exact=True).click()
+
     page.get_by_role("tab", name="Admin").click()
     expect(page.locator("#admin-status")).to_be_hidden()
     page.locator("#admin-token input").fill(server.token)
@@ -236,23 +239,28 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
 
     run = poll(finished_run, timeout=RETRAIN_TIMEOUT_S, interval=1.0, what="a promoted training run")
     assert run["candidate_version"] == "v1", run
-    # the runs table refreshes on a 2 s timer and shows the promotion too
-    expect(page.locator("#admin-runs")).to_contain_text("promoted", timeout=15_000)
+    # the panel refreshes on a 2 s timer: the status, the curve, and the runs table show the promotion
     expect(admin_status).to_contain_text("active_adapter: v1", timeout=15_000)
     assert active_adapter(server) == "v1"
     expect(page.locator("#admin-curve img")).to_be_visible()  # the loss / reward-margin plot
     shot("admin-promoted")
+    admin_tab("Runs")
+    expect(page.locator("#admin-runs")).to_contain_text("promoted", timeout=15_000)
+    shot("admin-runs")
 
+    admin_tab("Adapters")
+    expect(page.locator("#admin-adapters")).to_contain_text("v1", timeout=15_000)
     page.locator("#admin-rollback").click()
-    expect(page.locator("#admin-action")).to_contain_text("Rolled back from v1 to base")
+    expect(page.locator("#admin-adapters-action")).to_contain_text("Rolled back from v1 to base")
     assert poll(lambda: active_adapter(server) == "base", what="/healthz to report base")
+    admin_tab("Overview")
     expect(admin_status).to_contain_text("active_adapter: base", timeout=15_000)
     shot("admin-rolled-back")
 
     # 6. Operator console: a schedule, the feedback browser, ratings, SQL with a CSV download ------
-    page.get_by_text("Retraining schedules").click()
+    admin_tab("Schedules")
     spec = page.locator("#admin-job-spec input, #admin-job-spec textarea").first
-    expect(spec).to_be_visible()  # the accordion renders its fields as it opens: fill only once it has
+    expect(spec).to_be_visible()  # a tab renders its fields as it opens: fill only once it has
     spec.fill("25")
     expect(spec).to_have_value("25")
     page.locator("#admin-job-add").click()
@@ -261,17 +269,39 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     assert admin_sql(server, "SELECT kind, spec, algo FROM schedules") == [
         {"kind": "feedback", "spec": "25", "algo": "dpo"}]
     shot("admin-schedule")
-    page.get_by_text("Feedback browser").click()
+    admin_tab("Feedback")
     page.locator("#admin-fb-show").click()
     expect(page.locator("#admin-fb")).to_contain_text("too long", timeout=15_000)  # the thumb's reason
     shot("admin-feedback-browser")
-    page.get_by_text("Live comparison and ratings").click()
+    admin_tab("Ratings")
     page.locator("#admin-ratings-refresh").click()
     expect(page.locator("#admin-live-msg")).to_contain_text("No live comparison")
     expect(page.locator("#admin-ratings-plot img")).to_be_visible(timeout=15_000)
+    admin_tab("SQL")
     page.locator("#admin-sql-run").click()
     expect(page.locator("#admin-sql-csv")).to_contain_text(".csv", timeout=15_000)
     shot("admin-console")
+
+    # an API key issued in the Admin tab is shown once and is its holder's identity on the API
+    admin_tab("API keys")
+    name = page.locator("#admin-key-name input, #admin-key-name textarea").first
+    expect(name).to_be_visible()
+    name.fill("browser-made key")
+    page.locator("#admin-key-create").click()
+    made = page.locator("#admin-keys-msg")
+    expect(made).to_contain_text("Copy it now", timeout=15_000)
+    key = re.search(r"clk_[0-9a-f]{8}_[A-Za-z0-9_-]{43}", made.inner_text()).group(0)
+    expect(page.locator("#admin-keys")).to_contain_text("browser-made key")
+    # limits left empty are the service's (NULL), not 0 (which would mean no limit at all)
+    assert admin_sql(server, "SELECT chat_per_minute, feedback_per_minute, max_pairs FROM api_keys") == [
+        {"chat_per_minute": None, "feedback_per_minute": None, "max_pairs": None}]
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    owner = admin_sql(server, "SELECT c.user_id FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+                              f"WHERE m.id = '{r.json()['id']}'")
+    assert owner == [{"user_id": "key:" + key.split("_")[1]}]
+    shot("admin-keys")
 
     # 7. Nothing of the operator session stays in the browser (issue 19: Gradio's run history
     # kept the token and other users' data in localStorage) ------------------------------------
@@ -282,4 +312,5 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     }""")
     blob = json.dumps(stored)
     assert server.token not in blob, f"the operator token is stored in the browser: {list(stored['local'])}"
+    assert key not in blob, "an API key is stored in the browser"
     assert "too long" not in blob, "feedback-browser / SQL results are stored in the browser"

@@ -11,7 +11,7 @@ from chatloop.identity import COOKIE, CookieSigner
 from chatloop.models import load_model
 from chatloop.service import Service
 from conftest import ADMIN_TOKEN, make_settings
-from ui.app import _browser_user
+from ui.common import browser_user as _browser_user
 
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ui.app import training_curve
+from ui.plots import training_curve
 
 
 def test_training_curve_draws_the_held_out_loss_on_the_steps_it_was_scored():

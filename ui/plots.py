@@ -1,0 +1,62 @@
+"""The pictures of the Admin tab: a run's training curves and the versions' ratings over time.
+
+Owns: matplotlib figures (Agg backend), built from plain lists so they can be tested alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def training_curve(history: list[dict[str, Any]], title: str):
+    """A matplotlib figure of loss and reward margin per training step (DPO with thumbs or NLL: also
+    the parts of the loss, since the held-out loss is the pairs' alone), and the held-out loss on the
+    steps it was scored (the checkpoint selection's curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    steps = [h["step"] for h in history]
+    for key, label in (("loss", "loss"), ("pairs_loss", "pairs' loss"), ("thumbs_loss", "thumbs' loss"),
+                       ("nll", "chosen NLL"), ("reward_margin", "reward margin"), ("mean_reward", "mean reward"),
+                       ("kl", "KL")):
+        if history and key in history[0]:
+            ax.plot(steps, [h[key] for h in history], marker="." if len(steps) < 30 else None, label=label)
+    scored = [h for h in history if isinstance(h.get("held_out_score"), (int, float))]
+    if scored:
+        ax.plot([h["step"] for h in scored], [h["held_out_score"] for h in scored], marker="o", linestyle="--",
+                label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if history:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+def ratings_plot(points: list[tuple[Any, dict[str, float]]]):
+    """Ratings of adapter versions (Elo scale) as the A/B votes came in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    versions = sorted({v for _, r in points for v in r})
+    for v in versions:
+        xs = [t for t, r in points if v in r]
+        ax.plot(xs, [r[v] for t, r in points if v in r], marker=".", label=v)
+    ax.set_ylabel("rating (Elo scale)")
+    ax.set_title("Adapter ratings from A/B votes over time" if points else "no A/B votes between versions yet",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    if versions:
+        ax.legend(loc="best", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
