@@ -78,7 +78,7 @@ def serve(settings: Settings) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 3
     log.info("model %s loaded in %.1f s on %s (%s); serving adapter %s", service.model_name,
-             service.load_s, service.loaded.device, service.loaded.dtype, service.engine.active_version)
+             service.load_s, service.loaded.device, service.loaded.dtype, service.active_version)
     scheduler = RetrainScheduler(settings, service.retrainer, service.store).start()
     app = create_app(service, token, scheduler)
     demo = build_ui(service, token, scheduler)
@@ -93,7 +93,7 @@ def serve(settings: Settings) -> int:
     with os.fdopen(fd, "w") as fh:
         json.dump(info, fh)
     print(f"chatloop ready in {time.perf_counter() - t0:.1f} s: {url}  (model {service.model_name}, "
-          f"adapter {service.engine.active_version})", flush=True)
+          f"adapter {service.active_version})", flush=True)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
                     http=guarded_protocol(settings.limits.request_read_timeout_s))

@@ -23,224 +23,31 @@ Invariants:
 - Greedy decoding (temperature 0) equals ``model.generate(do_sample=False)`` token for token
   with the same repetition penalty, alone and inside a mixed batch (tests check it).
 """
-
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import random
-import tempfile
 import threading
 import time
 import weakref
 from concurrent.futures import Future
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from peft.tuners.lora import LoraLayer
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
-from chatloop.config import GenerationDefaults
-from chatloop.errors import ChatloopError
-from chatloop.hotswap_check import HotSwapUnavailable, unavailable, write_probe_adapters
+from chatloop.engine.requests import (Completion, ContextTooLong, EngineBusy, GenerationFailed, GenerationParams,
+                                      InvalidRequest, StreamHandle, _Request, _StopMatcher)
+from chatloop.engine.slots import AdapterSlots
 from chatloop.models import LoadedModel
 from chatloop.sampling import RowSampling, choose_tokens
 
+__all__ = ["Completion", "ContextTooLong", "Engine", "EngineBusy", "GenerationFailed", "GenerationParams",
+           "InvalidRequest", "StreamHandle"]
+
 log = logging.getLogger(__name__)
-
-
-class EngineBusy(ChatloopError, RuntimeError):
-    """The request queue is full; try again later."""
-    status, type = 503, "server_busy"
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "2"}
-
-
-class GenerationFailed(ChatloopError, RuntimeError):
-    """One request's generation failed inside the engine; the rest of its batch went on."""
-    status, type, code = 500, "server_error", "generation_failed"
-
-
-class InvalidRequest(ChatloopError, ValueError):
-    """Bad generation settings or messages."""
-
-
-class ContextTooLong(InvalidRequest):
-    pass
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    temperature: float = 0.7
-    top_p: float = 0.9
-    top_k: int = 50
-    max_tokens: int = 256
-    repetition_penalty: float = 1.15
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    @classmethod
-    def from_request(cls, defaults: GenerationDefaults, **given: Any) -> "GenerationParams":
-        """Fill unset fields from defaults and validate; raises InvalidRequest with a clear message."""
-        values = {
-            "temperature": defaults.temperature,
-            "top_p": defaults.top_p,
-            "top_k": defaults.top_k,
-            "max_tokens": defaults.max_tokens,
-            "repetition_penalty": defaults.repetition_penalty,
-            "stop": (),
-            "seed": None,
-        }
-        for k, v in given.items():
-            if k not in values:
-                raise InvalidRequest(f"unknown generation setting {k!r}")
-            if v is not None:
-                values[k] = v
-        stop = values["stop"]
-        if isinstance(stop, str):
-            stop = (stop,)
-        values["stop"] = tuple(stop)
-        params = cls(**values)
-        params.validate(defaults.max_tokens_limit)
-        return params
-
-    def validate(self, max_tokens_limit: int) -> None:
-        def num(name: str, lo: float, hi: float, integer: bool = False) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-                raise InvalidRequest(f"{name} must be a{'n integer' if integer else ' number'}")
-            if not math.isfinite(v) or not lo <= v <= hi:
-                raise InvalidRequest(f"{name} must be between {lo:g} and {hi:g} (got {v})")
-
-        num("temperature", 0.0, 2.0)
-        num("top_p", 0.0, 1.0)
-        if self.top_p == 0.0:
-            raise InvalidRequest("top_p must be greater than 0")
-        num("top_k", 0, 1000, integer=True)
-        num("max_tokens", 1, max_tokens_limit, integer=True)
-        num("repetition_penalty", 1.0, 2.0)
-        if len(self.stop) > 4 or any(not isinstance(s, str) or not s or len(s) > 64 for s in self.stop):
-            raise InvalidRequest("stop must be at most 4 non-empty strings of up to 64 characters")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
-            raise InvalidRequest("seed must be a non-negative integer")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stop"] = list(self.stop)
-        return d
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str  # stop | length | cancelled
-    adapter_version: str
-    prompt_tokens: int
-    completion_tokens: int
-    ttft_ms: float | None
-    latency_ms: float
-    token_ids: list[int] = field(default_factory=list)
-
-
-_DONE = object()
-
-
-class StreamHandle:
-    """What ``Engine.submit`` returns: iterate for text deltas, then read ``completion``."""
-
-    def __init__(self) -> None:
-        self._events: queue.Queue = queue.Queue()
-        self._cancelled = threading.Event()
-        self._finished = threading.Event()
-        self.completion: Completion | None = None
-        self.error: BaseException | None = None
-        self.adapter_version: str | None = None  # set when the engine starts the request
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def done(self) -> bool:
-        return self._finished.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def __iter__(self) -> Iterator[str]:
-        while True:
-            item = self._events.get()
-            if item is _DONE:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> Completion:
-        """Wait for the whole reply (whether or not the stream was read)."""
-        if not self._finished.wait(timeout):
-            raise TimeoutError("generation did not finish in time")
-        if self.error is not None:
-            raise self.error
-        assert self.completion is not None
-        return self.completion
-
-    # engine side
-    def _emit(self, text: str) -> None:
-        if text:
-            self._events.put(text)
-
-    def _finish(self, completion: Completion | None, error: BaseException | None = None) -> None:
-        self.completion, self.error = completion, error
-        self._finished.set()
-        self._events.put(_DONE)
-
-
-@dataclass
-class _Request:
-    prompt: list[int]  # chat-template token ids, encoded once in the submitting thread
-    params: GenerationParams
-    adapter: str | None  # None = whatever is active when the request starts
-    handle: StreamHandle
-    submitted: float  # perf_counter() at submit: TTFT and latency include the wait in the queue
-
-
-class _StopMatcher:
-    """Finds stop strings in streamed text and holds back any tail that could start one."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = list(stops)
-
-    def find(self, text: str) -> int:
-        hits = [text.find(s) for s in self.stops if s in text]
-        return min(hits) if hits else -1
-
-    def safe_len(self, text: str) -> int:
-        keep = len(text)
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    keep = min(keep, len(text) - k)
-                    break
-        return keep
-
-
-@contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
-    logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 class _Row:
@@ -265,7 +72,7 @@ class _Row:
         self.pad = 0  # padding columns on the left of this row in the KV cache
 
 
-class Engine:
+class Engine(AdapterSlots):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -385,74 +192,6 @@ class Engine:
         self.registry.check(version)
         return self._call(lambda: self._do_activate(version), timeout)
 
-    # ---- adapters (engine thread) -----------------------------------------------------------
-    def check_hot_swap(self) -> None:
-        """Prove, before serving, that the installed transformers/peft can do what serving does.
-
-        Through the engine's own slot code: a zero probe adapter into a new slot (a mixed batch
-        of base and probe rows must give the base model's logits), a random probe hot-swapped
-        into the freed slot (its row must change, the base row must not), then every slot
-        unloaded (the base model's logits again). Takes milliseconds; runs before the engine
-        thread starts. Raises ``HotSwapUnavailable`` naming the versions and the fix.
-        """
-        if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError("the self-check runs before the engine thread starts")
-        step = "writing probe adapters"
-        try:
-            with tempfile.TemporaryDirectory(prefix="chatloop-probe-") as tmp, torch.inference_mode():
-                zero, noisy = write_probe_adapters(self.model, Path(tmp), self.probe_modules)
-                step = "forward pass of the base model"
-                base = self._probe_logits([BASE_VERSION])[0]
-                tol = (1e-4 if base.dtype == torch.float32 and self.model.dtype == torch.float32
-                       else 3e-2) * (1 + float(base.abs().max()))
-                step = "loading an adapter into a new slot"
-                self._ensure_loaded("probe-zero", path=str(zero))
-                step = "a mixed batch of base and zero-adapter rows"
-                got = self._probe_logits([BASE_VERSION, "probe-zero"])
-                if (got - base).abs().max() > tol:
-                    raise RuntimeError("a zero LoRA changed the logits")
-                step = "hot-swapping an adapter into the spare slot"
-                self._unload_unused()
-                self._ensure_loaded("probe-random", path=str(noisy), must_hotswap=True)
-                step = "a mixed batch after the hot-swap"
-                got = self._probe_logits([BASE_VERSION, "probe-random"])
-                if (got[0] - base).abs().max() > tol:
-                    raise RuntimeError("the base row changed when another row used an adapter")
-                if (got[1] - base).abs().max() <= tol:
-                    raise RuntimeError("the hot-swapped adapter did not change its row's logits")
-                step = "unloading the adapters"
-                self._unload_unused()
-                for slot in list(self._slots):
-                    self._drop_slot(slot)
-                if (self._probe_logits([BASE_VERSION])[0] - base).abs().max() > tol:
-                    raise RuntimeError("the model does not give the base logits after unloading")
-        except HotSwapUnavailable:
-            raise
-        except Exception as exc:
-            raise unavailable(step, exc) from exc
-        finally:  # leave no probe behind, whatever failed
-            for slot in list(self._slots):
-                try:
-                    self._drop_slot(slot)
-                except Exception:
-                    self._slots.pop(slot, None)
-            self._slot_of.clear()
-
-    def _adapter_names(self, versions: list[str]) -> list[str] | None:
-        """Each row's PEFT adapter name for the LoRA hooks ('__base__' skips LoRA); None = no slots."""
-        if not self._slots:
-            return None
-        return [self._slot_of[v] if v != BASE_VERSION else "__base__" for v in versions]
-
-    def _probe_logits(self, versions: list[str]) -> torch.Tensor:
-        """Last-position logits of the probe prompt, one row per version (a mixed batch)."""
-        ids = torch.tensor([self._probe_ids] * len(versions), device=self.loaded.device)
-        self._row_adapters = self._adapter_names(versions)
-        try:
-            return self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :].float()
-        finally:
-            self._row_adapters = None
-
     def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
         fut: Future = Future()
         self._control.put((fn, fut))
@@ -469,84 +208,6 @@ class Engine:
                     fut.set_result(fn())
                 except BaseException as exc:  # delivered to the caller
                     fut.set_exception(exc)
-
-    def _do_activate(self, version: str) -> str:
-        if version != BASE_VERSION:
-            self._ensure_loaded(version)
-        previous, self._active = self._active, version
-        self._unload_unused()
-        return previous
-
-    def _ensure_loaded(self, version: str, path: str | None = None, must_hotswap: bool = False) -> None:
-        """Give ``version`` a slot: hot-swap it into the spare slot if its shape allows, else a new one.
-
-        ``path`` defaults to the registry's directory of the version; ``must_hotswap`` (the
-        self-check) raises instead of falling back to a new slot.
-        """
-        if version in self._slot_of:
-            return
-        path = path if path is not None else str(self.registry.path(version))
-        spare = next((slot for slot, held in self._slots.items() if held is None), None)
-        if must_hotswap and spare is None:
-            raise RuntimeError("no spare slot to hot-swap into")
-        if spare is not None:
-            try:
-                with _quiet("transformers.integrations.peft"):
-                    self.model.load_adapter(path, adapter_name=spare, hotswap=True)
-                self._assign(spare, version)
-                return
-            except Exception as exc:  # another rank or target modules, or a bad file: start afresh
-                if must_hotswap:
-                    raise
-                log.info("adapter %s cannot reuse slot %s (%s); loading it anew", version, spare, exc)
-                self._drop_slot(spare)
-        self._slot_counter += 1
-        slot = f"slot{self._slot_counter}"
-        try:
-            # transformers reports every other loaded adapter's weights as "missing" from this
-            # checkpoint: noise for us (a real mismatch raises), so keep it out of the log
-            with _quiet("transformers.integrations.peft"):
-                self.model.load_adapter(path, adapter_name=slot, hotswap=False)
-        except Exception as exc:
-            if slot in getattr(self.model, "peft_config", {}):
-                self.model.delete_adapter(slot)
-            raise AdapterError(f"adapter {version} cannot be loaded: {exc}") from exc
-        self._assign(slot, version)
-        self._hook_lora_layers()
-
-    def _assign(self, slot: str, version: str) -> None:
-        self._slots[slot] = version
-        self._slot_of[version] = slot
-
-    def _drop_slot(self, slot: str) -> None:
-        held = self._slots.pop(slot)
-        if held is not None:
-            self._slot_of.pop(held, None)
-        self.model.delete_adapter(slot)
-
-    def _hook_lora_layers(self) -> None:
-        """Give every LoRA layer the batch's per-row adapter names (PEFT's mixed-batch forward).
-
-        The same mechanism as ``PeftModel.generate(adapter_names=...)``, installed once per layer
-        instead of around every call; '__base__' rows skip the LoRA update.
-        """
-        for module in self.model.modules():
-            if isinstance(module, LoraLayer) and module not in self._hooked:
-                module.register_forward_pre_hook(self._inject_adapter_names, with_kwargs=True)
-                self._hooked.add(module)
-
-    def _inject_adapter_names(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-        if self._row_adapters is not None:
-            kwargs["adapter_names"] = self._row_adapters
-        return args, kwargs
-
-    def _unload_unused(self) -> None:
-        """Free the slots of versions nobody uses; keep one spare for the next activation."""
-        in_use = {self._active} | {r.version for r in self._rows}
-        for version in [v for v in self._slot_of if v not in in_use]:
-            self._slots[self._slot_of.pop(version)] = None
-        for slot in [s for s, held in self._slots.items() if held is None][1:]:
-            self._drop_slot(slot)
 
     # ---- the batch loop (engine thread) ------------------------------------------------------
     def _loop(self) -> None:

@@ -1,0 +1,182 @@
+"""LoRA adapters inside the served model: slots, hot-swap, the per-row adapter hooks, and the
+start-up self-check that proves the installed transformers/peft can do all of it.
+
+Owns: ``AdapterSlots``, the part of ``Engine`` (a mixin) that keeps versions in PEFT adapter
+"slots". Invariants: it runs on the engine thread only (or before it starts); a version that is
+neither active nor used by a running row frees its slot, and at most one spare slot is kept; a
+corrupt or mismatched adapter is refused (``AdapterError``) and the active one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft.tuners.lora import LoraLayer
+
+from chatloop.adapters import BASE_VERSION, AdapterError
+from chatloop.hotswap_check import HotSwapUnavailable, unavailable, write_probe_adapters
+
+log = logging.getLogger("chatloop.engine")
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+class AdapterSlots:
+    def check_hot_swap(self) -> None:
+        """Prove, before serving, that the installed transformers/peft can do what serving does.
+
+        Through the engine's own slot code: a zero probe adapter into a new slot (a mixed batch
+        of base and probe rows must give the base model's logits), a random probe hot-swapped
+        into the freed slot (its row must change, the base row must not), then every slot
+        unloaded (the base model's logits again). Takes milliseconds; runs before the engine
+        thread starts. Raises ``HotSwapUnavailable`` naming the versions and the fix.
+        """
+        if self._thread is not None and self._thread.is_alive():
+            raise RuntimeError("the self-check runs before the engine thread starts")
+        step = "writing probe adapters"
+        try:
+            with tempfile.TemporaryDirectory(prefix="chatloop-probe-") as tmp, torch.inference_mode():
+                zero, noisy = write_probe_adapters(self.model, Path(tmp), self.probe_modules)
+                step = "forward pass of the base model"
+                base = self._probe_logits([BASE_VERSION])[0]
+                tol = (1e-4 if base.dtype == torch.float32 and self.model.dtype == torch.float32
+                       else 3e-2) * (1 + float(base.abs().max()))
+                step = "loading an adapter into a new slot"
+                self._ensure_loaded("probe-zero", path=str(zero))
+                step = "a mixed batch of base and zero-adapter rows"
+                got = self._probe_logits([BASE_VERSION, "probe-zero"])
+                if (got - base).abs().max() > tol:
+                    raise RuntimeError("a zero LoRA changed the logits")
+                step = "hot-swapping an adapter into the spare slot"
+                self._unload_unused()
+                self._ensure_loaded("probe-random", path=str(noisy), must_hotswap=True)
+                step = "a mixed batch after the hot-swap"
+                got = self._probe_logits([BASE_VERSION, "probe-random"])
+                if (got[0] - base).abs().max() > tol:
+                    raise RuntimeError("the base row changed when another row used an adapter")
+                if (got[1] - base).abs().max() <= tol:
+                    raise RuntimeError("the hot-swapped adapter did not change its row's logits")
+                step = "unloading the adapters"
+                self._unload_unused()
+                for slot in list(self._slots):
+                    self._drop_slot(slot)
+                if (self._probe_logits([BASE_VERSION])[0] - base).abs().max() > tol:
+                    raise RuntimeError("the model does not give the base logits after unloading")
+        except HotSwapUnavailable:
+            raise
+        except Exception as exc:
+            raise unavailable(step, exc) from exc
+        finally:  # leave no probe behind, whatever failed
+            for slot in list(self._slots):
+                try:
+                    self._drop_slot(slot)
+                except Exception:
+                    self._slots.pop(slot, None)
+            self._slot_of.clear()
+
+    def _adapter_names(self, versions: list[str]) -> list[str] | None:
+        """Each row's PEFT adapter name for the LoRA hooks ('__base__' skips LoRA); None = no slots."""
+        if not self._slots:
+            return None
+        return [self._slot_of[v] if v != BASE_VERSION else "__base__" for v in versions]
+
+    def _probe_logits(self, versions: list[str]) -> torch.Tensor:
+        """Last-position logits of the probe prompt, one row per version (a mixed batch)."""
+        ids = torch.tensor([self._probe_ids] * len(versions), device=self.loaded.device)
+        self._row_adapters = self._adapter_names(versions)
+        try:
+            return self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :].float()
+        finally:
+            self._row_adapters = None
+
+    def _do_activate(self, version: str) -> str:
+        if version != BASE_VERSION:
+            self._ensure_loaded(version)
+        previous, self._active = self._active, version
+        self._unload_unused()
+        return previous
+
+    def _ensure_loaded(self, version: str, path: str | None = None, must_hotswap: bool = False) -> None:
+        """Give ``version`` a slot: hot-swap it into the spare slot if its shape allows, else a new one.
+
+        ``path`` defaults to the registry's directory of the version; ``must_hotswap`` (the
+        self-check) raises instead of falling back to a new slot.
+        """
+        if version in self._slot_of:
+            return
+        path = path if path is not None else str(self.registry.path(version))
+        spare = next((slot for slot, held in self._slots.items() if held is None), None)
+        if must_hotswap and spare is None:
+            raise RuntimeError("no spare slot to hot-swap into")
+        if spare is not None:
+            try:
+                with _quiet("transformers.integrations.peft"):
+                    self.model.load_adapter(path, adapter_name=spare, hotswap=True)
+                self._assign(spare, version)
+                return
+            except Exception as exc:  # another rank or target modules, or a bad file: start afresh
+                if must_hotswap:
+                    raise
+                log.info("adapter %s cannot reuse slot %s (%s); loading it anew", version, spare, exc)
+                self._drop_slot(spare)
+        self._slot_counter += 1
+        slot = f"slot{self._slot_counter}"
+        try:
+            # transformers reports every other loaded adapter's weights as "missing" from this
+            # checkpoint: noise for us (a real mismatch raises), so keep it out of the log
+            with _quiet("transformers.integrations.peft"):
+                self.model.load_adapter(path, adapter_name=slot, hotswap=False)
+        except Exception as exc:
+            if slot in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(slot)
+            raise AdapterError(f"adapter {version} cannot be loaded: {exc}") from exc
+        self._assign(slot, version)
+        self._hook_lora_layers()
+
+    def _assign(self, slot: str, version: str) -> None:
+        self._slots[slot] = version
+        self._slot_of[version] = slot
+
+    def _drop_slot(self, slot: str) -> None:
+        held = self._slots.pop(slot)
+        if held is not None:
+            self._slot_of.pop(held, None)
+        self.model.delete_adapter(slot)
+
+    def _hook_lora_layers(self) -> None:
+        """Give every LoRA layer the batch's per-row adapter names (PEFT's mixed-batch forward).
+
+        The same mechanism as ``PeftModel.generate(adapter_names=...)``, installed once per layer
+        instead of around every call; '__base__' rows skip the LoRA update.
+        """
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and module not in self._hooked:
+                module.register_forward_pre_hook(self._inject_adapter_names, with_kwargs=True)
+                self._hooked.add(module)
+
+    def _inject_adapter_names(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+        if self._row_adapters is not None:
+            kwargs["adapter_names"] = self._row_adapters
+        return args, kwargs
+
+    def _unload_unused(self) -> None:
+        """Free the slots of versions nobody uses; keep one spare for the next activation."""
+        in_use = {self._active} | {r.version for r in self._rows}
+        for version in [v for v in self._slot_of if v not in in_use]:
+            self._slots[self._slot_of.pop(version)] = None
+        for slot in [s for s, held in self._slots.items() if held is None][1:]:
+            self._drop_slot(slot)
