@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny model on disk, settings on a temp data dir, and a live service."""
+"""Shared fixtures: a tiny model on disk, settings on a temp data dir, a fresh store, a service
+behind a TestClient, and a live service (``chatloop serve`` in a subprocess)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,36 @@ def tiny_loaded(tiny_model_dir, tmp_path_factory):
     from chatloop.models import load_model
 
     return load_model(str(tiny_model_dir), tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh feedback log in a temporary data directory."""
+    s = Store(tmp_path / "data" / "chatloop.duckdb")
+    yield s
+    s.close()
+
+
+@contextmanager
+def api_client(model_dir: Path, directory: Path, raise_server_exceptions: bool = True, training=None,
+               **changes):
+    """A started Service on ``directory`` with the tiny model and the HTTP app in a TestClient
+    (``client.service`` is the service); ``changes`` replace settings (``limits=Limits(...)``),
+    ``training`` is a dict of [training] settings."""
+    from fastapi.testclient import TestClient
+
+    from chatloop.models import load_model
+    from chatloop.service import Service
+    from chatloop.web import create_app
+
+    settings = make_settings(directory / "data", model_dir, **(training or {})).replace(**changes)
+    service = Service(settings, load_model(str(model_dir), directory / "models")).start()
+    try:
+        with TestClient(create_app(service, ADMIN_TOKEN), raise_server_exceptions=raise_server_exceptions) as c:
+            c.service = service
+            yield c
+    finally:
+        service.close()
 
 
 def make_settings(data_dir: Path, model: Path, **training) -> Settings:

@@ -9,7 +9,6 @@ import pytest
 
 from chatloop import prefs
 from chatloop.adapters import AdapterError, AdapterRegistry
-from chatloop.store import Store
 from conftest import log_reply as _reply
 
 
@@ -64,13 +63,6 @@ def test_active_pointer_and_rollback(tmp_path):
 
 
 # ---- preference pairs ----------------------------------------------------------------------------
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "log.duckdb")
-    yield s
-    s.close()
-
-
 def test_pairs_from_ab_and_thumbs(store):
     ctx1 = [{"role": "user", "content": "one"}]
     ctx2 = [{"role": "user", "content": "two"}]

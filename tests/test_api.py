@@ -8,10 +8,9 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
+from chatloop.config import Limits
 from chatloop.web import create_app
-from chatloop.models import load_model
-from chatloop.service import Service
-from conftest import ADMIN_TOKEN, make_settings
+from conftest import ADMIN_TOKEN, api_client
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 HI = [{"role": "user", "content": "hi"}]
@@ -19,15 +18,9 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("api")
-    settings = make_settings(d / "data", tiny_model_dir)
-    settings = settings.replace(limits=settings.limits.__class__(max_message_chars=200, max_messages=4,
-                                                                 max_context_tokens=512))
-    service = Service(settings, load_model(str(tiny_model_dir), d / "models")).start()
-    with TestClient(create_app(service, ADMIN_TOKEN)) as c:
-        c.service = service
+    with api_client(tiny_model_dir, tmp_path_factory.mktemp("api"),
+                    limits=Limits(max_message_chars=200, max_messages=4, max_context_tokens=512)) as c:
         yield c
-    service.close()
 
 
 def rows(client, sql):

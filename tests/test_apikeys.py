@@ -8,35 +8,20 @@ import subprocess
 import sys
 
 import pytest
-from fastapi.testclient import TestClient
 
 from chatloop import prefs
-from chatloop.web import create_app
 from chatloop.config import Limits
-from chatloop.models import load_model
-from chatloop.service import Service
-from conftest import ADMIN_TOKEN, make_settings
+from conftest import ADMIN_TOKEN, api_client
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
 
-def make_client(tiny_model_dir, d, **changes):
-    settings = make_settings(d / "data", tiny_model_dir, max_pairs_per_user=1)
-    limits = changes.pop("limits", {})
-    settings = settings.replace(limits=Limits(**limits), **changes)
-    service = Service(settings, load_model(str(tiny_model_dir), d / "models")).start()
-    client = TestClient(create_app(service, ADMIN_TOKEN))
-    client.service = service
-    return client
-
-
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, tmp_path_factory):
-    c = make_client(tiny_model_dir, tmp_path_factory.mktemp("keys"), limits={"new_identities_per_hour": 3})
-    with c:
+    with api_client(tiny_model_dir, tmp_path_factory.mktemp("keys"), training={"max_pairs_per_user": 1},
+                    limits=Limits(new_identities_per_hour=3)) as c:
         yield c
-    c.service.close()
 
 
 def rows(client, sql):
@@ -112,14 +97,12 @@ def test_made_up_users_hit_the_ceiling_and_their_pairs_stay_capped(client):
 
 
 def test_a_service_can_require_keys(tiny_model_dir, tmp_path):
-    c = make_client(tiny_model_dir, tmp_path, require_api_key=True)
-    with c:
+    with api_client(tiny_model_dir, tmp_path, require_api_key=True) as c:
         r = c.post("/v1/chat/completions", json={**HI, "user": "anon"})
         assert r.status_code == 401 and "requires an API key" in r.json()["error"]["message"]
         assert c.post("/v1/chat/completions", headers=ADMIN, json={**HI, "user": "op"}).status_code == 200
         key = c.post("/admin/keys", headers=ADMIN, json={"name": "k"}).json()["key"]
         assert c.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=HI).status_code == 200
-    c.service.close()
 
 
 def test_keys_from_the_cli(tmp_path, tiny_model_dir):

@@ -13,13 +13,13 @@ import pytest
 
 from chatloop import prefs
 from chatloop.export import encode, export_rows
-from chatloop.store import Store
 from conftest import log_reply
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "data" / "chatloop.duckdb")
+def store(store):
+    """The shared fresh store, with four prompts' pairs and thumbs logged."""
+    s = store
     conv = s.new_conversation("alice", "ui")
     for i in range(4):
         ctx = [{"role": "user", "content": f"question {i}"}]
@@ -27,8 +27,7 @@ def store(tmp_path):
         s.record_comparison(good, bad, "a", "alice")
         s.record_feedback(bad, "bob", -1, "rude", "too short")
     s.record_feedback(good, "bob", 1, None, None)
-    yield s
-    s.close()
+    return s
 
 
 def test_rows_of_each_export(store):

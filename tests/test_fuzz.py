@@ -6,15 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chatloop.web import create_app
 from chatloop.config import GenerationDefaults, Limits
-from chatloop.models import load_model
-from chatloop.service import Service
-from conftest import ADMIN_TOKEN, make_settings
+from conftest import ADMIN_TOKEN, api_client
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -39,16 +35,11 @@ comparison_body = st.fixed_dictionaries({"message_a": ids, "message_b": ids,
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("fuzz")
-    s = make_settings(d / "data", tiny_model_dir)
-    s = s.replace(generation=GenerationDefaults(max_tokens=4, max_tokens_limit=8),
-                  limits=Limits(chat_per_minute=0, feedback_per_minute=0, sql_timeout_s=2.0))
-    service = Service(s, load_model(str(tiny_model_dir), d / "models")).start()
-    with TestClient(create_app(service, ADMIN_TOKEN), raise_server_exceptions=False) as c:
-        known = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).json()["id"]
-        c.known = known
+    with api_client(tiny_model_dir, tmp_path_factory.mktemp("fuzz"), raise_server_exceptions=False,
+                    generation=GenerationDefaults(max_tokens=4, max_tokens_limit=8),
+                    limits=Limits(chat_per_minute=0, feedback_per_minute=0, sql_timeout_s=2.0)) as c:
+        c.known = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}).json()["id"]
         yield c
-    service.close()
 
 
 def _send(client, path: str, body, headers=None):
@@ -112,9 +103,28 @@ def test_garbage_bodies_get_a_clear_400(client, raw):
         assert r.status_code < 500 and "error" in r.json(), (path, raw, r.text[:300])
 
 
-def test_still_serving_after_the_fuzzing(client):
+HOSTILE = [  # a fixed battery of the fuzzers' kinds of input, so this test proves something run alone
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-300}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 5e-324, "top_k": 1,
+                              "seed": 2**63 - 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**30}),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": {"nested": [1, [2, [3]]]}}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800b"}], "stop": ["", None]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chatloop_adapter": "../../etc"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "chatloop_conversation_id": "conv-of-someone-else"}),
+    ("/v1/feedback", {"message_id": "KNOWN", "rating": float("nan"), "reason": "x" * 10_000}),
+    ("/v1/comparisons", {"message_a": "KNOWN", "message_b": "KNOWN", "choice": "\x00"}),
+]
+
+
+def test_still_serving_after_hostile_input(client):
+    for path, body in HOSTILE:
+        _send(client, path, body)
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "still there?"}]})
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    fb = client.post("/v1/feedback", json={"message_id": r.json()["id"], "rating": 1})
+    assert fb.status_code == 200  # the reply is stored and can be rated: the write path still works
 
 
 @pytest.mark.parametrize("content, message", [("a\ud800b", "valid Unicode"), ("bell\x07", "control characters")])

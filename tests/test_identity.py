@@ -6,11 +6,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from chatloop.web import create_app
 from chatloop.identity import COOKIE, CookieSigner
-from chatloop.models import load_model
-from chatloop.service import Service
-from conftest import ADMIN_TOKEN, make_settings
+from conftest import ADMIN_TOKEN, api_client
 from ui.common import browser_user as _browser_user
 
 HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
@@ -18,10 +15,8 @@ HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("identity")
-    service = Service(make_settings(d / "data", tiny_model_dir), load_model(str(tiny_model_dir), d / "models")).start()
-    yield create_app(service, ADMIN_TOKEN)
-    service.close()
+    with api_client(tiny_model_dir, tmp_path_factory.mktemp("identity")) as c:
+        yield c.app  # each test opens its own TestClient(s): its own browsers
 
 
 def test_a_browser_gets_one_id_cookie_and_keeps_it(app):

@@ -40,13 +40,6 @@ def _write_trees(path, n):
     return path
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "data" / "chatloop.duckdb")
-    yield s
-    s.close()
-
-
 def test_oasst_ranks_become_ab_choices_emojis_thumbs_and_tree_0_is_held_out(store, tmp_path):
     path = _write_trees(tmp_path / "trees.jsonl", 3)
     report = importers.import_oasst(store, path)

@@ -40,13 +40,6 @@ class FakeRetrainer:
         return 99
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "log.duckdb")
-    yield s
-    s.close()
-
-
 def thumbs(store: Store, n: int) -> None:
     for i in range(n):
         msg = log_reply(store, store.new_conversation("u", "chat"), [{"role": "user", "content": f"q{i}"}], "r")

@@ -9,7 +9,6 @@ import random
 import chatloop.outliers as outliers
 from chatloop import prefs
 from chatloop.outliers import check_raters, outlier_users
-from chatloop.store import Store
 from conftest import generation
 
 
@@ -44,20 +43,16 @@ def test_honest_raters_drawn_from_the_consensus_are_rarely_flagged():
     assert outlier_users(same, z=3.0, min_votes=10) == set()
 
 
-def test_a_snapshot_leaves_the_outliers_pairs_out(tmp_path):
-    store = Store(tmp_path / "db.duckdb")
-    try:
-        for user, picks_v2 in [("honest1", 10), ("honest2", 9), ("honest3", 10), ("troll", 0)]:
-            conv = store.new_conversation(user, "api")
-            for i in range(10):
-                ctx = [{"role": "user", "content": f"{user} question {i}"}]
-                old = store.record_exchange(conv, generation(ctx, f"old reply {i}", adapter="v1"))
-                new = store.record_exchange(conv, generation(ctx, f"new reply {i}", adapter="v2"))
-                store.record_comparison(old, new, "b" if i < picks_v2 else "a", user)
-        flagged = prefs.outlier_raters(store, 3.0, 10)
-        assert flagged == {"troll"}
-        kept = prefs.build_pairs(store, 0, flagged).pairs
-        assert len(kept) == 30 and all(p.user_id != "troll" for p in kept)
-        assert len(prefs.build_pairs(store, 0).pairs) == 40
-    finally:
-        store.close()
+def test_a_snapshot_leaves_the_outliers_pairs_out(store):
+    for user, picks_v2 in [("honest1", 10), ("honest2", 9), ("honest3", 10), ("troll", 0)]:
+        conv = store.new_conversation(user, "api")
+        for i in range(10):
+            ctx = [{"role": "user", "content": f"{user} question {i}"}]
+            old = store.record_exchange(conv, generation(ctx, f"old reply {i}", adapter="v1"))
+            new = store.record_exchange(conv, generation(ctx, f"new reply {i}", adapter="v2"))
+            store.record_comparison(old, new, "b" if i < picks_v2 else "a", user)
+    flagged = prefs.outlier_raters(store, 3.0, 10)
+    assert flagged == {"troll"}
+    kept = prefs.build_pairs(store, 0, flagged).pairs
+    assert len(kept) == 30 and all(p.user_id != "troll" for p in kept)
+    assert len(prefs.build_pairs(store, 0).pairs) == 40

@@ -4,14 +4,10 @@ chat and feedback through the API, per user and per client address, writing noth
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
-from chatloop.web import create_app
 from chatloop.config import Limits
-from chatloop.models import load_model
 from chatloop.ratelimit import RateLimited, RateLimiter
-from chatloop.service import Service
-from conftest import ADMIN_TOKEN, make_settings
+from conftest import ADMIN_TOKEN, api_client
 
 
 class Clock:
@@ -42,13 +38,9 @@ def test_bucket_bursts_refills_and_can_be_off():
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ratelimit")
-    settings = make_settings(d / "data", tiny_model_dir)
-    settings = settings.replace(limits=Limits(chat_per_minute=2, feedback_per_minute=3))
-    service = Service(settings, load_model(str(tiny_model_dir), d / "models")).start()
-    with TestClient(create_app(service, ADMIN_TOKEN)) as c:
+    with api_client(tiny_model_dir, tmp_path_factory.mktemp("ratelimit"),
+                    limits=Limits(chat_per_minute=2, feedback_per_minute=3)) as c:
         yield c
-    service.close()
 
 
 def test_api_answers_429_with_retry_after_and_writes_nothing(client):

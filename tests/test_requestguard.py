@@ -11,27 +11,19 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from chatloop.web import create_app
-from chatloop.models import load_model
+from chatloop.config import Limits
 from chatloop.ratelimit import FailureBackoff, RateLimited
-from chatloop.service import Service
-from conftest import ADMIN_TOKEN, make_settings, start_server, stop_server
+from conftest import ADMIN_TOKEN, api_client, start_server, stop_server
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, tmp_path_factory):
-    d = tmp_path_factory.mktemp("guard")
-    settings = make_settings(d / "data", tiny_model_dir)
-    settings = settings.replace(limits=settings.limits.__class__(max_body_bytes=64 << 10, max_import_bytes=1 << 20))
-    service = Service(settings, load_model(str(tiny_model_dir), d / "models")).start()
-    with TestClient(create_app(service, ADMIN_TOKEN)) as c:
-        c.service = service
+    with api_client(tiny_model_dir, tmp_path_factory.mktemp("guard"),
+                    limits=Limits(max_body_bytes=64 << 10, max_import_bytes=1 << 20)) as c:
         yield c
-    service.close()
 
 
 def test_a_body_over_the_cap_is_refused_and_nothing_is_written(client):

@@ -12,13 +12,6 @@ from conftest import generation as rec
 CTX = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "log.duckdb")
-    yield s
-    s.close()
-
-
 def test_migrations_are_recorded_and_idempotent(tmp_path):
     s = Store(tmp_path / "x.duckdb")
     assert s.schema_version() == len(MIGRATIONS)

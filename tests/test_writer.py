@@ -6,20 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import httpx
 import pytest
 
-from chatloop.store import NotFound, Store
+from chatloop.store import NotFound
 from chatloop.writer import GroupWriter, WriterClosed
 from conftest import ADMIN_TOKEN, log_reply, start_server, stop_server
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "log.duckdb")
-    yield s
-    s.close()
 
 
 def test_concurrent_thumbs_share_commits_and_every_ack_is_a_row(store):
@@ -88,20 +82,59 @@ def test_a_group_whose_transaction_fails_is_retried_one_write_at_a_time(store):
 
 
 def test_the_writer_delivers_each_writes_own_result_or_error_and_refuses_after_close():
+    """Writes queued while the writer is busy form one group; each hears its own result or error,
+    and a group the store could not apply at all fails every write in it with that error."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     calls: list[list[str]] = []
+    busy, release = threading.Event(), threading.Event()
 
     def apply(ops):
         calls.append(list(ops))
-        if len(ops) > 1 and "boom" in ops:
-            raise RuntimeError("the group failed")
+        if ops == ["hold"]:
+            busy.set()
+            assert release.wait(10)
+        if "store down" in ops:
+            raise RuntimeError("the store could not apply the group")
         return [ValueError("boom") if op == "boom" else op.upper() for op in ops]
+
+    def queued(writer, n_before: int) -> None:  # until the writer's queue holds n_before writes
+        deadline = time.monotonic() + 10
+        while writer._queue.qsize() < n_before and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     writer = GroupWriter(apply)
     try:
-        assert writer.submit("a") == "A"
-        with pytest.raises(ValueError, match="boom"):
-            writer.submit("boom")
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(writer.submit, "hold")
+            assert busy.wait(10)
+            futures = []
+            for op in ("a", "boom", "b"):  # one at a time, so the group keeps this order
+                futures.append(pool.submit(writer.submit, op))
+                queued(writer, len(futures))
+            release.set()
+            assert first.result(10) == "HOLD"
+            assert futures[0].result(10) == "A" and futures[2].result(10) == "B"
+            with pytest.raises(ValueError, match="boom"):
+                futures[1].result(10)
+        assert calls[:2] == [["hold"], ["a", "boom", "b"]]  # the three shared one commit
+        busy.clear(), release.clear()
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(writer.submit, "hold")
+            assert busy.wait(10)
+            both = [pool.submit(writer.submit, "c")]
+            queued(writer, 1)
+            both.append(pool.submit(writer.submit, "store down"))
+            queued(writer, 2)
+            release.set()
+            first.result(10)
+            for f in both:
+                with pytest.raises(RuntimeError, match="could not apply"):
+                    f.result(10)
+        assert calls[-1] == ["c", "store down"]
     finally:
+        release.set()
         writer.close()
     with pytest.raises(WriterClosed):
         writer.submit("late")
