@@ -60,9 +60,7 @@ class TrainingDefaults:
     evals_per_epoch: int = 2
     early_stop_patience: int = 2  # 0 = never stop early
     # DPO also learns from the snapshot's thumbs (KTO's loss with z = 0, see chatloop/train/dpo.py) at this
-    # weight; 0 = pairs only. Opt-in: at 1 it lifted the sentiment log +25.3 points (3 a step) against +22.0, but on
-    # the concise log (6 up, 173 down in training) KL rose from 0.07 to 0.41 (up-weighted ups) or 0.32 (as
-    # many ups as downs a step) and replies turned off-topic, which the oracle and the gate both let through
+    # weight; 0 = pairs only. Opt-in: it helped the sentiment log but sent the concise log off-topic (docs/LOG.md)
     dpo_thumbs_weight: float = 0.0
     dpo_thumbs_per_step: int = 2  # thumbs added to each step's pairs; each costs one reply's forward and backward
     dpo_nll_weight: float = 0.0  # RPO: plus this times the chosen replies' per-token NLL (chatloop/train/dpo.py)

@@ -20,9 +20,7 @@ A candidate is promoted only when every check passes:
    at least ``gate_win_rate`` of the time (ties count half), *and* its mean score of the
    candidate's replies is above its mean score of the reference's. A candidate no better than
    the active adapter wins about half the prompts by chance, so the win rate alone at 0.5 lets it
-   through (an H100 PPO candidate 0.004 nats/token from its reference won exactly 0.50 with a
-   lower mean score, and was promoted); an unchanged adapter ties everywhere and has the same
-   mean. The check is skipped, and says so, when no reward model could be trained or no prompts
+   through (it did: docs/LOG.md); an unchanged adapter ties everywhere and has the same mean. The check is skipped, and says so, when no reward model could be trained or no prompts
    were held out;
 4. KL to the base model on the candidate's own replies is at most ``gate_max_kl`` nats per token;
 5. its share of degenerate replies (empty or repetitive) exceeds the reference's by at most

@@ -46,10 +46,9 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
     return demo
 
 
-# Gradio's event queue polls for work every 1 ms and for progress every 10 ms, also when idle:
-# about 7 % of a core here. At 10 ms and 50 ms an idle service uses about 2.4 %, and a queued
-# event waits at most 10 ms more. (A training step beside an idle service did not get measurably
-# faster: the A/B differences were within this machine's noise of about 15 %.)
+# Gradio's event queue polls for work every 1 ms and for progress every 10 ms, also when idle;
+# these make an idle service use about a third of the CPU and add at most 10 ms to a queued
+# event (docs/LOG.md, 2026-11-23).
 IDLE_POLL_S, PROGRESS_POLL_S = 0.01, 0.05
 
 

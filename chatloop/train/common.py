@@ -146,9 +146,8 @@ def grouped_hidden(model: torch.nn.Module, g: PromptGroups,
     (``share_prompt``), or each (prompt, reply) as one row of a single pass.
 
     Sharing saves the prompt's compute, which is what bounds a CPU; on a GPU a model this small is
-    bound by kernel launches instead, and a second pass doubles them (measured on an H100: 0.35 s
-    against 0.18 s per batch of 8 HH-RLHF pairs), so by default only the CPU shares. Both give the
-    same result (tested).
+    bound by kernel launches instead, and a second pass doubles them, so by default only the CPU
+    shares (figures in docs/LOG.md). Both give the same result (tested).
 
     Returns ``(predicting, reply_hidden)``, both (K*B, R, H): ``reply_hidden[:, j]`` is the last
     layer's state *at* reply token j, ``predicting[:, j]`` the state that predicts reply token j

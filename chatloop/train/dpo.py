@@ -26,19 +26,14 @@ forward. Checkpoint selection still reads the held-out pairs only, and
 
 Balance (``thumbs_balance``): when both kinds exist, every step takes half its thumbs from the ups
 and half from the downs (each kind in its own seeded cycle; an odd count alternates the extra one),
-so both kinds pull equally at every step, however the votes split. KTO's balanced *weights* give the
-same expected loss, but with 6 ups against 173 downs a step held an up once in ~15 steps at weight
-29, and Adam's step normalisation let the steady push down win: on the concise log the policy
-drifted to short, off-topic replies (KL 0.41 nats/token against 0.07 for pairs alone). As many of
-each kind a step measured KL 0.32 and a higher oracle score (0.339 against 0.275), but the replies
-were still off-topic: a log that dislikes nearly everything the model says pushes it away from its
-own text, so the term is opt-in (``training.dpo_thumbs_weight`` = 0).
+so both kinds pull equally at every step, however the votes split (sampling, not KTO's balanced
+weights: why, and why the term is opt-in, is in docs/LOG.md, 2026-11-23).
 
 NLL on the chosen replies (``nll_weight`` > 0): RPO (Pang et al. 2024, "Iterative Reasoning
 Preference Optimization"; TRL's ``rpo_alpha``) adds the chosen replies' negative log-likelihood,
 averaged over their tokens in the step, to keep the policy near text that users preferred while
 DPO and the thumbs push log-ratios apart; ``first_loss``/``final_loss`` stay the pairs' own loss.
-Opt-in: at weight 1 on the concise log it held the policy at base (KL 0.006) and learned nothing.
+Opt-in (docs/LOG.md, 2026-11-23).
 """
 
 from __future__ import annotations
