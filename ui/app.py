@@ -47,8 +47,8 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
 
 
 # Gradio's event queue polls for work every 1 ms and for progress every 10 ms, also when idle;
-# these make an idle service use about a third of the CPU and add at most 10 ms to a queued
-# event (docs/LOG.md, 2026-11-23).
+# these slower polls cut an idle service's CPU use to about a third of that and add at most
+# 10 ms to a queued event (docs/LOG.md, 2026-11-23).
 IDLE_POLL_S, PROGRESS_POLL_S = 0.01, 0.05
 
 
