@@ -57,9 +57,8 @@ PROMOTE = """
     import chatloop.evaluate as _ev
     _gate = _ev.gate
     def gate(metrics, t=None):
-        v = _gate(metrics, t)
-        v.promote = True  # the crash is the subject here, not the gate's verdict
-        return v
+        _gate(metrics, t)  # the crash is the subject here, not the gate's verdict: always promote
+        return _ev.Verdict([_ev.Check("forced", True, "promoted by the crash test")])
     _ev.gate = gate
 """
 
