@@ -189,6 +189,30 @@ class Service(Operations):
                           else self.settings.limits.feedback_per_minute)
         self.limiter.check(action, user_key, per_minute)
 
+    # ---- identities --------------------------------------------------------------------------
+    def admit_identity(self, address: str, user_id: str) -> None:
+        """RateLimited once ``address`` has brought too many unkeyed users new to it this hour."""
+        self.new_identities.admit(address, user_id)
+
+    def cookie_user(self, cookies: Any) -> str | None:
+        """The id in a request's signed identity cookie, or None (absent, malformed, forged)."""
+        return self.signer.uid_from_cookies(cookies)
+
+    def authenticate_key(self, token: str):
+        """The active API key ``token`` is, or None (wrong secret, unknown or revoked)."""
+        return self.keys.authenticate(token)
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        return self.keys.list()
+
+    def create_api_key(self, name: str, chat_per_minute: int | None = None, feedback_per_minute: int | None = None,
+                       max_pairs: int | None = None) -> tuple[dict[str, Any], str]:
+        """A new key's listing and the key itself (shown once; only its hash is kept)."""
+        return self.keys.create(name, chat_per_minute, feedback_per_minute, max_pairs)
+
+    def revoke_api_key(self, key_id: str) -> None:
+        self.keys.revoke(key_id)
+
     def params(self, **given: Any) -> GenerationParams:
         return GenerationParams.from_request(self.settings.generation, **given)
 

@@ -72,13 +72,14 @@ class FakeRequest:
 def test_the_ui_user_comes_from_the_signed_cookie():
     signer = CookieSigner(b"s" * 32)
     uid, value = signer.new()
-    assert _browser_user(FakeRequest({COOKIE: value}), signer) == f"ui:{uid}"
-    assert _browser_user(FakeRequest({COOKIE: "bad value"}), signer).startswith("ui:")
-    forged = _browser_user(FakeRequest({COOKIE: uid}), signer)  # the id without its signature
+    assert _browser_user(FakeRequest({COOKIE: value}), signer.uid_from_cookies) == f"ui:{uid}"
+    assert _browser_user(FakeRequest({COOKIE: "bad value"}), signer.uid_from_cookies).startswith("ui:")
+    forged = _browser_user(FakeRequest({COOKIE: uid}), signer.uid_from_cookies)  # the id without its signature
     assert forged.startswith("ui:") and forged != f"ui:{uid}"
     other = CookieSigner(b"t" * 32)  # signed by another server
-    assert _browser_user(FakeRequest({COOKIE: value}), other) != f"ui:{uid}"
-    assert _browser_user(FakeRequest({COOKIE: "bad value"}), signer) != _browser_user(FakeRequest({}), signer)
+    assert _browser_user(FakeRequest({COOKIE: value}), other.uid_from_cookies) != f"ui:{uid}"
+    read = signer.uid_from_cookies
+    assert _browser_user(FakeRequest({COOKIE: "bad value"}), read) != _browser_user(FakeRequest({}), read)
 
 
 def test_callers_without_user_or_cookie_are_strangers_not_one_shared_user(app):

@@ -39,7 +39,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
         with gr.Tab("Admin", id="admin"):
             admin_tab(service, admin_token, schedules)
         def user_of(request: gr.Request) -> str:  # the same browser is the same user across reloads
-            return browser_user(request, service.signer)
+            return browser_user(request, service.cookie_user)
 
         demo.load(user_of, None, [user_id])
     calm_idle_queue(demo)

@@ -42,7 +42,7 @@ def chat_tab(service: Service, user_id: gr.State) -> None:
         uid = uid or new_user()
         context = [{"role": t["role"], "content": t["content"]} for t in turns_v]
         try:
-            service.new_identities.admit(address(request), uid)
+            service.admit_identity(address(request), uid)
             service.check_rate("chat", uid)
             params = service.params(temperature=float(temp), max_tokens=int(maxt))
             turn = service.chat(context, params, user_id=uid, conversation_id=conv, source="ui")

@@ -8,11 +8,9 @@ that came without one gets a fresh id, never a shared one.
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
-
-from chatloop.identity import CookieSigner
 
 
 def new_user() -> str:
@@ -20,9 +18,10 @@ def new_user() -> str:
     return "ui:" + uuid.uuid4().hex[:16]
 
 
-def browser_user(request: gr.Request | None, signer: CookieSigner) -> str:
-    """The browser's anonymous user from its signed ``chatloop_uid`` cookie (see chatloop.identity)."""
-    uid = signer.uid_from_cookies(getattr(request, "cookies", None)) if request is not None else None
+def browser_user(request: gr.Request | None, cookie_user: Callable[[Any], str | None]) -> str:
+    """The browser's anonymous user from its signed ``chatloop_uid`` cookie, read by
+    ``cookie_user`` (``Service.cookie_user``; see chatloop.identity)."""
+    uid = cookie_user(getattr(request, "cookies", None)) if request is not None else None
     return f"ui:{uid}" if uid else new_user()
 
 

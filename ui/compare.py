@@ -45,7 +45,7 @@ def compare_tab(service: Service, user_id: gr.State) -> None:
         context = [{"role": "user", "content": text}]
         answers, ids, conv = ["", ""], [None, None], None
         try:
-            service.new_identities.admit(address(request), uid)
+            service.admit_identity(address(request), uid)
             service.check_rate("chat", uid)
             for i, adapter in enumerate(sides()):
                 turn = service.chat(context, service.params(), user_id=uid, conversation_id=conv,

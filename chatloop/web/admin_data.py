@@ -59,16 +59,16 @@ async def import_data(kind: Literal["oasst", "hh"], request: Request, name: str 
 
 @router.get("/keys")
 def list_keys(service: Service = Depends(service_of)):
-    return {"keys": service.keys.list()}
+    return {"keys": service.api_keys()}
 
 
 @router.post("/keys", status_code=201)
 def create_key(body: KeyRequest, service: Service = Depends(service_of)):
-    listing, token = service.keys.create(body.name, body.chat_per_minute, body.feedback_per_minute, body.max_pairs)
+    listing, token = service.create_api_key(body.name, body.chat_per_minute, body.feedback_per_minute, body.max_pairs)
     return {**listing, "key": token}  # the only time the key is shown
 
 
 @router.delete("/keys/{key_id}")
 def revoke_key(key_id: str, service: Service = Depends(service_of)):
-    service.keys.revoke(key_id)
+    service.revoke_api_key(key_id)
     return {"revoked": key_id}

@@ -86,7 +86,7 @@ def caller(request: Request, user: str | None) -> Caller:
     service = service_of(request)
     token = given_token(request)
     if looks_like_key(token):
-        key = service.keys.authenticate(token)
+        key = service.authenticate_key(token)
         if key is None:
             raise ApiError(401, "invalid or revoked API key", "authentication_error")
         return Caller(key.user_id, f"key:{key.id}", key)
@@ -102,9 +102,9 @@ def caller(request: Request, user: str | None) -> Caller:
         if uid is None:  # only without IdentityMiddleware, which every app here has
             raise ApiError(400, "name a user or keep the chatloop_uid cookie")
         user_id = f"ui:{uid}"
-        known = service.signer.uid_from_cookies(request.cookies)
+        known = service.cookie_user(request.cookies)
         bucket = f"cookie:{known}" if known else f"addr:{client_address(request)}"
-    service.new_identities.admit(client_address(request), user_id)  # RateLimited past the ceiling
+    service.admit_identity(client_address(request), user_id)  # RateLimited past the ceiling
     return Caller(user_id, bucket)
 
 

@@ -31,7 +31,7 @@ def keys(ctx: AdminContext) -> Section:
     def refresh(ok):
         import pandas as pd
 
-        return (pd.DataFrame(service.keys.list(), columns=COLUMNS),)
+        return (pd.DataFrame(service.api_keys(), columns=COLUMNS),)
 
     def limit(text: str | None, what: str) -> int | None:
         """Empty: the service's own limit; else a whole number (0 = no limit)."""
@@ -45,7 +45,7 @@ def keys(ctx: AdminContext) -> Section:
     def create_key(ok, name_v, chat_v, fb_v, pairs_v):
         ctx.guard(ok)
         try:
-            listing, token = service.keys.create(name_v, limit(chat_v, "Chats a minute"),
+            listing, token = service.create_api_key(name_v, limit(chat_v, "Chats a minute"),
                                                  limit(fb_v, "Ratings a minute"), limit(pairs_v, "Max training items"))
         except (ChatloopError, ValueError) as exc:
             return f"⚠️ {exc}", *refresh(ok)
@@ -55,7 +55,7 @@ def keys(ctx: AdminContext) -> Section:
     def revoke_key(ok, kid):
         ctx.guard(ok)
         try:
-            service.keys.revoke((kid or "").strip())
+            service.revoke_api_key((kid or "").strip())
         except ChatloopError as exc:
             return f"⚠️ {exc}", *refresh(ok)
         return f"Revoked key `{kid.strip()}`.", *refresh(ok)
