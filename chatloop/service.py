@@ -9,8 +9,8 @@ Invariants:
 - A reply is recorded once, after it ends (finished, stopped or cancelled), with its message id
   allocated when it starts, so streams can name it from the first chunk.
 - Routes, the UI and the CLI call this object only; none reaches past it into its parts.
-- A user continues only their own conversations and rates only replies written for them
-  (Forbidden otherwise); text that could not be stored (control characters, lone surrogates) is
+- A user continues, lists and deletes only their own conversations and rates only replies
+  written for them (Forbidden otherwise); a deleted conversation cannot be continued (NotFound); text that could not be stored (control characters, lone surrogates) is
   refused before anything is written.
 - Nothing here knows about HTTP or Gradio.
 """
@@ -27,6 +27,7 @@ from typing import Any, Iterator
 from chatloop.adapters import BASE_VERSION, AdapterRegistry, UnknownAdapter
 from chatloop.apikeys import KeyRing
 from chatloop.config import Settings
+from chatloop.conversations import current_branch
 from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest, StreamHandle
 from chatloop.loop import Retrainer
 from chatloop.identity import CookieSigner, NewIdentityLimit, load_secret
@@ -261,6 +262,22 @@ class Service(Operations):
     def compare(self, message_a: str, message_b: str, choice: str, user_id: str) -> int:
         """An A/B choice by ``user_id``, who must have been shown both replies (Forbidden)."""
         return self.store.record_comparison(message_a, message_b, choice, user_id, shown_only=True)
+
+    # ---- a user's own conversations ------------------------------------------------------------
+    def conversations(self, user_id: str, exclude_sources: tuple[str, ...] = (),
+                      limit: int = 100) -> list[dict[str, Any]]:
+        """``user_id``'s conversations, most recently active first (deleted ones left out)."""
+        return self.store.user_conversations(user_id, exclude_sources, limit)
+
+    def conversation(self, conversation_id: str, user_id: str) -> list[dict[str, Any]]:
+        """The turns of the current branch of ``user_id``'s conversation, with the alternatives
+        and that user's rating at each reply (``chatloop.conversations``); Forbidden for another
+        user's, NotFound for an unknown or deleted one."""
+        return current_branch(self.store.conversation_replies(conversation_id, user_id))
+
+    def delete_conversation(self, conversation_id: str, user_id: str) -> None:
+        """Hide ``user_id``'s conversation from them; it stays in the log, marked, and never trains again."""
+        self.store.delete_conversation(conversation_id, user_id)
 
     # ---- adapters ----------------------------------------------------------------------------
     def is_public_version(self, version: str) -> bool:

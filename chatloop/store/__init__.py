@@ -10,20 +10,22 @@ Invariants:
   its transaction committed (durable when acknowledged), and a write that spans rows (a reply
   and its generation record) is never split, so a failure leaves nothing half-written.
 - Feedback and comparisons are append-only events: a changed vote is a new row and the latest
-  row per (user, message) counts. Nothing here deletes or rewrites user data.
+  row per (user, message) counts. Nothing here deletes or rewrites user data: a conversation
+  its user deletes is only marked (``deleted_at``), and from then on never trains.
 - The database is opened with external access disabled and its configuration locked, so SQL
   (the console's included) can read no file, fetch no URL, load no extension; exports are written
   by Python from query results.
 - Every assistant message has a ``generations`` row naming the adapter version ('base' when none).
 
 Layout: ``schema`` (migrations), ``records`` (row shapes, ids, errors), ``core`` (connection,
-lock, writer side), ``writes``, ``reads``, ``runs`` (schedules, runs, adapters, keys) and
-``console`` (read-only SQL); ``Store`` is all of them behind one object.
+lock, writer side), ``writes``, ``conversations`` (a user's own: list, replies, deletion),
+``reads``, ``runs`` (schedules, runs, adapters, keys) and ``console`` (read-only SQL); ``Store`` is all of them behind one object.
 """
 
 from __future__ import annotations
 
 from chatloop.store.console import SqlConsole, SqlResult
+from chatloop.store.conversations import ConversationLog
 from chatloop.store.core import StoreCore
 from chatloop.store.reads import FeedbackReads
 from chatloop.store.records import (Forbidden, GenerationRecord, NotFound, SqlRefused, StoreError, _Statements,
@@ -36,5 +38,5 @@ __all__ = ["MIGRATIONS", "Forbidden", "GenerationRecord", "NotFound", "SqlRefuse
            "StoreError", "_Statements", "_Thumb", "context_hash", "new_id", "now"]
 
 
-class Store(LogWrites, FeedbackReads, RunRecords, SqlConsole, StoreCore):
+class Store(LogWrites, ConversationLog, FeedbackReads, RunRecords, SqlConsole, StoreCore):
     """The single owner of the DuckDB file in this process."""

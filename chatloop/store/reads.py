@@ -2,7 +2,8 @@
 replies, conversations, version-level A/B votes, logged contexts.
 
 Owns: ``FeedbackReads``. Invariants: the vote that counts is the latest of each user on each
-reply (or unordered pair of replies); replies in held-out (imported) conversations never train.
+reply (or unordered pair of replies); replies in held-out (imported) conversations and in
+conversations their user deleted never train (``_TRAINABLE``).
 """
 
 from __future__ import annotations
@@ -11,22 +12,22 @@ import datetime as dt
 import json
 from typing import Any
 
-from chatloop.store.records import _FEEDBACK_EVENTS, _LATEST_VOTE_PER_USER_AND_PAIR, StoreError
+from chatloop.store.records import _FEEDBACK_EVENTS, _LATEST_VOTE_PER_USER_AND_PAIR, _TRAINABLE, StoreError
 
 
 class FeedbackReads:
     def latest_thumbs(self) -> list[dict[str, Any]]:
         """The latest thumb of each (user, message), with the reply and its context; replies in
-        held-out (imported) conversations are left out: they never train."""
+        held-out (imported) or deleted conversations are left out: they never train."""
         rows = self._dicts(
-            """
+            f"""
             SELECT f.id AS feedback_id, f.message_id, f.user_id, f.rating, f.reason,
                    m.content AS reply, g.context, g.context_hash, g.adapter_version
             FROM feedback_events f
             JOIN messages m ON m.id = f.message_id
             JOIN generations g ON g.message_id = f.message_id
             JOIN conversations cv ON cv.id = m.conversation_id
-            WHERE NOT cv.held_out
+            WHERE {_TRAINABLE}
             QUALIFY row_number() OVER (PARTITION BY f.user_id, f.message_id
                                        ORDER BY f.created_at DESC, f.id DESC) = 1
             ORDER BY f.id
@@ -38,7 +39,7 @@ class FeedbackReads:
 
     def latest_comparisons(self) -> list[dict[str, Any]]:
         """The latest choice of each user on each unordered pair of replies (none from held-out
-        conversations)."""
+        or deleted conversations)."""
         rows = self._dicts(
             f"""
             SELECT c.id AS comparison_id, c.user_id, c.choice, c.message_a, c.message_b,
@@ -48,7 +49,7 @@ class FeedbackReads:
             JOIN messages mb ON mb.id = c.message_b
             JOIN generations g ON g.message_id = c.message_a
             JOIN conversations cv ON cv.id = ma.conversation_id
-            WHERE NOT cv.held_out
+            WHERE {_TRAINABLE}
             {_LATEST_VOTE_PER_USER_AND_PAIR}
             ORDER BY c.id
             """
@@ -135,21 +136,21 @@ class FeedbackReads:
 
     def distinct_contexts(self, limit: int = 10000) -> list[tuple[str, list[dict[str, str]]]]:
         """(context_hash, context) of every distinct context that got a reply outside held-out
-        conversations, oldest first."""
+        and deleted conversations, oldest first."""
         rows = self._all("SELECT g.context_hash, any_value(g.context) FROM generations g"
                          " JOIN messages m ON m.id = g.message_id JOIN conversations cv ON cv.id = m.conversation_id"
-                         " WHERE NOT cv.held_out GROUP BY g.context_hash ORDER BY min(g.created_at) LIMIT ?", [limit])
+                         f" WHERE {_TRAINABLE} GROUP BY g.context_hash ORDER BY min(g.created_at) LIMIT ?", [limit])
         return [(h, json.loads(c)) for h, c in rows]
 
     def feedback_count(self) -> int:
-        """Thumbs plus A/B votes that can train: events on held-out (imported) conversations are
-        not counted, so importing an evaluation split never fires a feedback schedule."""
+        """Thumbs plus A/B votes that can train: events on held-out (imported) or deleted conversations
+        are not counted, so importing an evaluation split never fires a feedback schedule."""
         return self._one(
-            """
+            f"""
             SELECT (SELECT count(*) FROM feedback_events f
                     JOIN messages m ON m.id = f.message_id
-                    JOIN conversations cv ON cv.id = m.conversation_id WHERE NOT cv.held_out)
+                    JOIN conversations cv ON cv.id = m.conversation_id WHERE {_TRAINABLE})
                  + (SELECT count(*) FROM comparisons c
                     JOIN messages m ON m.id = c.message_a
-                    JOIN conversations cv ON cv.id = m.conversation_id WHERE NOT cv.held_out)
+                    JOIN conversations cv ON cv.id = m.conversation_id WHERE {_TRAINABLE})
             """)[0]

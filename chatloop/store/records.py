@@ -80,6 +80,10 @@ _FEEDBACK_EVENTS = """
     LEFT JOIN generations gb ON gb.message_id = c.message_b
 """
 
+# The conversations whose replies and votes may train (``cv`` is the conversation): not held out
+# (imported evaluation rows) and not deleted by their user.
+_TRAINABLE = "NOT cv.held_out AND cv.deleted_at IS NULL"
+
 # The vote that counts: the latest of each user on each unordered pair of replies.
 _LATEST_VOTE_PER_USER_AND_PAIR = """
     QUALIFY row_number() OVER (

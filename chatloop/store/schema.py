@@ -148,4 +148,11 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        5,
+        "a user's deleted conversations: hidden from them, kept in the log, never trained on again",
+        """
+        ALTER TABLE conversations ADD COLUMN deleted_at TIMESTAMP;  -- set by its user; NULL while shown
+        """,
+    ),
 ]

@@ -39,12 +39,6 @@ class LogWrites:
         return {r[0] for r in self._all("SELECT external_id FROM conversations WHERE starts_with(external_id, ?)",
                                         [prefix])}
 
-    def conversation_owner(self, conversation_id: str) -> str:
-        row = self._one("SELECT user_id FROM conversations WHERE id = ?", [conversation_id])
-        if row is None:
-            raise NotFound(f"unknown conversation {conversation_id!r}")
-        return row[0]
-
     # ---- replies -----------------------------------------------------------------------------
     def record_exchange(self, conversation_id: str, rec: GenerationRecord,
                         message_id: str | None = None) -> str:

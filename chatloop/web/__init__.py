@@ -1,7 +1,7 @@
 """The HTTP app: the OpenAI-compatible chat API, feedback, and the operator's admin routes.
 
-Owns: assembling the app from one router per area (``chat``, ``feedback``, ``admin_runs``,
-``admin_adapters``, ``admin_data``), its middleware (identity cookie, request limits) and its
+Owns: assembling the app from one router per area (``chat``, ``conversations``, ``feedback``,
+``admin_runs``, ``admin_adapters``, ``admin_data``), its middleware (identity cookie, request limits) and its
 error handlers (``errors``). Routes read who is calling from ``deps`` and call ``Service`` only.
 
 Invariants:
@@ -21,7 +21,7 @@ from chatloop.identity import IdentityMiddleware
 from chatloop.operators import OperatorGate
 from chatloop.requestguard import BodyLimitMiddleware
 from chatloop.service import Service
-from chatloop.web import admin_adapters, admin_data, admin_runs, chat, errors, feedback
+from chatloop.web import admin_adapters, admin_data, admin_runs, chat, conversations, errors, feedback
 from chatloop.web.deps import is_operator
 
 
@@ -38,6 +38,6 @@ def create_app(service: Service, admin_token: str, schedules: Any = None) -> Fas
                        large_prefixes={"/admin/import/": lim.max_import_bytes},
                        trusted=lambda scope: is_operator(Request(scope)))
     errors.install(app)
-    for area in (chat, feedback, admin_runs, admin_adapters, admin_data):
+    for area in (chat, conversations, feedback, admin_runs, admin_adapters, admin_data):
         app.include_router(area.router)
     return app
