@@ -1,4 +1,4 @@
-"""The Gradio UI: Chat (stream, thumbs with a reason, regenerate), Compare (A/B) and Admin.
+"""The Gradio UI: Chat (your chats, stream, retry, edit, thumbs with reasons), Compare (A/B) and Admin.
 
 Owns: assembling the Blocks from one module per tab (``ui.chat``, ``ui.compare``, ``ui.admin``)
 and the event queue's idle polling; every tab calls ``chatloop.service.Service`` only.
@@ -33,7 +33,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
         gr.Markdown("# chatloop")
         gr.Markdown(NOTICE, elem_id="notice")
         with gr.Tab("Chat", id="chat"):
-            chat_tab(service, user_id)
+            fill_sidebar, sidebar_in, sidebar_out = chat_tab(service, user_id)
         with gr.Tab("Compare", id="compare"):
             compare_tab(service, user_id)
         with gr.Tab("Admin", id="admin"):
@@ -41,7 +41,7 @@ def build_ui(service: Service, admin_token: str, schedules: Any = None) -> gr.Bl
         def user_of(request: gr.Request) -> str:  # the same browser is the same user across reloads
             return browser_user(request, service.cookie_user)
 
-        demo.load(user_of, None, [user_id])
+        demo.load(user_of, None, [user_id]).then(fill_sidebar, sidebar_in, sidebar_out)
     calm_idle_queue(demo)
     return demo
 
