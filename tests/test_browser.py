@@ -1,8 +1,11 @@
 """A real browser test of the Gradio UI: Debian's chromium driven through Playwright.
 
-It does what a person would: reads the notice, chats, rates a reply down (with a reason),
-regenerates and rates the new reply up, picks the better of two answers on the Compare tab,
-then signs in on the Admin tab, retrains, sees the candidate promoted, and rolls back.
+It does what a person would: reads the notice, chats, rates a reply down (reason chip and a
+comment), retries and rates the new reply up, goes through both replies ("1 / 2", "2 / 2"),
+reloads the page and reopens the chat from the list, continues it, edits a message and resends
+(a branch), sends markdown with code, deletes a chat, picks the better of two answers on the
+Compare tab, then signs in on the Admin tab, retrains on a snapshot that holds the retry's pair,
+sees the candidate promoted, and rolls back.
 Every stored effect is checked through the operator SQL route, the adapter through /healthz.
 
 Screenshots of each step land in test-artifacts/browser/ (gitignored).
@@ -98,21 +101,16 @@ def bot_messages(page: Page):
     return page.locator('#chatbot [aria-label^="bot\'s message"]')
 
 
+def user_messages(page: Page):
+    return page.locator('#chatbot [aria-label^="user\'s message"]')
+
+
 def check_max_tokens_default(page: Page) -> None:
     """The 'Max tokens' slider must accept the configured default (12 in the test server)."""
     page.get_by_text("Generation settings").click()
     number = page.get_by_label("number input for Max tokens")
     expect(number).to_have_value("12")
     page.get_by_text("Generation settings").click()  # fold it away again
-
-
-def choose_reason(page: Page, text: str) -> None:
-    box = page.locator("#reason input")
-    box.click()
-    box.fill(text)
-    box.press("Enter")
-    expect(box).to_have_value(text)
-    box.blur()
 
 
 # ---- the test --------------------------------------------------------------------------------
@@ -152,49 +150,124 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     check_max_tokens_default(page)
     shot("opened")
 
-    # 2. Chat, then a thumbs-down with a reason -------------------------------------------------
+    # 2. Chat, then a thumbs-down: the reason chips and a comment appear below that reply -------
     prompt = "Tell me something about rivers."
     box = page.locator("#chat-input textarea")
     box.fill(prompt)
     box.press("Enter")
-    expect(page.locator('#chatbot [aria-label^="user\'s message"]')).to_have_count(1)
+    expect(user_messages(page)).to_have_count(1)
     expect(bot_messages(page)).to_have_count(1, timeout=REPLY_TIMEOUT_MS)
     wait_reply_done(page)
     expect(box).to_have_value("")
     first_reply = bot_messages(page).first.inner_text().strip()
     assert first_reply, "the assistant reply is empty"
+    expect(page.locator("#conversations")).to_contain_text(prompt)  # the sidebar lists the new chat
     shot("chat-reply")
 
-    choose_reason(page, "too long")
+    panel = page.locator("#reason-panel")
+    expect(panel).to_be_hidden()
     page.locator("#chatbot button[aria-label='Dislike']").last.click()
-    expect(page.locator("#chat-status")).to_contain_text("Thanks! Recorded")
-    rows = poll(lambda: admin_sql(server, "SELECT rating, reason, user_id FROM feedback_events "
-                                          "WHERE rating = -1"), what="a thumbs-down row")
-    assert len(rows) == 1 and rows[0]["reason"] == "too long", rows
+    expect(page.locator("#chat-status")).to_contain_text("Thanks! Recorded 👎")
+    expect(panel).to_be_visible()
+    expect(page.locator("#reason-title")).to_contain_text(first_reply[:20])
+    shot("disliked-reasons")
+    page.locator("#reason-chips").get_by_text("too long", exact=True).click()
+    page.locator("#reason-comment textarea").fill("it rambles on")
+    page.locator("#reason-send").click()
+    expect(page.locator("#chat-status")).to_contain_text("Recorded 👎 (too long) with your comment")
+    expect(panel).to_be_hidden()
+    rows = poll(lambda: admin_sql(server, "SELECT rating, reason, comment, user_id FROM feedback_events "
+                                          "WHERE reason IS NOT NULL"), what="a thumbs-down row with its reason")
+    assert len(rows) == 1 and (rows[0]["rating"], rows[0]["reason"], rows[0]["comment"]) == (
+        -1, "too long", "it rambles on"), rows
     assert rows[0]["user_id"].startswith("ui:")
-    expect(page.locator("#reason input")).to_have_value("")  # a reason is for one rating only
     shot("disliked")
 
-    # 3. Regenerate, then a thumbs-up (reason cleared first) ------------------------------------
-    page.locator("#regenerate").click()
+    # 3. Retry: both replies to the message stay, shown as "reply 1 / 2" and "2 / 2" -------------
+    page.locator("#chatbot button[aria-label='Retry']").click()
+    expect(page.locator("#alternatives-label")).to_contain_text("2 / 2", timeout=REPLY_TIMEOUT_MS)
     wait_reply_done(page)
     expect(bot_messages(page)).to_have_count(1)
     second_reply = bot_messages(page).first.inner_text().strip()
     assert second_reply
-    gens = admin_sql(server, "SELECT count(*) AS n FROM generations")
-    assert gens[0]["n"] == 2, gens
-    shot("regenerated")
-
-    choose_reason(page, "helpful")
+    gens = admin_sql(server, "SELECT count(*) AS n, count(DISTINCT context_hash) AS contexts FROM generations")
+    assert gens == [{"n": 2, "contexts": 1}], gens
     page.locator("#chatbot button[aria-label='Like']").last.click()
-    expect(page.locator("#chat-status")).to_contain_text("Thanks! Recorded")
-    rows = poll(lambda: admin_sql(server, "SELECT rating, reason, message_id FROM feedback_events "
-                                          "WHERE rating = 1"), what="a thumbs-up row")
-    assert len(rows) == 1 and rows[0]["reason"] == "helpful", rows
-    # the two thumbs landed on two different stored replies
+    expect(page.locator("#chat-status")).to_contain_text("Thanks! Recorded 👍")
+    expect(panel).to_be_hidden()  # no questions after a thumbs-up
+    rows = poll(lambda: admin_sql(server, "SELECT rating, message_id FROM feedback_events WHERE rating = 1"),
+                what="a thumbs-up row")
+    assert len(rows) == 1, rows
     ids = admin_sql(server, "SELECT count(DISTINCT message_id) AS n FROM feedback_events")
-    assert ids[0]["n"] == 2, ids
-    shot("liked")
+    assert ids[0]["n"] == 2, ids  # the two thumbs landed on the two stored replies
+    page.locator("#prev-reply").click()  # back to the first reply: its thumbs-down is shown taken
+    expect(page.locator("#alternatives-label")).to_contain_text("1 / 2")
+    expect(bot_messages(page).first).to_contain_text(first_reply[:20])
+    expect(page.locator("#chatbot button[aria-label='Disliked']")).to_have_count(1)
+    shot("reply-1-of-2")
+    page.locator("#next-reply").click()
+    expect(page.locator("#alternatives-label")).to_contain_text("2 / 2")
+    expect(page.locator("#chatbot button[aria-label='Liked']")).to_have_count(1)
+    shot("reply-2-of-2-liked")
+
+    # 4. Reload: the chat is in the list; open it, the replies and the thumb are back --------------
+    page.reload()
+    expect(page.locator("#notice")).to_be_visible(timeout=30_000)
+    expect(bot_messages(page)).to_have_count(0)
+    chat_entry = page.locator("#conversations").get_by_text(prompt)
+    expect(chat_entry).to_be_visible(timeout=15_000)
+    shot("reloaded-chat-list")
+    chat_entry.click()
+    expect(bot_messages(page)).to_have_count(1)
+    expect(bot_messages(page).first).to_contain_text(second_reply[:20])
+    expect(page.locator("#alternatives-label")).to_contain_text("2 / 2")
+    expect(page.locator("#chatbot button[aria-label='Liked']")).to_have_count(1)
+    shot("reopened")
+
+    # 5. Continue it, then edit that message and resend: a new branch, the old one kept ------------
+    box.fill("And what about lakes?")
+    box.press("Enter")
+    expect(user_messages(page)).to_have_count(2)
+    wait_reply_done(page)
+    expect(bot_messages(page)).to_have_count(2)
+    page.locator("#chatbot button[aria-label='Edit']").last.click()
+    editor = page.locator("#chatbot textarea.edit-textarea")
+    expect(editor).to_be_visible()
+    editor.fill("And what about seas?")
+    page.locator("#chatbot button[aria-label='Submit']").click()
+    expect(user_messages(page).last).to_contain_text("And what about seas?", timeout=REPLY_TIMEOUT_MS)
+    poll(lambda: admin_sql(server, "SELECT count(*) AS n FROM generations")[0]["n"] == 4,
+         timeout=REPLY_TIMEOUT_MS / 1000, what="the edited message's reply to be stored")
+    wait_reply_done(page)
+    expect(bot_messages(page)).to_have_count(2)
+    expect(user_messages(page)).to_have_count(2)
+    shot("edited-branch")
+    branches = admin_sql(server, "SELECT json_extract_string(g.context, '$[2].content') AS follow_up, count(*) AS n "
+                                 "FROM generations g GROUP BY 1 ORDER BY 1 NULLS FIRST")
+    assert branches == [{"follow_up": None, "n": 2}, {"follow_up": "And what about lakes?", "n": 1},
+                        {"follow_up": "And what about seas?", "n": 1}], branches
+    assert admin_sql(server, "SELECT count(DISTINCT conversation_id) AS n FROM messages") == [{"n": 1}]
+
+    # 6. Markdown with copy buttons; a second chat, deleted: gone from the list, kept in the log ---
+    page.locator("#new-chat").click()
+    expect(user_messages(page)).to_have_count(0)
+    box.fill("Explain this **code**:\n```python\nprint('rivers')\n```")
+    page.locator("#send").click()
+    wait_reply_done(page)
+    expect(user_messages(page).locator("strong")).to_have_text("code")
+    expect(page.locator("#chatbot pre code")).to_contain_text("print('rivers')")
+    expect(page.locator("#chatbot .copy_code_button").first).to_be_attached()  # a code block's own copy button
+    expect(page.locator("#chatbot button[aria-label='Copy message']").first).to_be_visible()
+    expect(page.locator("#conversations label")).to_have_count(2)
+    shot("markdown-code")
+    page.locator("#delete-chat").click()
+    expect(page.locator("#chat-status")).to_contain_text("Chat deleted")
+    expect(page.locator("#conversations label")).to_have_count(1)
+    expect(page.locator("#conversations")).to_contain_text(prompt)
+    gone = admin_sql(server, "SELECT count(*) AS n FROM conversations c JOIN messages m ON m.conversation_id = c.id "
+                             "WHERE c.deleted_at IS NOT NULL AND m.content LIKE 'Explain this%'")
+    assert gone == [{"n": 1}], gone
+    shot("deleted-chat")
 
     # 4. Compare: two blind answers, pick A -----------------------------------------------------
     page.get_by_role("tab", name="Compare").click()
@@ -239,6 +312,14 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
 
     run = poll(finished_run, timeout=RETRAIN_TIMEOUT_S, interval=1.0, what="a promoted training run")
     assert run["candidate_version"] == "v1", run
+    # the snapshot it trained on holds the pair the two rated replies to the first message made
+    rated = {r["rating"]: r["content"] for r in admin_sql(
+        server, "SELECT f.rating, m.content FROM feedback_events f JOIN messages m ON m.id = f.message_id")}
+    snapshot = Path(admin_sql(server, f"SELECT snapshot_dir FROM training_runs WHERE id = {run['id']}")[0]["snapshot_dir"])
+    pairs = [json.loads(line) for name in ("train.jsonl", "eval.jsonl")
+             for line in (snapshot / name).read_text().splitlines() if line.strip()]
+    assert {"prompt": [{"role": "user", "content": prompt}], "chosen": rated[1], "rejected": rated[-1]} in [
+        {k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs], pairs
     # the panel refreshes on a 2 s timer: the status, the curve, and the runs table show the promotion
     expect(admin_status).to_contain_text("active_adapter: v1", timeout=15_000)
     assert active_adapter(server) == "v1"

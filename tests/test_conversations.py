@@ -9,6 +9,7 @@ import pytest
 from chatloop import prefs
 from chatloop.conversations import assistant_turn, current_branch, pick, set_rating, with_alternative
 from chatloop.store import Forbidden, NotFound
+from chatloop.store.conversations import title_of
 from conftest import ADMIN_TOKEN, api_client, log_reply
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -84,6 +85,7 @@ def test_the_list_is_the_users_own_newest_first_titled_by_the_first_message(stor
     assert listed[0]["title"].startswith("Write me a haiku about the sea") and listed[0]["title"].endswith("…")
     assert len(listed[0]["title"]) == 60 and listed[1]["title"] == "hi" and listed[1]["replies"] == 4
     assert store.user_conversations("ui:alice", exclude_sources=("ui",)) == []
+    assert title_of("Explain **this**:\n```python\nprint('x')\n```") == "Explain this : print('x')"
     with pytest.raises(Forbidden):
         store.conversation_replies(other, "ui:alice")
 

@@ -41,7 +41,7 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
     conv_id = gr.State(None)
     with gr.Row():
         with gr.Column(scale=1, min_width=220, elem_id="chat-sidebar"):
-            new_chat = gr.Button("＋ New chat", elem_id="new-chat")
+            new_chat = gr.Button("+ New chat", elem_id="new-chat")
             chats = gr.Radio([], label="Your chats", elem_id="conversations")
             delete = gr.Button("Delete this chat", size="sm", variant="stop", elem_id="delete-chat")
         with gr.Column(scale=4):
@@ -91,6 +91,7 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
         """Reply to ``turns_v`` (ending with the user's message), streaming every piece; a retry
         passes the turn it retries, whose replies the new one joins as an alternative."""
         uid = uid or new_user()
+        yield view(turns_v, conv, uid, "Writing a reply…")  # an edit's later turns go at once
         context = [{"role": t["role"], "content": t["content"]} for t in turns_v]
         try:
             service.admit_identity(address(request), uid)
@@ -121,7 +122,6 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
         if not text:
             raise gr.Error("Type a message first.")
         turns_v = turns_v + [{"role": "user", "content": text}]
-        yield ("", *view(turns_v, conv, uid))
         for v in stream(turns_v, conv, uid, temp, maxt, request):
             yield ("", *v)
 
@@ -186,6 +186,7 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
 
     chats.input(open_chat, [chats, user_id], view_out, api_name="open_chat")
     new_chat.click(start_new, [user_id], view_out, api_name="new_chat")
+    chatbot.clear(start_new, [user_id], view_out, api_visibility="private")  # its own 🗑 button
     delete.click(delete_chat, [conv_id, user_id], view_out, api_name="delete_chat")
 
     # ---- rating: a thumb is stored at once; after 👎 the reason chips and a comment ------------
@@ -220,7 +221,7 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
         """Rate the reply in chatbot row ``row`` 'up' or 'down', with an optional reason and comment."""
         try:
             i = turn_index(turns_v, int(row) if row is not None else None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, OverflowError):  # not a row, NaN, infinity
             raise gr.Error("That message is not in this conversation.")
         if "message_id" not in turns_v[i] or rating not in RATINGS:
             raise gr.Error("That message cannot be rated (rating must be 'up' or 'down').")

@@ -9,11 +9,19 @@ feed training leave it out from then on (``records._TRAINABLE``).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Sequence
 
 from chatloop.store.records import Forbidden, NotFound, _Statements, now
 
 TITLE_CHARS = 60
+_MARKUP = re.compile(r"```[\w+-]*|[*_`#>]+")  # markdown's fences, emphasis, code, headings, quotes
+
+
+def title_of(first_message: str | None) -> str:
+    """A conversation's title: its first user message as one line of plain text, shortened."""
+    title = " ".join(_MARKUP.sub(" ", first_message or "").split())
+    return title if len(title) <= TITLE_CHARS else title[:TITLE_CHARS - 1] + "…"
 
 
 class ConversationLog:
@@ -29,7 +37,7 @@ class ConversationLog:
     def user_conversations(self, user_id: str, exclude_sources: Sequence[str] = (),
                            limit: int = 100) -> list[dict[str, Any]]:
         """``user_id``'s conversations that have a reply and are not deleted, the most recently
-        active first: id, title (the first user message, shortened), created_at, updated_at and
+        active first: id, title (``title_of`` the first user message), created_at, updated_at and
         replies (how many assistant replies, retries and branches included)."""
         skip = list(exclude_sources) or [""]
         rows = self._dicts(
@@ -44,8 +52,7 @@ class ConversationLog:
             ORDER BY updated_at DESC, c.id DESC LIMIT ?
             """, [user_id, *skip, max(1, min(int(limit), 1000))])
         for r in rows:
-            title = " ".join((r["title"] or "").split())
-            r["title"] = title if len(title) <= TITLE_CHARS else title[:TITLE_CHARS - 1] + "…"
+            r["title"] = title_of(r["title"])
         return rows
 
     def conversation_replies(self, conversation_id: str, user_id: str) -> list[dict[str, Any]]:
