@@ -1,7 +1,7 @@
 """A real browser test of the Gradio UI: Debian's chromium driven through Playwright.
 
 It does what a person would: reads the notice, chats, rates a reply down (reason chip and a
-comment), retries and rates the new reply up, goes through both replies ("1 / 2", "2 / 2"),
+comment), retries and rates the new reply up (with its own reason), goes through both replies ("1 / 2", "2 / 2"),
 reloads the page and reopens the chat from the list, continues it, edits a message and resends
 (a branch), sends markdown with code, deletes a chat, picks the better of two answers on the
 Compare tab, then signs in on the Admin tab, retrains on a snapshot that holds the retry's pair,
@@ -177,7 +177,7 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     expect(page.locator("#chat-status")).to_contain_text("Recorded 👎 (too long) with your comment")
     expect(panel).to_be_hidden()
     rows = poll(lambda: admin_sql(server, "SELECT rating, reason, comment, user_id FROM feedback_events "
-                                          "WHERE reason IS NOT NULL"), what="a thumbs-down row with its reason")
+                                          "WHERE reason = 'too long'"), what="a thumbs-down row with its reason")
     assert len(rows) == 1 and (rows[0]["rating"], rows[0]["reason"], rows[0]["comment"]) == (
         -1, "too long", "it rambles on"), rows
     assert rows[0]["user_id"].startswith("ui:")
@@ -194,10 +194,15 @@ def _walk_through(page: Page, server, shot: Shots) -> None:
     assert gens == [{"n": 2, "contexts": 1}], gens
     page.locator("#chatbot button[aria-label='Like']").last.click()
     expect(page.locator("#chat-status")).to_contain_text("Thanks! Recorded 👍")
-    expect(panel).to_be_hidden()  # no questions after a thumbs-up
-    rows = poll(lambda: admin_sql(server, "SELECT rating, message_id FROM feedback_events WHERE rating = 1"),
-                what="a thumbs-up row")
-    assert len(rows) == 1, rows
+    expect(panel).to_be_visible()  # a thumbs-up's own reasons
+    expect(page.locator("#reason-chips")).not_to_contain_text("too long")
+    page.locator("#reason-chips").get_by_text("helpful", exact=True).click()
+    page.locator("#reason-send").click()
+    expect(page.locator("#chat-status")).to_contain_text("Recorded 👍 (helpful).")
+    expect(panel).to_be_hidden()
+    rows = poll(lambda: admin_sql(server, "SELECT rating, message_id FROM feedback_events WHERE reason = 'helpful'"),
+                what="a thumbs-up row with its reason")
+    assert len(rows) == 1 and rows[0]["rating"] == 1, rows
     ids = admin_sql(server, "SELECT count(DISTINCT message_id) AS n FROM feedback_events")
     assert ids[0]["n"] == 2, ids  # the two thumbs landed on the two stored replies
     page.locator("#prev-reply").click()  # back to the first reply: its thumbs-down is shown taken

@@ -1,6 +1,6 @@
 """The Chat tab: the user's conversations in a sidebar, streamed replies, stop, retry (the replies
 to one message shown as "1 / 2"), edit a sent message and resend, 👍/👎 with reason chips and a
-comment after a 👎, markdown with copy buttons.
+comment after a thumb, markdown with copy buttons.
 
 Invariants:
 - The conversation shown is kept in session state as turns (``chatloop.conversations``' shape);
@@ -28,7 +28,9 @@ from ui.chat_view import (alternatives_label, conversation_choices, excerpt, fee
                           turn_index)
 from ui.common import address, new_user
 
-DOWN_REASONS = ["wrong", "unhelpful", "off topic", "repetitive", "too long", "unsafe or rude", "other"]
+REASONS = {"down": ["wrong", "unhelpful", "off topic", "repetitive", "too long", "unsafe or rude", "other"],
+           "up": ["helpful", "accurate", "well written", "concise", "other"]}
+ALL_REASONS = list(dict.fromkeys(REASONS["down"] + REASONS["up"]))  # what /rate accepts
 RATINGS = {"up": 1, "down": -1}
 HIDDEN_FROM_CHAT = ("compare",)  # the Compare tab's A/B sessions are not chats to continue
 
@@ -54,7 +56,7 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
                 next_alt = gr.Button("▶", size="sm", scale=0, min_width=40, elem_id="next-reply")
             with gr.Column(visible=False, elem_id="reason-panel") as panel:
                 panel_title = gr.Markdown("", elem_id="reason-title")
-                chips = gr.Radio(DOWN_REASONS, label="What was wrong with it? (optional)", elem_id="reason-chips")
+                chips = gr.Radio(ALL_REASONS, label="Why? (optional)", elem_id="reason-chips")
                 comment = gr.Textbox(label="Anything else? (optional)", lines=1, max_length=lim.max_comment_chars,
                                      elem_id="reason-comment")
                 with gr.Row():
@@ -189,7 +191,7 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
     chatbot.clear(start_new, [user_id], view_out, api_visibility="private")  # its own 🗑 button
     delete.click(delete_chat, [conv_id, user_id], view_out, api_name="delete_chat")
 
-    # ---- rating: a thumb is stored at once; after 👎 the reason chips and a comment ------------
+    # ---- rating: a thumb is stored at once; then that rating's reason chips and a comment -----
     rating_out = [turns, status, panel, panel_title, rate_row, rate_value, chips, comment]
 
     def like(turns_v, uid, data: gr.LikeData):
@@ -210,10 +212,11 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
             raise gr.Error(str(exc))
         turns_v = turns_v[:i] + [set_rating(turns_v[i], rating)] + turns_v[i + 1:]
         row = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-        if rating > 0:
-            return turns_v, "Thanks! Recorded 👍.", gr.update(visible=False), *[gr.skip()] * 5
-        return (turns_v, "Thanks! Recorded 👎. Tell us why, if you like (below the chat).", gr.update(visible=True),
-                f"👎 for “{excerpt(turns_v[i]['content'])}”", row, "down", None, "")
+        word = "up" if rating > 0 else "down"
+        question = "What was good about it?" if rating > 0 else "What was wrong with it?"
+        return (turns_v, f"Thanks! Recorded {'👍' if rating > 0 else '👎'}. Say why below, if you like.",
+                gr.update(visible=True), f"{'👍' if rating > 0 else '👎'} for “{excerpt(turns_v[i]['content'])}”",
+                row, word, gr.update(choices=REASONS[word], value=None, label=f"{question} (optional)"), "")
 
     chatbot.like(like, [turns, user_id], rating_out, api_visibility="private")
 
