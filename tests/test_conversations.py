@@ -148,3 +148,20 @@ def test_the_conversation_routes_list_show_and_delete_only_the_callers_own(clien
                        headers=ADMIN).json()["rows"]
     assert rows == [[4]]  # two exchanges, kept in the log
     assert client.get("/v1/conversations/conv-nope", params={"user": "carol"}).status_code == 404
+
+
+@pytest.mark.parametrize("conversation_id", ["'; DROP TABLE messages; --", "x" * 4000, "..%2F..%2Fdata", "%00",
+                                             "\u202eevil", "conv-" + "0" * 20])
+@pytest.mark.parametrize("user", [None, "mallory", "x" * 500, "\x07"])
+def test_odd_conversation_ids_and_users_get_a_4xx_and_change_nothing(client, conversation_id, user):
+    params = {} if user is None else {"user": user}
+    before = client.post("/admin/sql", json={"sql": "SELECT count(*) FROM conversations WHERE deleted_at IS NULL"},
+                         headers=ADMIN).json()["rows"]
+    for method in (client.get, client.delete):
+        r = method(f"/v1/conversations/{conversation_id}", params=params)
+        assert 400 <= r.status_code < 500 and "error" in r.json(), (r.status_code, r.text)
+    r = client.get("/v1/conversations", params={**params, "limit": 10**9})
+    assert r.status_code in (400, 422), r.text
+    after = client.post("/admin/sql", json={"sql": "SELECT count(*) FROM conversations WHERE deleted_at IS NULL"},
+                        headers=ADMIN).json()["rows"]
+    assert after == before
