@@ -1,5 +1,4 @@
-"""What every tab of the UI shares: who the browser's user is, its client address, and how a
-conversation is shown.
+"""What every tab of the UI shares: who the browser's user is, its client address, and tables.
 
 Invariants: a browser's user is its signed ``chatloop_uid`` cookie's (``ui:<id>``); a session
 that came without one gets a fresh id, never a shared one.
@@ -27,10 +26,6 @@ def browser_user(request: gr.Request | None, cookie_user: Callable[[Any], str | 
 
 def address(request: gr.Request | None) -> str:
     return getattr(getattr(request, "client", None), "host", None) or "?"
-
-
-def display(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
-    return [{"role": t["role"], "content": t["content"]} for t in turns]
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> dict[str, Any]:
