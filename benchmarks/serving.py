@@ -5,7 +5,9 @@ these machines are shared and noisy):
   model (the ceiling for one stream in eager PyTorch);
 - aggregate decode tokens/s with 8 (and 16) concurrent streams, and TTFT p50/p95 at 8;
 - activation latency: publish a new adapter version -> first token from it, while 4 streams run;
-- decode cost of an unmerged LoRA adapter (r=16 on every linear layer) vs the base model;
+- decode cost of a LoRA adapter (r=16 on every linear layer) vs the base model: as served alone
+  (folded into the weights, ``merge_single_version``) and unmerged (the per-row forward of mixed
+  batches);
 - bf16 vs fp32 on this CPU (speed, and whether greedy output stays the same);
 - where ``llama-cpp-python`` is installed (``pip install -e .[bench]``, compiles for minutes),
   the same GGUF through llama.cpp, single stream, and our ratios to it.
@@ -14,7 +16,7 @@ these machines are shared and noisy):
 
 Prints a table, and with --json a last line holding one JSON object with the keys single_tok_s,
 bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, ttft_p50_ms, ttft_p95_ms,
-activation_ms_p50, lora_vs_base, and when measured llamacpp_tok_s, single_vs_llamacpp,
+activation_ms_p50, lora_vs_base, lora_unmerged_vs_base, and when measured llamacpp_tok_s, single_vs_llamacpp,
 concurrent8_vs_llamacpp (plus a few more described in the table).
 """
 
@@ -187,10 +189,13 @@ def main() -> None:
     adapter_dir = make_lora(loaded, tmp / "lora")
     lora_v = registry.publish(adapter_dir, {"parent": "base"})
     engine.activate(lora_v)
-    base_rates, lora_rates = [], []
-    for _ in range(args.rounds):
+    base_rates, lora_rates, unmerged_rates = [], [], []
+    for _ in range(args.rounds):  # the engine's default: one version in flight is served folded
         base_rates.append(decode_tok_s(single(engine, args.tokens, adapter="base")))
         lora_rates.append(decode_tok_s(single(engine, args.tokens, adapter=lora_v)))
+        engine.merge_single_version = False  # the per-row LoRA forward that mixed batches use
+        unmerged_rates.append(decode_tok_s(single(engine, args.tokens, adapter=lora_v)))
+        engine.merge_single_version = True
     engine.activate("base")
     steps.update()
 
@@ -233,6 +238,8 @@ def main() -> None:
         "activation_ms_max": round(max(act), 1),
         "lora_tok_s": round(statistics.median(lora_rates), 2),
         "lora_vs_base": round(statistics.median(lora_rates) / statistics.median(base_rates), 3),
+        "lora_unmerged_tok_s": round(statistics.median(unmerged_rates), 2),
+        "lora_unmerged_vs_base": round(statistics.median(unmerged_rates) / statistics.median(base_rates), 3),
         "bf16_single_tok_s": round(bf16_rate, 2),
         "bf16_vs_fp32": round(bf16_rate / single_tok_s, 3),
         "bf16_greedy_same_prefix": f"{bf16_same}/{len(ref)} tokens",

@@ -149,6 +149,9 @@ class Settings:
     torch_threads: int = 0  # 0 = leave torch's default
     queue_size: int = 64  # requests waiting for a batch slot; beyond it chat answers 503 busy
     max_batch: int = 16  # requests decoded together (continuous batching)
+    # while every request in flight uses one adapter version, fold its LoRA into the weights
+    # (the base model's speed; costs one copy of the adapted layers' weights); false: always unmerged
+    merge_single_version: bool = True
     retrain_cron: str = ""  # e.g. "0 3 * * *"; empty = no scheduled retraining
     retrain_interval_minutes: int = 0  # 0 = off
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)

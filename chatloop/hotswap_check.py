@@ -42,6 +42,12 @@ def unavailable(step: str, cause: BaseException | str) -> HotSwapUnavailable:
         f"Fix: {LOCK_FIX}")
 
 
+# the random probe's LoRA weights: A·x then sums ~hidden-size terms of this size, so its change to
+# the logits is far above the self-check's bf16 tolerance (3e-2 relative); PEFT's own random init
+# sometimes was not (docs/LOG.md, 2026-12-03)
+RANDOM_PROBE_STD = 0.3
+
+
 def write_probe_adapters(model: torch.nn.Module, directory: Path,
                          target_modules: Sequence[str]) -> tuple[Path, Path]:
     """Write a zero and a random probe adapter for ``model`` under ``directory``.
@@ -57,6 +63,11 @@ def write_probe_adapters(model: torch.nn.Module, directory: Path,
                             layers_to_transform=[0], init_lora_weights=init)
         adapter = f"chatloop_probe_{name}"
         model.add_adapter(config, adapter_name=adapter)
+        if not init:  # PEFT's random init is too faint to show through bf16 rounding: make it loud
+            with torch.no_grad():
+                for pname, p in model.named_parameters():
+                    if f".{adapter}." in pname:
+                        p.normal_(0.0, RANDOM_PROBE_STD, generator=torch.Generator(p.device).manual_seed(0))
         try:
             path = directory / name
             model.save_pretrained(path)  # with an adapter loaded, transformers saves only it

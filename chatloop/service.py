@@ -165,7 +165,8 @@ class Service(Operations):
         self.new_identities = NewIdentityLimit(settings.limits.new_identities_per_hour)
         self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
                              settings.queue_size, settings.max_batch,
-                             probe_modules=settings.training.lora_target_modules)
+                             probe_modules=settings.training.lora_target_modules,
+                             merge_single_version=settings.merge_single_version)
         self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,
                                    activate=self.activate, active_version=lambda: self.engine.active_version)
 

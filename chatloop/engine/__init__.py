@@ -14,14 +14,16 @@ Invariants:
 - Each request is pinned to one adapter version when the engine starts it ('base' or vN). Rows
   of one batch may use different versions: PEFT's mixed-batch LoRA forward applies each row's
   own adapter, so activation between decode steps never changes the adapter of a reply in
-  flight, and the reply reports the version that produced it.
+  flight, and the reply reports the version that produced it. While every row in flight uses
+  one version, its LoRA is folded into the weights instead (``merged``): the base model's cost.
 - Adapters live in LoRA "slots" (PEFT adapter names). A version that is neither active nor used
   by a running request frees its slot; a new version is hot-swapped into a free slot's weights
   when its shape allows, else gets a new slot. At most one free slot is kept, so memory does
   not grow with the number of activations. A corrupt or mismatched adapter is refused and the
   active one keeps serving.
 - Greedy decoding (temperature 0) equals ``model.generate(do_sample=False)`` token for token
-  with the same repetition penalty, alone and inside a mixed batch (tests check it).
+  with the same repetition penalty, alone and inside a mixed batch; served folded, it equals the
+  ``generate`` of PEFT's ``merge_and_unload`` model (tests check both).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
 from chatloop.engine.requests import (Completion, ContextTooLong, EngineBusy, GenerationFailed, GenerationParams,
                                       InvalidRequest, StreamHandle, _Request, _StopMatcher)
+from chatloop.engine.merged import MergedWeights
 from chatloop.engine.slots import AdapterSlots
 from chatloop.models import LoadedModel
 from chatloop.sampling import RowSampling, choose_tokens
@@ -72,7 +75,7 @@ class _Row:
         self.pad = 0  # padding columns on the left of this row in the KV cache
 
 
-class Engine(AdapterSlots):
+class Engine(AdapterSlots, MergedWeights):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -81,6 +84,7 @@ class Engine(AdapterSlots):
         queue_size: int = 64,
         max_batch: int = 16,
         probe_modules: Sequence[str] = ("q_proj", "v_proj"),
+        merge_single_version: bool = True,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -108,6 +112,7 @@ class Engine(AdapterSlots):
         self._mask: torch.Tensor | None = None  # [rows, cached columns]; 0 marks left padding
         self._row_adapters: list[str] | None = None  # read by the LoRA pre-forward hooks
         self._hooked: weakref.WeakSet = weakref.WeakSet()
+        self._init_merged(merge_single_version)  # one version in flight: its LoRA folded in (merged.py)
         # Rust tokenizers raise "Already borrowed" when two threads use one at once
         self._tokenizer_lock = threading.Lock()
         eos = self.model.generation_config.eos_token_id
@@ -235,6 +240,7 @@ class Engine(AdapterSlots):
         self._rows, self._cache, self._mask = [], None, None
         for slot in list(self._slots):  # leave the model as the engine found it
             self._drop_slot(slot)
+        self._per_row_forward()
         while True:
             try:
                 self._requests.get_nowait().handle._finish(None, RuntimeError("the engine has stopped"))
@@ -274,7 +280,9 @@ class Engine(AdapterSlots):
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, position_ids: torch.Tensor,
                  mask: torch.Tensor | None, cache: DynamicCache) -> torch.Tensor:
         """One forward pass for ``rows``; returns float logits of each row's last position."""
-        self._row_adapters = self._adapter_names([r.version for r in rows])
+        in_flight = {r.version for r in self._rows} | {r.version for r in rows}
+        uniform = self._uniform_forward(in_flight)
+        self._row_adapters = None if uniform else self._adapter_names([r.version for r in rows])
         try:
             out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)

@@ -97,6 +97,7 @@ class AdapterSlots:
     def _probe_logits(self, versions: list[str]) -> torch.Tensor:
         """Last-position logits of the probe prompt, one row per version (a mixed batch)."""
         ids = torch.tensor([self._probe_ids] * len(versions), device=self.loaded.device)
+        self._per_row_forward()
         self._row_adapters = self._adapter_names(versions)
         try:
             return self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :].float()
@@ -146,16 +147,21 @@ class AdapterSlots:
             raise AdapterError(f"adapter {version} cannot be loaded: {exc}") from exc
         self._assign(slot, version)
         self._hook_lora_layers()
+        self._lora_on = None  # new LoRA layers start switched on: set the switch again
 
     def _assign(self, slot: str, version: str) -> None:
         self._slots[slot] = version
         self._slot_of[version] = slot
 
     def _drop_slot(self, slot: str) -> None:
+        self._unfold_if_holds(self._slots.get(slot))
         held = self._slots.pop(slot)
         if held is not None:
             self._slot_of.pop(held, None)
         self.model.delete_adapter(slot)
+        self._lora_on = None  # layers may have come or gone: set the switch again before the next forward
+        if not self._slots and self._merged_version is None:
+            self._base_weights.clear()
 
     def _hook_lora_layers(self) -> None:
         """Give every LoRA layer the batch's per-row adapter names (PEFT's mixed-batch forward).
@@ -177,6 +183,7 @@ class AdapterSlots:
         """Free the slots of versions nobody uses; keep one spare for the next activation."""
         in_use = {self._active} | {r.version for r in self._rows}
         for version in [v for v in self._slot_of if v not in in_use]:
+            self._unfold_if_holds(version)
             self._slots[self._slot_of.pop(version)] = None
         for slot in [s for s, held in self._slots.items() if held is None][1:]:
             self._drop_slot(slot)
