@@ -125,6 +125,14 @@ class Operations:
         votes = [(a, b, c) for _, a, b, c in self.store.version_votes()]
         return [asdict(r) for r in rate(votes, bootstrap=bootstrap)]
 
+    def liked_by_version(self) -> list[dict[str, Any]]:
+        """Each served version's liked share from real users' thumbs, with its 95 % interval and
+        the gate's verdict on it, in serving order (``chatloop.liked``)."""
+        from chatloop.liked import liked_by_version
+
+        return liked_by_version(self.store.version_thumbs(), self.store.first_activations(),
+                                self.store.candidate_verdicts())
+
     def version_votes(self) -> list[tuple[Any, str, str, str]]:
         """(time, version of A, version of B, choice) of every A/B vote between versions, oldest first."""
         return self.store.version_votes()

@@ -219,6 +219,9 @@ def test_live_comparison_and_ratings(client, tiny_model_dir, tmp_path):
     assert ratings["live_comparison"] == candidate
     best = ratings["ratings"][0]
     assert best["version"] == candidate and best["votes"] >= 6 and best["low"] <= best["rating"] <= best["high"]
+    liked = {r["version"]: r for r in ratings["liked_by_version"]}
+    assert liked["base"]["gate"] == "the base model"
+    assert candidate not in liked  # published by hand, never served, no run: no share and no verdict
     assert client.post("/admin/compare", json={"version": None}, headers=ADMIN).json()["live_comparison"] is None
 
 

@@ -60,3 +60,40 @@ def ratings_plot(points: list[tuple[Any, dict[str, float]]]):
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+GATE_COLOURS = {"promoted": "tab:green", "overridden": "tab:olive", "staged": "tab:blue", "rejected": "tab:red",
+                "failed": "tab:red"}
+
+
+def liked_plot(rows: list[dict[str, Any]]):
+    """The liked share of each version in serving order, with its 95 % interval; versions the
+    gate rejected (never served) are marked where they would have stood."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 2.8))
+    xs = list(range(len(rows)))
+    for x, r in zip(xs, rows):
+        colour = GATE_COLOURS.get(r["gate"], "tab:gray")
+        if r["liked_pct"] is not None:
+            ax.errorbar([x], [r["liked_pct"]], yerr=[[r["liked_pct"] - r["low_pct"]], [r["high_pct"] - r["liked_pct"]]],
+                        fmt="o", color=colour, capsize=4)
+            ax.annotate(f"{r['thumbs']} thumbs", (x, r["liked_pct"]),
+                        textcoords="offset points", xytext=(6, -3), fontsize=7)
+        else:
+            ax.text(x, 50, r["gate"], ha="center", va="center", fontsize=8, color=colour, rotation=90)
+    served = [(x, r["liked_pct"]) for x, r in zip(xs, rows) if r["liked_pct"] is not None]
+    if len(served) > 1:
+        ax.plot(*zip(*served), color="tab:gray", alpha=0.4, linewidth=1)
+    ax.set_xticks(xs, [r["version"] for r in rows])
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("liked %")
+    ax.set_title("Liked share of each served version (95% interval); colour: the gate's verdict"
+                 if served else "no thumbs on any version yet", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig

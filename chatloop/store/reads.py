@@ -113,6 +113,22 @@ class FeedbackReads:
             c["messages"] = by_conv.get(c["id"], [])
         return convs
 
+    def version_thumbs(self) -> list[dict[str, Any]]:
+        """(version, up, down) of the latest thumb of each user on each reply, by the version that
+        wrote the reply; imported conversations are left out (they are not this service's users)."""
+        return self._dicts(
+            """
+            SELECT g.adapter_version AS version, count(*) FILTER (WHERE f.rating = 1) AS up,
+                   count(*) FILTER (WHERE f.rating = -1) AS down
+            FROM (SELECT message_id, rating FROM feedback_events
+                  QUALIFY row_number() OVER (PARTITION BY user_id, message_id ORDER BY created_at DESC, id DESC) = 1) f
+            JOIN generations g ON g.message_id = f.message_id
+            JOIN messages m ON m.id = f.message_id
+            JOIN conversations cv ON cv.id = m.conversation_id
+            WHERE cv.source <> 'import'
+            GROUP BY 1 ORDER BY 1
+            """)
+
     def version_votes(self) -> list[tuple[Any, str, str, str]]:
         """(time, version of A, version of B, choice) of the latest vote of each user on each pair
         of replies, oldest first: what adapter ratings are fitted on."""

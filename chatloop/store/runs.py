@@ -94,6 +94,17 @@ class RunRecords:
                 "INSERT INTO adapter_activations (version, previous, actor, reason, activated_at)"
                 " VALUES (?, ?, ?, ?, ?)", [version, previous, actor, reason, now()])
 
+    def candidate_verdicts(self) -> list[dict[str, Any]]:
+        """id, candidate_version, status, verdict (its line) and checks (the structured verdict, JSON)
+        of every run that produced a candidate."""
+        return self._dicts("SELECT id, candidate_version, status, verdict,"
+                           " json_extract(metrics, '$.gate') AS checks"
+                           " FROM training_runs WHERE candidate_version IS NOT NULL ORDER BY id")
+
+    def first_activations(self) -> dict[str, Any]:
+        """When each version first became the active one."""
+        return {v: t for v, t in self._all("SELECT version, min(activated_at) FROM adapter_activations GROUP BY 1")}
+
     def running_runs(self) -> list[dict[str, Any]]:
         return self._dicts("SELECT id, snapshot_dir FROM training_runs WHERE status = 'running' ORDER BY id")
 

@@ -1,4 +1,5 @@
-"""Operator routes for versions: list, activate, roll back, the live comparison, ratings.
+"""Operator routes for versions: list, activate, roll back, the live comparison, ratings and the
+liked share of each served version.
 
 Invariants: every route here needs the operator token; an unknown version in the path is 404.
 """
@@ -33,7 +34,8 @@ def rollback(service: Service = Depends(service_of)):
 
 @router.get("/ratings")
 def ratings(service: Service = Depends(service_of)):
-    return {"ratings": service.ratings(), "live_comparison": service.live_comparison()}
+    return {"ratings": service.ratings(), "live_comparison": service.live_comparison(),
+            "liked_by_version": service.liked_by_version()}
 
 
 @router.post("/compare")
