@@ -8,7 +8,8 @@ Invariants:
 - The child process trains from files; it never opens the database. The adapter it writes is
   published into the registry atomically (see ``adapters``) before anything activates it.
 - A failure at any step marks the run failed with the error and leaves serving untouched.
-- The reference/parent is the version active when the snapshot is taken.
+- The reference/parent is the version active when the snapshot is taken; a candidate is never
+  promoted over another version that became active while it trained (check ``replaces``).
 - With ``gate_live_votes`` a candidate that passes is *staged* (served on one side of the
   Compare tab) and promoted only by ``settle_live_comparisons`` once users' votes are in.
 """
@@ -178,6 +179,10 @@ class Retrainer:
 
             self._stage("gate", on_progress)
             verdict = evaluate.gate(metrics, t)
+            serving = self._active_version()
+            if serving != parent:  # it was judged against the parent, not against what it would replace
+                verdict.add(evaluate.Check("replaces", False, f"{serving} became active while the candidate trained "
+                                                              f"from {parent}: it was never compared with {serving}"))
             metrics["gate"] = verdict.as_dict()  # the offline checks, in the adapter's metadata too
             self._stage("publishing", on_progress)
             meta = {"parent": parent, "algo": algo, "run_id": run_id, "settings": job["settings"],

@@ -288,3 +288,21 @@ def test_the_judge_reuses_a_recent_reward_model_until_the_data_grows(parts):
     third = retrainer.run_cycle("dpo")
     assert isinstance(third["metrics"]["judge"]["reward_model"], dict)
 
+
+def test_a_candidate_is_never_promoted_over_a_version_it_was_not_compared_with(parts, tiny_model_dir, tmp_path):
+    from test_engine import make_adapter
+
+    settings, store, registry, retrainer, activations = parts
+    seed_pairs(store, 6)
+    other = registry.publish(make_adapter(tiny_model_dir, tmp_path / "by-hand", 5), {"parent": "base"})
+
+    def operator_activates_meanwhile(progress):
+        if progress.stage == "training" and registry.active() != other:
+            registry.set_active(other)
+
+    run = retrainer.run_cycle(on_progress=operator_activates_meanwhile)
+    assert run["parent_version"] == "base" and run["status"] == "rejected"
+    checks = {c["name"]: c for c in run["metrics"]["gate"]["results"]}
+    assert checks["replaces"]["passed"] is False and f"{other} became active" in checks["replaces"]["reason"]
+    assert registry.active() == other and activations == []  # the operator's choice keeps serving
+
