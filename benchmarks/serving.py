@@ -8,6 +8,8 @@ these machines are shared and noisy):
 - decode cost of a LoRA adapter (r=16 on every linear layer) vs the base model: as served alone
   (folded into the weights, ``merge_single_version``) and unmerged (the per-row forward of mixed
   batches);
+- chunked prefill: the p95 inter-token gap of 7 running streams while a 2,000-token prompt joins
+  them, against their quiet p95, with the prompt prefilled in chunks (the default) and whole;
 - bf16 vs fp32 on this CPU (speed, and whether greedy output stays the same);
 - where ``llama-cpp-python`` is installed (``pip install -e .[bench]``, compiles for minutes),
   the same GGUF through llama.cpp, single stream, and our ratios to it.
@@ -16,7 +18,7 @@ these machines are shared and noisy):
 
 Prints a table, and with --json a last line holding one JSON object with the keys single_tok_s,
 bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, ttft_p50_ms, ttft_p95_ms,
-activation_ms_p50, lora_vs_base, lora_unmerged_vs_base, and when measured llamacpp_tok_s, single_vs_llamacpp,
+activation_ms_p50, lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked), and when measured llamacpp_tok_s, single_vs_llamacpp,
 concurrent8_vs_llamacpp (plus a few more described in the table).
 """
 
@@ -28,6 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -132,6 +135,59 @@ def activation_ms(engine: Engine, registry: AdapterRegistry, adapter_dir: Path, 
     return out
 
 
+def long_prompt(engine: Engine, tokens: int) -> list[dict[str, str]]:
+    """A user message of about ``tokens`` tokens (with the chat template)."""
+    words = ("The river runs past the old mill, under the stone bridge and out to the wide sea. " * 400).split()
+    lo, hi = 1, len(words)
+    while lo < hi:  # the longest prefix of words that fits
+        mid = (lo + hi + 1) // 2
+        if len(engine._encode([{"role": "user", "content": " ".join(words[:mid])}])) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return [{"role": "user", "content": " ".join(words[:lo]) + " Summarise that."}]
+
+
+def p95(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(0.95 * len(xs)))] if xs else float("nan")
+
+
+def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7, quiet_s: float = 2.0) -> tuple[float, float]:
+    """p95 inter-token gap (ms) of ``streams`` running replies while quiet, and while a prompt of
+    ``prompt_tokens`` tokens joins them (from its submission to its first token)."""
+    long = long_prompt(engine, prompt_tokens)
+    stamps: list[list[float]] = [[] for _ in range(streams)]
+    handles = [engine.submit(essay(i), params(1024, greedy=False, seed=i)) for i in range(streams)]
+
+    def read(i: int) -> None:
+        for _ in handles[i]:
+            stamps[i].append(time.perf_counter())
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(streams)]
+    for r in readers:
+        r.start()
+    while not all(stamps):
+        time.sleep(0.01)
+    q0 = time.perf_counter()
+    time.sleep(quiet_s)
+    j0 = time.perf_counter()
+    joining = engine.submit(long, params(2))
+    next(iter(joining))
+    j1 = time.perf_counter()
+    joining.result(600)
+    time.sleep(0.2)
+    for h in handles:
+        h.cancel()
+    for r in readers:
+        r.join(600)
+
+    def gaps(keep: Callable[[float, float], bool]) -> list[float]:
+        return [(b - a) * 1000 for ts in stamps for a, b in zip(ts, ts[1:]) if keep(a, b)]
+
+    return p95(gaps(lambda a, b: q0 <= a and b <= j0)), p95(gaps(lambda a, b: b >= j0 and a <= j1))
+
+
 def llamacpp_tok_s(tokens: int) -> float | None:
     try:
         from llama_cpp import Llama
@@ -155,10 +211,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="reply length per request")
     ap.add_argument("--rounds", type=int, default=3, help="repetitions of each measurement")
+    ap.add_argument("--long-prompt", type=int, default=2000,
+                    help="tokens of the prompt that joins 7 running streams (chunked prefill)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     settings = Settings()
-    steps = tqdm(total=8, desc="serving benchmark", unit="step")
+    steps = tqdm(total=9, desc="serving benchmark", unit="step")
 
     loaded = load_model(settings.model, settings.models_dir, device="cpu", dtype="float32")
     tmp = Path(tempfile.mkdtemp(prefix="chatloop-bench-"))
@@ -201,6 +259,13 @@ def main() -> None:
 
     act = activation_ms(engine, registry, adapter_dir, trials=5, tokens=args.tokens)
     engine.activate("base")
+    steps.update()
+
+    chunk = engine.prefill_chunk
+    quiet_gap, join_gap = long_join_gaps(engine, args.long_prompt)
+    engine.prefill_chunk = 10**9  # the same join with the whole prompt prefilled in one step
+    quiet_gap_whole, join_gap_whole = long_join_gaps(engine, args.long_prompt)
+    engine.prefill_chunk = chunk
     engine.stop()
     steps.update()
 
@@ -236,6 +301,11 @@ def main() -> None:
         "ttft_p95_ms": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1),
         "activation_ms_p50": round(statistics.median(act), 1),
         "activation_ms_max": round(max(act), 1),
+        "long_prompt_tokens": args.long_prompt,
+        "quiet_gap_p95_ms": round(quiet_gap, 1),
+        "long_join_gap_p95_ms": round(join_gap, 1),
+        "long_join_vs_quiet": round(join_gap / quiet_gap, 2),
+        "long_join_vs_quiet_unchunked": round(join_gap_whole / quiet_gap_whole, 2),
         "lora_tok_s": round(statistics.median(lora_rates), 2),
         "lora_vs_base": round(statistics.median(lora_rates) / statistics.median(base_rates), 3),
         "lora_unmerged_tok_s": round(statistics.median(unmerged_rates), 2),

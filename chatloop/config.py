@@ -152,6 +152,9 @@ class Settings:
     # while every request in flight uses one adapter version, fold its LoRA into the weights
     # (the base model's speed; costs one copy of the adapted layers' weights); false: always unmerged
     merge_single_version: bool = True
+    # a longer prompt that arrives while others decode is prefilled this many tokens per step,
+    # between their decode steps, so their replies keep streaming
+    prefill_chunk_tokens: int = 128
     retrain_cron: str = ""  # e.g. "0 3 * * *"; empty = no scheduled retraining
     retrain_interval_minutes: int = 0  # 0 = off
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)

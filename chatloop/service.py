@@ -166,7 +166,8 @@ class Service(Operations):
         self.engine = Engine(self.loaded, self.registry, settings.limits.max_context_tokens,
                              settings.queue_size, settings.max_batch,
                              probe_modules=settings.training.lora_target_modules,
-                             merge_single_version=settings.merge_single_version)
+                             merge_single_version=settings.merge_single_version,
+                             prefill_chunk=settings.prefill_chunk_tokens)
         self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,
                                    activate=self.activate, active_version=lambda: self.engine.active_version)
 

@@ -11,6 +11,9 @@ Invariants:
   the control queue; ``activate`` blocks its caller until the engine thread has loaded the adapter.
 - New requests join the running batch between decode steps (their prompts are prefilled
   together and their KV cache is merged in); finished or cancelled rows leave at the next step.
+  A prompt longer than ``prefill_chunk`` that arrives while others decode is prefilled alone, one
+  chunk per step with a decode step of the others after each, so it never stalls them for its
+  whole prefill; it joins the batch after its last chunk.
 - Each request is pinned to one adapter version when the engine starts it ('base' or vN). Rows
   of one batch may use different versions: PEFT's mixed-batch LoRA forward applies each row's
   own adapter, so activation between decode steps never changes the adapter of a reply in
@@ -85,9 +88,12 @@ class Engine(AdapterSlots, MergedWeights):
         max_batch: int = 16,
         probe_modules: Sequence[str] = ("q_proj", "v_proj"),
         merge_single_version: bool = True,
+        prefill_chunk: int = 128,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -113,6 +119,12 @@ class Engine(AdapterSlots, MergedWeights):
         self._row_adapters: list[str] | None = None  # read by the LoRA pre-forward hooks
         self._hooked: weakref.WeakSet = weakref.WeakSet()
         self._init_merged(merge_single_version)  # one version in flight: its LoRA folded in (merged.py)
+        # a prompt longer than prefill_chunk that arrives while others decode is prefilled one
+        # chunk per step, between their decode steps, so it does not stall them
+        self.prefill_chunk = prefill_chunk
+        self._long: list[_Row] = []  # waiting for a chunked prefill, first come first
+        self._chunking: tuple[_Row, DynamicCache] | None = None  # the one being prefilled
+        self.prefill_chunks = 0  # chunk forwards so far
         # Rust tokenizers raise "Already borrowed" when two threads use one at once
         self._tokenizer_lock = threading.Lock()
         eos = self.model.generation_config.eos_token_id
@@ -219,25 +231,33 @@ class Engine(AdapterSlots, MergedWeights):
         while not self._stop.is_set():
             self._run_control()
             joining = self._take_requests()
-            if not joining and not self._rows:
+            if self._rows or self._long or self._chunking:  # others decode: long prompts go in chunks
+                self._long += [r for r in joining if len(r.req.prompt) > self.prefill_chunk]
+                joining = [r for r in joining if len(r.req.prompt) <= self.prefill_chunk]
+            if not joining and not self._rows and not self._long and not self._chunking:
                 continue
             try:
                 with torch.inference_mode():
                     if joining:
                         self._prefill(joining)
-                    elif self._rows:
-                        self._decode_step()
+                    else:
+                        if self._long or self._chunking:
+                            self._prefill_chunk()
+                        if self._rows:
+                            self._decode_step()
             except Exception as exc:  # never kill the engine thread: fail this batch, keep serving
                 log.exception("generation failed")
-                for row in [*self._rows, *joining]:
+                for row in [*self._rows, *joining, *self._in_prefill()]:
                     if not row.handle.done:
                         row.handle._finish(None, exc)
                 self._rows, self._cache, self._mask = [], None, None
+                self._long, self._chunking = [], None
             self._reap()
         # stopped: nobody will serve what is still queued, so say so instead of leaving callers waiting
-        for row in self._rows:
+        for row in [*self._rows, *self._in_prefill()]:
             row.handle._finish(None, RuntimeError("the engine has stopped"))
         self._rows, self._cache, self._mask = [], None, None
+        self._long, self._chunking = [], None
         for slot in list(self._slots):  # leave the model as the engine found it
             self._drop_slot(slot)
         self._per_row_forward()
@@ -250,9 +270,9 @@ class Engine(AdapterSlots, MergedWeights):
     def _take_requests(self) -> list[_Row]:
         """New requests for the free batch slots (waits briefly only when nothing is running)."""
         joining: list[_Row] = []
-        while len(self._rows) + len(joining) < self.max_batch:
+        while len(self._rows) + len(self._in_prefill()) + len(joining) < self.max_batch:
             try:
-                if self._rows or joining:
+                if self._rows or joining or self._in_prefill():
                     req = self._requests.get_nowait()
                 else:
                     req = self._requests.get(timeout=0.05)
@@ -277,10 +297,43 @@ class Engine(AdapterSlots, MergedWeights):
         req.handle._finish(Completion("", reason, version, len(req.prompt), 0, None,
                                       (now - req.submitted) * 1000))
 
+    def _in_prefill(self) -> list[_Row]:
+        """Rows started but not yet in the batch: waiting for, or in, a chunked prefill."""
+        return self._long + ([self._chunking[0]] if self._chunking else [])
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt being prefilled (starting the next one if none is);
+        after its last chunk the row samples its first token and joins the batch."""
+        if self._chunking is None:
+            row = self._long.pop(0)
+            if row.handle.cancelled:
+                self._finish_unstarted(row.req, row.version, "cancelled")
+                return
+            self._chunking = (row, DynamicCache(config=self.model.config))
+        row, cache = self._chunking
+        if row.handle.cancelled:
+            self._chunking = None
+            self._finish_unstarted(row.req, row.version, "cancelled")
+            return
+        prompt, done = row.req.prompt, row.cached
+        part = prompt[done:done + self.prefill_chunk]
+        device = self.loaded.device
+        ids = torch.tensor([part], device=device)
+        positions = torch.arange(done, done + len(part), device=device).unsqueeze(0)
+        logits = self._forward([row], ids, positions, None, cache)
+        self.prefill_chunks += 1
+        row.cached = done + len(part)
+        if row.cached < len(prompt):
+            return
+        self._chunking = None
+        row.pad = 0
+        self._merge([row], cache, torch.ones((1, len(prompt)), dtype=torch.long, device=device))
+        self._sample([row], logits)
+
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, position_ids: torch.Tensor,
                  mask: torch.Tensor | None, cache: DynamicCache) -> torch.Tensor:
         """One forward pass for ``rows``; returns float logits of each row's last position."""
-        in_flight = {r.version for r in self._rows} | {r.version for r in rows}
+        in_flight = {r.version for r in (*self._rows, *self._in_prefill(), *rows)}
         uniform = self._uniform_forward(in_flight)
         self._row_adapters = None if uniform else self._adapter_names([r.version for r in rows])
         try:
@@ -319,20 +372,23 @@ class Engine(AdapterSlots, MergedWeights):
         old_len, new_len = self._mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
 
-        def left_pad(t: torch.Tensor, by: int, dim: int) -> torch.Tensor:
-            if by == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = by
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
+        def stack(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+            """``a``'s rows then ``b``'s, each right-aligned in ``width`` columns along ``dim``,
+            zeros on the left: one allocation and one copy of each (a long prompt joining made
+            three copies of the whole cache, 2.5 s for a 2,000-token prompt: docs/LOG.md)."""
+            shape = list(a.shape)
+            shape[0], shape[dim] = a.shape[0] + b.shape[0], width
+            out = a.new_empty(shape)
+            for rows, t in ((slice(0, a.shape[0]), a), (slice(a.shape[0], None), b)):
+                part, pad = out[rows], width - t.shape[dim]
+                part.narrow(dim, 0, pad).zero_()
+                part.narrow(dim, pad, t.shape[dim]).copy_(t)
+            return out
 
         for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([left_pad(old.keys, width - old_len, -2),
-                                  left_pad(new.keys, width - new_len, -2)], dim=0)
-            old.values = torch.cat([left_pad(old.values, width - old_len, -2),
-                                    left_pad(new.values, width - new_len, -2)], dim=0)
-        self._mask = torch.cat([left_pad(self._mask, width - old_len, 1),
-                                left_pad(mask, width - new_len, 1)], dim=0)
+            old.keys = stack(old.keys, new.keys, -2)
+            old.values = stack(old.values, new.values, -2)
+        self._mask = stack(self._mask, mask, 1)
         for r in self._rows:
             r.pad += width - old_len
         for r in joining:

@@ -181,7 +181,7 @@ class AdapterSlots:
 
     def _unload_unused(self) -> None:
         """Free the slots of versions nobody uses; keep one spare for the next activation."""
-        in_use = {self._active} | {r.version for r in self._rows}
+        in_use = {self._active} | {r.version for r in (*self._rows, *self._in_prefill())}
         for version in [v for v in self._slot_of if v not in in_use]:
             self._unfold_if_holds(version)
             self._slots[self._slot_of.pop(version)] = None

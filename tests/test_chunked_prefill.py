@@ -1,0 +1,69 @@
+"""Chunked prefill: a long prompt that arrives while other replies decode is prefilled a chunk
+per step between their decode steps (they keep streaming), and every reply is still exactly
+what it is alone; a long prompt cancelled mid-prefill ends alone."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from test_batching import PROMPTS
+from test_engine import greedy, make_adapter, reference_greedy
+
+from chatloop.adapters import AdapterRegistry
+from chatloop.engine import Engine
+
+LONG = [{"role": "user", "content": "Please read this carefully. " * 12 + "Now, what is the point of it all?"}]
+
+
+def test_a_long_prompt_joins_in_chunks_while_the_others_keep_streaming(tiny_model_dir, tiny_loaded, tmp_path):
+    registry = AdapterRegistry(tmp_path / "adapters")
+    v1 = registry.publish(make_adapter(tiny_model_dir, tmp_path / "a1", 31), {})
+    engine = Engine(tiny_loaded, registry, max_batch=8, prefill_chunk=8)
+    engine.start()
+    try:
+        running = engine.submit(PROMPTS[1], greedy(max_tokens=60), adapter="base")
+        stamps: list[float] = []
+        reader = threading.Thread(target=lambda: [stamps.append(time.perf_counter()) for _ in running])
+        reader.start()
+        while not stamps:
+            time.sleep(0.001)
+        t0 = time.perf_counter()
+        long = engine.submit(LONG, greedy(max_tokens=10), adapter=v1)
+        prompt_tokens = len(engine._encode(LONG))
+        pieces = iter(long)
+        next(pieces)
+        t1 = time.perf_counter()
+        got_long = long.result(60)
+        reader.join(60)
+        got = running.result(60)
+        chunks = math.ceil(prompt_tokens / 8)
+        assert prompt_tokens > 40 and engine.prefill_chunks == chunks
+        # the running reply kept streaming while the long prompt was prefilled
+        assert sum(t0 <= t <= t1 for t in stamps) >= chunks // 2, (chunks, len(stamps))
+        assert got_long.token_ids == reference_greedy(tiny_model_dir, registry.path(v1), 10, 1.15, LONG)
+        assert got.token_ids == reference_greedy(tiny_model_dir, None, 60, 1.15, PROMPTS[1])
+        # alone (nothing else decoding), a long prompt is prefilled at once
+        before = engine.prefill_chunks
+        assert engine.generate(LONG, greedy(max_tokens=10), adapter=v1).token_ids == got_long.token_ids
+        assert engine.prefill_chunks == before
+    finally:
+        engine.stop()
+
+
+def test_a_long_prompt_cancelled_during_its_prefill_ends_alone(tiny_loaded, tmp_path):
+    engine = Engine(tiny_loaded, AdapterRegistry(tmp_path / "adapters"), max_batch=8, prefill_chunk=4)
+    engine.start()
+    try:
+        running = engine.submit(PROMPTS[1], greedy(max_tokens=40))
+        next(iter(running))
+        long = engine.submit(LONG, greedy(max_tokens=10))
+        while engine.prefill_chunks == 0:
+            time.sleep(0.001)
+        long.cancel()
+        assert long.result(60).finish_reason == "cancelled" and long.result(60).completion_tokens == 0
+        assert running.result(60).finish_reason in ("stop", "length") and running.result(60).completion_tokens > 0
+        assert engine.generate(PROMPTS[0], greedy(max_tokens=4)).completion_tokens > 0  # still serving
+    finally:
+        engine.stop()
