@@ -38,6 +38,9 @@ def test_gradio_client_chats_retries_rates_and_manages_chats(live_server):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/send", "/retry", "/rate", "/new_chat", "/open_chat", "/delete_chat"} <= names, names
 
+    refused = client.predict("a bell \x07 rings", 0.7, 8, api_name="/send")  # control characters: refused
+    assert refused[0] == "a bell \x07 rings" and chatbot_of(refused) == []  # back in the box, nothing shown
+    assert any("⚠️" in str(o) and "control characters" in str(o) for o in refused), refused
     sent = client.predict("Name three rivers.", 0.7, 8, api_name="/send")
     shown = chatbot_of(sent)
     assert [m["role"] for m in shown] == ["user", "assistant"] and shown[0]["content"] == "Name three rivers."

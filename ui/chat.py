@@ -10,7 +10,8 @@ Invariants:
   the log, and opening one shows its current branch, its alternatives and the user's thumbs.
 - A retry adds an alternative to the same context; an edit starts a new branch; neither removes
   anything from the log. Deleting a chat only hides it (it never trains again).
-- A refused message is taken back from view; every event reports its outcome in the status line.
+- A refused message is taken back from view and put back into the input box; every event reports
+  its outcome in the status line.
 - The endpoints ``/send``, ``/retry``, ``/rate``, ``/new_chat``, ``/open_chat`` and
   ``/delete_chat`` work from ``gradio_client`` (a session keeps its conversation).
 """
@@ -89,9 +90,10 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
                 note, gr.update(visible=label is not None), label or "",
                 gr.skip() if chats_update is None else chats_update, gr.update(visible=False))
 
-    def stream(turns_v, conv, uid, temp, maxt, request, retried=None):
+    def stream(turns_v, conv, uid, temp, maxt, request, shown_before, retried=None):
         """Reply to ``turns_v`` (ending with the user's message), streaming every piece; a retry
-        passes the turn it retries, whose replies the new one joins as an alternative."""
+        passes the turn it retries, whose replies the new one joins as an alternative. A refused
+        request shows ``shown_before`` again (the conversation as it was before the event)."""
         uid = uid or new_user()
         yield view(turns_v, conv, uid, "Writing a reply…")  # an edit's later turns go at once
         context = [{"role": t["role"], "content": t["content"]} for t in turns_v]
@@ -101,8 +103,7 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
             params = service.params(temperature=float(temp), max_tokens=int(maxt))
             turn = service.chat(context, params, user_id=uid, conversation_id=conv, source="ui")
         except ChatloopError as exc:
-            back = turns_v[:-1] if retried is None else turns_v + [retried]
-            yield view(back, conv, uid, f"⚠️ {exc}")
+            yield view(shown_before, conv, uid, f"⚠️ {exc}")
             return
         earlier = retried.get("alternatives", []) if retried else []
         reply = {"message_id": turn.message_id, "content": "", "adapter": None,
@@ -123,14 +124,14 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
         text = (text or "").strip()
         if not text:
             raise gr.Error("Type a message first.")
-        turns_v = turns_v + [{"role": "user", "content": text}]
-        for v in stream(turns_v, conv, uid, temp, maxt, request):
-            yield ("", *v)
+        for v in stream(turns_v + [{"role": "user", "content": text}], conv, uid, temp, maxt, request, turns_v):
+            refused = v[4].startswith("⚠️")
+            yield (text if refused else "", *v)  # a refused message goes back into the box
 
     def retry(turns_v, conv, uid, temp, maxt, request: gr.Request):
         if not turns_v or turns_v[-1]["role"] != "assistant":
             raise gr.Error("There is no reply to retry.")
-        yield from stream(turns_v[:-1], conv, uid, temp, maxt, request, retried=turns_v[-1])
+        yield from stream(turns_v[:-1], conv, uid, temp, maxt, request, turns_v, retried=turns_v[-1])
 
     def edit(turns_v, conv, uid, temp, maxt, data: gr.EditData, request: gr.Request):
         try:
@@ -141,7 +142,7 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
         if turns_v[i]["role"] != "user" or not text:
             yield view(turns_v, conv, uid, "⚠️ Only your own messages can be edited, and not to nothing.")
             return
-        yield from stream(turns_v[:i] + [{"role": "user", "content": text}], conv, uid, temp, maxt, request)
+        yield from stream(turns_v[:i] + [{"role": "user", "content": text}], conv, uid, temp, maxt, request, turns_v)
 
     ev_send = box.submit(send_message, [box, *ins], [box, *view_out], api_name="send")
     ev_click = send.click(send_message, [box, *ins], [box, *view_out], api_visibility="private")
@@ -212,10 +213,10 @@ def chat_tab(service: Service, user_id: gr.State) -> tuple[Any, list, list]:
             raise gr.Error(str(exc))
         turns_v = turns_v[:i] + [set_rating(turns_v[i], rating)] + turns_v[i + 1:]
         row = data.index[0] if isinstance(data.index, (list, tuple)) else data.index
-        word = "up" if rating > 0 else "down"
+        word, thumb = ("up", "👍") if rating > 0 else ("down", "👎")
         question = "What was good about it?" if rating > 0 else "What was wrong with it?"
-        return (turns_v, f"Thanks! Recorded {'👍' if rating > 0 else '👎'}. Say why below, if you like.",
-                gr.update(visible=True), f"{'👍' if rating > 0 else '👎'} for “{excerpt(turns_v[i]['content'])}”",
+        return (turns_v, f"Thanks! Recorded {thumb}. Say why below, if you like.",
+                gr.update(visible=True), f"{thumb} for “{excerpt(turns_v[i]['content'])}”",
                 row, word, gr.update(choices=REASONS[word], value=None, label=f"{question} (optional)"), "")
 
     chatbot.like(like, [turns, user_id], rating_out, api_visibility="private")

@@ -31,6 +31,7 @@ class MergedWeights:
         self._merged_version: str | None = None
         self._base_weights: dict[torch.nn.Module, torch.Tensor] = {}
         self._lora_on: bool | None = None  # unknown: a model may come from an engine before this one
+        self._can_fold: dict[str, bool] = {}  # by version (a version's files never change)
         self.weight_switches = 0  # how often the weights in place changed (fold or restore)
 
     def _uniform_forward(self, versions: set[str]) -> bool:
@@ -59,11 +60,15 @@ class MergedWeights:
         return [m for m in self.model.modules() if isinstance(m, LoraLayer) and slot in m.lora_A]
 
     def _foldable(self, version: str) -> bool:
-        slot = self._slot_of.get(version)
-        if slot is None:
-            return False
-        return all(isinstance(m, LoraLinear) and not m.lora_bias.get(slot, False)
-                   and slot not in getattr(m, "lora_variant", {}) for m in self._lora_layers(slot))
+        """Whether the fold can express ``version`` (asked on every forward: looked at once)."""
+        if version not in self._can_fold:
+            slot = self._slot_of.get(version)
+            if slot is None:
+                return False
+            self._can_fold[version] = all(
+                isinstance(m, LoraLinear) and not m.lora_bias.get(slot, False)
+                and slot not in getattr(m, "lora_variant", {}) for m in self._lora_layers(slot))
+        return self._can_fold[version]
 
     def _fold(self, version: str) -> None:
         slot = self._slot_of[version]
