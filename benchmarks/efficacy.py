@@ -103,7 +103,7 @@ def answer_all(url: str, prompts: list, version: str, max_tokens: int, seed: int
 def judge(oracle, prompts: list, replies: list[dict]) -> dict[str, Any]:
     scores = [oracle.score(p, r["text"]) for p, r in zip(prompts, replies)]
     liked = [int(s >= oracle.threshold) for s in scores]
-    return {"liked_pct": 100.0 * sum(liked) / len(liked), "liked": liked,
+    return {"liked_pct": 100.0 * sum(liked) / len(liked), "liked": liked, "texts": [r["text"] for r in replies],
             "mean_score": sum(scores) / len(scores),
             "mean_tokens": sum(r["tokens"] for r in replies) / len(replies)}
 
@@ -194,6 +194,8 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a service setting for this run, e.g. training.learning_rate=1e-4 (repeatable)")
     ap.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "efficacy.png"))
+    ap.add_argument("--replies", help="write every held-out reply (base and each candidate) to this JSON file, "
+                                      "to read them or replay them (tests/fixtures/relevance was made so)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
@@ -235,7 +237,7 @@ def main() -> int:
             before = judge(oracle, held, answer_all(server.url, held, "base", args.max_tokens, args.seed,
                                                     args.streams))
             before["uncapped_tokens"] = uncapped_length(server.url, held[: args.length_prompts], "base", args)
-            print(f"before: { {k: v for k, v in before.items() if k != 'liked'} } ({time.perf_counter() - t0:.0f} s)",
+            print(f"before: { {k: v for k, v in before.items() if k not in ('liked', 'texts')} } ({time.perf_counter() - t0:.0f} s)",
                   file=sys.stderr)
 
             from tqdm import tqdm
@@ -248,6 +250,8 @@ def main() -> int:
             sim = SimpleNamespace(**report.as_dict())
 
         results: dict[str, Any] = {}
+        replies: dict[str, Any] = {"oracle": oracle.name, "prompts": args.prompts, "split": "heldout",
+                                   "max_tokens": args.max_tokens, "base": before.get("texts")}
         for algo in algos:
             http.post("/admin/adapters/base/activate").raise_for_status()
             t0 = time.perf_counter()
@@ -269,12 +273,14 @@ def main() -> int:
             after = judge(oracle, held, answer_all(server.url, held, version, args.max_tokens, args.seed, args.streams,
                                                     admin))
             uncapped = uncapped_length(server.url, held[: args.length_prompts], version, args, admin)
+            replies[algo] = {"texts": after["texts"], "gate": run["status"], "settings": args.set}
             m = run.get("metrics") or {}
             results[algo] = {
                 "before": round(before["liked_pct"], 2), "after": round(after["liked_pct"], 2),
                 "lift_points": round(after["liked_pct"] - before["liked_pct"], 2),
                 "lift_se": round(lift_se_points(before["liked"], after["liked"]), 2),
                 "kl_to_base": (m.get("judge") or {}).get("kl_to_base"),
+                "relevance": (m.get("judge") or {}).get("relevance"),
                 "length_ratio": round(after["mean_tokens"] / max(before["mean_tokens"], 1e-9), 3),
                 "uncapped_length_ratio": (round(uncapped / before["uncapped_tokens"], 3)
                                           if uncapped and before.get("uncapped_tokens") else None),
@@ -305,6 +311,9 @@ def main() -> int:
             continue
         print(f"{algo:<6}" + "".join(f"{res[c] if not isinstance(res[c], float) else round(res[c], 4)!s:>23}"
                                      for c in cols))
+    if args.replies:
+        Path(args.replies).write_text(json.dumps(replies, indent=1))
+        print(f"replies: {args.replies}")
     ok = {a: r for a, r in results.items() if "error" not in r}
     if ok and args.plot:
         plot(ok, before, oracle.name, len(held), Path(args.plot))
