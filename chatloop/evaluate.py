@@ -24,7 +24,12 @@ A candidate is promoted only when every check passes:
    were held out;
 4. KL to the base model on the candidate's own replies is at most ``gate_max_kl`` nats per token;
 5. its share of degenerate replies (empty or repetitive) exceeds the reference's by at most
-   ``gate_max_degenerate_increase``.
+   ``gate_max_degenerate_increase``;
+6. task relevance (``chatloop.train.relevance``: how much likelier the base model finds each reply
+   after its own prompt than after another held-out prompt, per token) is at least
+   ``gate_min_relevance`` times the base model's own replies' (anchored to base, as KL is, so
+   that drift cannot compound over rounds). Off-topic replies, stock assistant talk about the task
+   and text that fits any prompt score near zero however well the reward model likes them.
 
 Invariant: the verdict (structured checks, see ``Verdict``) is returned for the caller to store;
 nothing here activates anything, and nobody parses its text back.
@@ -112,7 +117,9 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
     if not judged.get("prompts"):
         why = judged.get("skipped", "no behavioural evaluation")
         return verdict.add(Check("win_rate", None, f"reward-model win rate not measured ({why})")).add(
-            Check("kl", None, "KL to base not measured")).add(Check("degenerate", None, "degenerate replies not measured"))
+            Check("kl", None, "KL to base not measured")).add(
+            Check("degenerate", None, "degenerate replies not measured")).add(
+            Check("relevance", None, "task relevance not measured"))
     n = judged["prompts"]
     reward = judged.get("reward")
     if reward:
@@ -138,7 +145,23 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
                                         f"{deg['reference']:.2f} ({'within' if ok else 'beyond'} "
                                         f"+{t.gate_max_degenerate_increase:g})",
                       deg["candidate"] - deg["reference"], t.gate_max_degenerate_increase))
-    return verdict
+    return verdict.add(_relevance(judged.get("relevance"), t))
+
+
+def _relevance(rel: dict[str, Any] | None, t: TrainingDefaults) -> Check:
+    """The candidate's mean relevance against ``gate_min_relevance`` times the base model's (its
+    replies to the same prompts); a base figure at or below zero asks for at least zero."""
+    if t.gate_min_relevance <= 0:
+        return Check("relevance", None, "task relevance check off (gate_min_relevance = 0)")
+    cand = ((rel or {}).get("candidate") or {}).get("mean")
+    base = ((rel or {}).get("base") or {}).get("mean")
+    if cand is None or base is None:
+        return Check("relevance", None, "task relevance not measured (no non-empty replies)")
+    need = t.gate_min_relevance * max(base, 0.0)
+    ok = cand >= need
+    return Check("relevance", ok, f"task relevance {cand:.3f} nats/token vs the base model's {base:.3f} "
+                                  f"({'>=' if ok else '<'} {t.gate_min_relevance:g}x = {need:.3f}: replies "
+                                  f"{'fit' if ok else 'do not fit'} their own prompts)", cand, need)
 
 
 def _accuracy(metrics: dict[str, Any]) -> Check:

@@ -14,7 +14,10 @@ GOOD = {
     "algo": "dpo", "final_loss": 0.6, "first_loss": 0.69,
     "held_out": {"accuracy": 0.7, "pairs": 10},
     "judge": {"prompts": 8, "kl_to_base": 0.05, "degenerate": {"candidate": 0.0, "reference": 0.125},
-              "reward": {"candidate": 0.4, "reference": 0.1, "win_rate": 0.75}},
+              "reward": {"candidate": 0.4, "reference": 0.1, "win_rate": 0.75},
+              "relevance": {"candidate": {"mean": 0.30, "se": 0.05, "replies": 8},
+                            "reference": {"mean": 0.40, "se": 0.05, "replies": 8},
+                            "base": {"mean": 0.40, "se": 0.05, "replies": 8}}},
 }
 
 
@@ -30,7 +33,8 @@ def worse(path: str, value):
 
 def test_a_good_candidate_passes_every_check():
     v = gate(GOOD)
-    assert v.promote and v.checks == {"accuracy": True, "win_rate": True, "kl": True, "degenerate": True}
+    assert v.promote and v.checks == {"accuracy": True, "win_rate": True, "kl": True, "degenerate": True,
+                                      "relevance": True}
     assert "0.75 of 8 held-out prompts" in v.summary and "KL to base 0.050" in v.summary
 
 
@@ -40,6 +44,8 @@ def test_a_good_candidate_passes_every_check():
     ("judge.kl_to_base", 1.5, "kl"),
     ("judge.kl_to_base", float("nan"), "kl"),
     ("judge.degenerate.candidate", 0.5, "degenerate"),
+    ("judge.relevance.candidate.mean", 0.19, "relevance"),
+    ("judge.relevance.candidate.mean", -0.1, "relevance"),
 ])
 def test_each_check_rejects_on_its_own(path, value, check):
     v = gate(worse(path, value))
@@ -64,6 +70,22 @@ def test_thresholds_come_from_the_settings():
     strict = TrainingDefaults(gate_win_rate=0.8, gate_max_kl=0.01)
     v = gate(GOOD, strict)
     assert not v.promote and v.checks["win_rate"] is False and v.checks["kl"] is False
+
+
+def test_relevance_is_anchored_to_the_base_model_and_can_be_turned_off():
+    # the reference (a drifted parent) is not the anchor: 0.3 passes against base 0.4 at 0.5x
+    # even where the parent had 0.9, and fails against base 0.9
+    assert gate(worse("judge.relevance.reference.mean", 0.9)).checks["relevance"] is True
+    v = gate(worse("judge.relevance.base.mean", 0.9))
+    assert v.checks["relevance"] is False and "0.300 nats/token vs the base model's 0.900" in v.summary
+    # a base figure at or below zero asks for at least zero
+    assert gate(worse("judge.relevance.base.mean", -0.2)).checks["relevance"] is True
+    assert gate(worse("judge.relevance", {"candidate": {"mean": -0.01}, "base": {"mean": -0.2}})).checks[
+        "relevance"] is False
+    off = gate(worse("judge.relevance.candidate.mean", 0.0), TrainingDefaults(gate_min_relevance=0))
+    assert off.promote and off.checks["relevance"] is None and "off" in off.summary
+    unmeasured = gate(worse("judge.relevance", {"candidate": {"mean": None}, "base": {"mean": 0.4}}))
+    assert unmeasured.promote and unmeasured.checks["relevance"] is None
 
 
 def test_non_finite_loss_and_missing_measurements():

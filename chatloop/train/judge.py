@@ -6,7 +6,9 @@ seed, the serving defaults' temperature and top-p), and the gate's behavioural m
 - KL to the base model: the mean per-token log-ratio log p_candidate - log p_base over the
   candidate's own sampled replies (the usual sample estimate);
 - the share of degenerate replies on each side (empty, or mostly repeated 3-grams);
-- mean reply length on each side (length gaming shows up here).
+- mean reply length on each side (length gaming shows up here);
+- task relevance: the base model's prompt-reply PMI per token of the candidate's, the reference's
+  and the base model's replies (``chatloop.train.relevance``); off-topic drift shows up here.
 
 Invariants: prompts are held-out contexts the candidate never trained on (the snapshot's
 ``eval_prompts.jsonl``); nothing here decides anything (``chatloop.evaluate.gate`` does).
@@ -22,6 +24,7 @@ import torch
 
 from chatloop.train.common import Encoded, collate, sample_replies
 from chatloop.train.ppo import token_forward
+from chatloop.train.relevance import pmi_per_token, summary
 
 TEMPERATURE, TOP_P = 0.7, 0.9  # the serving defaults: judge what users would see
 
@@ -59,9 +62,12 @@ def kl_to_base(candidate, tokenizer, prompts: list[list[int]], replies: list[lis
 
 def judge(candidate, reference, tokenizer, contexts: list[list[dict[str, str]]],
           reward_fn: Callable[[list[tuple[list[dict], str]]], list[float]] | None,
-          max_prompt_tokens: int, max_new_tokens: int, seed: int = 12345) -> dict[str, Any]:
+          max_prompt_tokens: int, max_new_tokens: int, seed: int = 12345,
+          reference_is_base: bool | None = None) -> dict[str, Any]:
     """Measure ``candidate`` (a PeftModel) against ``reference`` (a model, or None for the base
-    model under the candidate's adapter) on ``contexts``."""
+    model under the candidate's adapter) on ``contexts``. ``reference_is_base`` (default: whether
+    ``reference`` is None) says whether the reference's replies are the base model's; when not, the
+    base model answers the same prompts too, as the anchor of the relevance figure."""
     if not contexts:
         return {"prompts": 0}
     enc = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
@@ -74,8 +80,22 @@ def judge(candidate, reference, tokenizer, contexts: list[list[dict[str, str]]],
         with ctx:
             replies[side] = sample_replies(model, tokenizer, enc, max_new_tokens, seed,
                                            temperature=TEMPERATURE, top_p=TOP_P, batch_size=16)
+    if reference_is_base is None:
+        reference_is_base = reference is None
+    if reference_is_base:
+        base_replies = replies["reference"]
+    else:
+        with candidate.disable_adapter():
+            base_replies = sample_replies(candidate, tokenizer, enc, max_new_tokens, seed,
+                                          temperature=TEMPERATURE, top_p=TOP_P, batch_size=16)
+    with candidate.disable_adapter():  # relevance is always the base model's PMI
+        relevance = {s: summary(pmi_per_token(candidate, tokenizer, enc, rs))
+                     for s, rs in (("candidate", replies["candidate"]), ("reference", replies["reference"]))}
+        relevance["base"] = (relevance["reference"] if reference_is_base
+                             else summary(pmi_per_token(candidate, tokenizer, enc, base_replies)))
     n = len(contexts)
     out: dict[str, Any] = {
+        "relevance": relevance,
         "prompts": n,
         "kl_to_base": kl_to_base(candidate, tokenizer, enc, replies["candidate"]),
         "degenerate": {s: sum(is_degenerate(r, eos) for r in rs) / n for s, rs in replies.items()},

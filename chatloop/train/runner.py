@@ -132,7 +132,8 @@ def judge_candidate(job_dir: Path, job: dict, t: TrainingDefaults, candidate, to
     if reference is None:
         reference = _reference(job)
     out = judge(candidate, reference, tokenizer, contexts, _reward_fn(rm, tokenizer, t) if rm is not None else None,
-                t.max_prompt_tokens, t.gate_max_new_tokens, seed=t.seed + 12345)
+                t.max_prompt_tokens, t.gate_max_new_tokens, seed=t.seed + 12345,
+                reference_is_base=not job.get("parent_adapter"))
     if note is not None:
         out["reward_model"] = note
     return out

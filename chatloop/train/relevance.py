@@ -1,0 +1,92 @@
+"""Task relevance of replies without a judge model: how much a reply depends on its own prompt.
+
+Owns: the relevance figure the gate reads. For a reply ``y`` to prompt ``x`` it is the base
+model's pointwise mutual information per reply token,
+
+    (log p_base(y | x) - log p_base(y | x')) / |y|,
+
+where ``x'`` is *another* held-out prompt (the next one, in order; the empty user message when
+there is only one). A reply that answers its prompt is likelier after that prompt than after a
+different one; a reply that would fit any prompt (assistant talk about the task, a stock phrase,
+an off-topic story) scores near zero whatever its oracle score. The mismatched prompt is a better
+"no information" reference than an empty one: it keeps the task's framing (e.g. "continue this
+review"), so text about the framing alone earns nothing.
+
+Invariants: always the *base* model's probabilities (the candidate's own would reward the drift
+it learned); the same (prompt, reply) tokens as training sees them (``common.encode_reply`` for
+text, sampled token ids as they are); empty replies are left out, not counted as zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from chatloop.train.common import Encoded, collate, encode_reply
+
+
+@torch.no_grad()
+def reply_logprobs(model, pad_id: int, items: Sequence[Encoded], batch_size: int = 8) -> list[float]:
+    """Summed log-probability of each item's reply tokens given its prompt, under ``model``."""
+    from chatloop.train.ppo import token_forward
+
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(items), batch_size):
+        chunk = list(items[start:start + batch_size])
+        lp, _, _, mask = token_forward(model, None, collate(chunk, pad_id).to(device))
+        out.extend(float(v) for v in (lp * mask).sum(dim=1))
+    return out
+
+
+def mismatched(prompts: Sequence[list[int]], empty_prompt: list[int]) -> list[list[int]]:
+    """The prompt each reply is compared against: the next prompt in order (the last one gets the
+    first), or ``empty_prompt`` when there is only one (or the next one is the same prompt)."""
+    n = len(prompts)
+    return [prompts[(i + 1) % n] if n > 1 and prompts[(i + 1) % n] != prompts[i] else empty_prompt
+            for i in range(n)]
+
+
+def empty_prompt_ids(tokenizer) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=True)["input_ids"])
+
+
+def pmi_per_token(base_model, tokenizer, prompts: Sequence[list[int]], replies: Sequence[list[int]],
+                  batch_size: int = 8) -> list[float | None]:
+    """Each reply's PMI with its own prompt per token (None for an empty reply); ``base_model``
+    is the base model (a PeftModel inside ``disable_adapter()`` is)."""
+    eos = tokenizer.eos_token_id
+    others = mismatched(list(prompts), empty_prompt_ids(tokenizer))
+    keep = [i for i, r in enumerate(replies) if any(t != eos for t in r)]
+    own = reply_logprobs(base_model, tokenizer.pad_token_id, [Encoded(list(prompts[i]), list(replies[i])) for i in keep],
+                         batch_size)
+    other = reply_logprobs(base_model, tokenizer.pad_token_id, [Encoded(list(others[i]), list(replies[i]))
+                                                                for i in keep], batch_size)
+    out: list[float | None] = [None] * len(replies)
+    for i, a, b in zip(keep, own, other):
+        out[i] = (a - b) / len(replies[i])
+    return out
+
+
+def summary(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and standard error of the measured values (empty replies left out)."""
+    xs = [v for v in values if v is not None]
+    n = len(xs)
+    if not n:
+        return {"mean": None, "se": None, "replies": 0}
+    mean = sum(xs) / n
+    var = sum((x - mean) ** 2 for x in xs) / max(n - 1, 1)
+    return {"mean": mean, "se": math.sqrt(var / n), "replies": n}
+
+
+def relevance_of_texts(base_model, tokenizer, contexts: Sequence[Sequence[dict[str, str]]], texts: Sequence[str],
+                       max_prompt_tokens: int = 384, max_reply_tokens: int = 256) -> dict[str, Any]:
+    """The relevance summary of logged or stored replies (text) to their contexts."""
+    enc = [encode_reply(tokenizer, c, t, max_prompt_tokens, max_reply_tokens) for c, t in zip(contexts, texts)]
+    eos = tokenizer.eos_token_id
+    replies = [e.reply_ids if tokenizer.decode(e.reply_ids, skip_special_tokens=True).strip() else [eos] for e in enc]
+    return summary(pmi_per_token(base_model, tokenizer, [e.prompt_ids for e in enc], replies))
