@@ -2,7 +2,7 @@
 after one retraining cycle of each algorithm, all trained from the same simulated feedback.
 
     python benchmarks/efficacy.py [--oracle sentiment] [--events 400] [--eval-prompts 150]
-                                  [--algos dpo,kto,ppo] [--model default] [--set training.KEY=VALUE]
+                                  [--algos dpo,kto,ppo,rloo] [--model default] [--set training.KEY=VALUE]
                                   [--data-dir DIR [--reuse-feedback]] [--json]
 
 1. Starts ``chatloop serve`` on a fresh data directory (loopback; rate limits off; every other
@@ -183,7 +183,7 @@ def main() -> int:
                          "so that the length check also sees replies that grow")
     ap.add_argument("--length-max-tokens", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=48, help="reply length, in feedback and in evaluation")
-    ap.add_argument("--algos", default="dpo,kto,ppo")
+    ap.add_argument("--algos", default="dpo,kto,ppo,rloo")
     ap.add_argument("--model", default="default")
     ap.add_argument("--streams", type=int, default=8, help="concurrent evaluation requests")
     ap.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,7 @@ class Algorithm(StrEnum):
     DPO = "dpo"  # preference pairs (A/B votes, and up/down thumbs on replies to one prompt)
     KTO = "kto"  # unpaired thumbs
     PPO = "ppo"  # a reward model fitted on pairs, then on-policy rollouts from training prompts
+    RLOO = "rloo"  # the same reward model; k rollouts per prompt, a leave-one-out baseline, no critic
 
     @property
     def learns_from_thumbs_alone(self) -> bool:
@@ -25,7 +26,8 @@ class Algorithm(StrEnum):
 
     @property
     def samples_rollouts(self) -> bool:
-        return self is Algorithm.PPO
+        """Trains on its own sampled replies, scored by a reward model it fits on the snapshot first."""
+        return self in (Algorithm.PPO, Algorithm.RLOO)
 
 
 NAMES = tuple(a.value for a in Algorithm)

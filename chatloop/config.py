@@ -101,6 +101,16 @@ class TrainingDefaults:
     ppo_max_new_tokens: int = 48
     ppo_init_kl_coef: float = 0.05
     ppo_target_kl: float = 6.0
+    # RLOO (chatloop/train/rloo.py): steps x prompts_per_step x k sampled replies a cycle
+    rloo_learning_rate: float = 1e-4
+    rloo_steps: int = 12
+    rloo_prompts_per_step: int = 8
+    rloo_k: int = 4  # replies per prompt; the leave-one-out baseline is the other k - 1's mean reward
+    rloo_epochs: int = 1  # optimisation passes over each step's replies
+    rloo_minibatch_size: int = 16
+    rloo_beta: float = 0.05  # KL penalty per nat of sequence log-ratio to the reference
+    rloo_max_new_tokens: int = 48
+    rloo_normalize_advantages: bool = False
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
     gate_prompts: int = 16  # held-out prompts both sides answer (0 = no behavioural checks)
     gate_max_new_tokens: int = 48

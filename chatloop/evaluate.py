@@ -10,7 +10,7 @@ A candidate is promoted only when every check passes:
    - DPO/KTO: the implicit reward. The active adapter is the reference, whose implicit reward is
      0 on every pair, so its accuracy is 0.5 with ties counting half. KTO uses the share of
      (thumbs-up, thumbs-down) reply pairs whose implicit rewards are in the thumbs' order.
-   - PPO: the reward model's held-out pair accuracy, which must beat chance.
+   - PPO/RLOO: the reward model's held-out pair accuracy, which must beat chance.
    - With too little data for a held-out set, the training loss must have fallen instead.
    - DPO/KTO hand back the checkpoint with the lowest held-out loss, so this check reads the set
      the checkpoint was chosen on (an optimistic figure); a candidate whose best checkpoint is
@@ -165,7 +165,7 @@ def _relevance(rel: dict[str, Any] | None, t: TrainingDefaults) -> Check:
 
 
 def _accuracy(metrics: dict[str, Any]) -> Check:
-    if metrics.get("algo") == Algorithm.PPO:
+    if metrics.get("algo") in (Algorithm.PPO, Algorithm.RLOO):
         rm = metrics.get("reward_model") or {}
         held = rm.get("held_out") or {}
         if held.get("pairs"):

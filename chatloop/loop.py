@@ -257,11 +257,11 @@ class Retrainer:
 
     def _reusable_reward_model(self, algo: str, n_train: int) -> str | None:
         """A recent reward model the gate's judge may reuse instead of training one (DPO/KTO only;
-        PPO always trains its own). It must come from the same base model and split, have had a
+        PPO and RLOO always train their own). It must come from the same base model and split, have had a
         held-out side (so it never trained on a context that is held out now: the split is a
         stable hash of the context), and have seen enough of today's training data."""
         t = self.settings.training
-        if algo == Algorithm.PPO or not t.gate_reward_model or t.gate_reward_refresh <= 0:
+        if parse_algorithm(algo).samples_rollouts or not t.gate_reward_model or t.gate_reward_refresh <= 0:
             return None
         for run in self.store.list_runs(50):
             path = self.settings.runs_dir / f"run-{run['id']}" / "reward"
@@ -283,13 +283,14 @@ class Retrainer:
         same context-hash rule then splits pairs, thumbs and prompts alike (no context leaks).
         """
         t = self.settings.training
+        algo = parse_algorithm(algo)
         outliers = prefs.outlier_raters(self.store, t.outlier_z, t.outlier_min_votes)
         pairset = prefs.build_pairs(self.store, t.max_pairs_per_user, outliers)
         thumbs, capped_thumbs = prefs.unpaired_thumbs(self.store, t.max_pairs_per_user, outliers)
         pairs = pairset.pairs
         hint = ("Pairs come from A/B choices and from a thumbs-up and a thumbs-down on two replies to "
                 "the same conversation.")
-        if algo in (Algorithm.DPO, Algorithm.PPO) and len(pairs) < t.min_pairs:
+        if (algo == Algorithm.DPO or algo.samples_rollouts) and len(pairs) < t.min_pairs:
             raise NotEnoughFeedback(f"not enough feedback to retrain: {len(pairs)} preference pair(s), "
                                     f"need at least {t.min_pairs}. {hint}")
         if algo == Algorithm.KTO:
@@ -307,15 +308,15 @@ class Retrainer:
             train_p, held_p, train_t, held_t = pairs, [], thumbs, []
         # Every algorithm gets pairs and thumbs: the reward model (PPO's, and the gate's for
         # DPO/KTO) trains on both; held-out prompts are what the gate's judge asks both sides.
-        uses_pairs = algo in (Algorithm.DPO, Algorithm.PPO) or t.gate_reward_model
-        uses_thumbs = (algo in (Algorithm.KTO, Algorithm.PPO) or t.gate_reward_model
+        uses_pairs = algo == Algorithm.DPO or algo.samples_rollouts or t.gate_reward_model
+        uses_thumbs = (algo == Algorithm.KTO or algo.samples_rollouts or t.gate_reward_model
                        or (algo == Algorithm.DPO and t.dpo_thumbs_weight > 0))  # DPO's thumbs term
         prefs.write_jsonl(job_dir / "train.jsonl", train_p if uses_pairs else [])
         prefs.write_jsonl(job_dir / "eval.jsonl", held_p if uses_pairs else [])
         prefs.write_jsonl(job_dir / "train_thumbs.jsonl", train_t if uses_thumbs else [])
         prefs.write_jsonl(job_dir / "eval_thumbs.jsonl", held_t if uses_thumbs else [])
         train_q, held_q = prefs.split_by_context(prefs.logged_prompts(self.store), t.eval_fraction, hold)
-        prefs.write_jsonl(job_dir / "train_prompts.jsonl", train_q if algo == Algorithm.PPO else [])
+        prefs.write_jsonl(job_dir / "train_prompts.jsonl", train_q if algo.samples_rollouts else [])
         prefs.write_jsonl(job_dir / "eval_prompts.jsonl", held_q)
         used_pairs = train_p if uses_pairs else []
         used_thumbs = train_t if uses_thumbs else []

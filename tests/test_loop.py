@@ -143,6 +143,25 @@ def test_ppo_cycle_trains_a_reward_model_then_the_policy(parts):
     assert run["status"] in ("promoted", "rejected")
 
 
+def test_rloo_cycle_trains_a_reward_model_then_the_policy_on_k_replies_per_prompt(parts):
+    settings, store, registry, retrainer, activations = parts
+    with_training(retrainer, settings, rloo_steps=2, rloo_prompts_per_step=2, rloo_k=3, rloo_minibatch_size=3,
+                  rloo_max_new_tokens=6, gate_prompts=3, gate_max_new_tokens=8, reward_epochs=1, min_eval_pairs=1,
+                  eval_fraction=0.3)
+    seed_pairs(store, 10)
+    seen: list[tuple[str, int, int]] = []
+    run = retrainer.run_cycle("rloo", on_progress=lambda s: seen.append((s.phase, s.step, s.total)))
+    m = run["metrics"]
+    assert m["algo"] == "rloo" and m["steps"] == 2 and m["replies_seen"] == 2 * 2 * 3
+    phases = [p for p, _, _ in seen if p]
+    assert phases[0] == "reward model" and phases[-1] == "rloo"
+    assert m["reward_model"]["train_pairs"] == run["n_pairs"]
+    assert "reward model held-out pair accuracy" in run["verdict"]  # RLOO's accuracy check is its reward model's
+    assert 0 < m["judge"]["prompts"] <= 3 and "win_rate" in m["judge"]["reward"]
+    assert registry.metadata(run["candidate_version"])["algo"] == "rloo"
+    assert run["status"] in ("promoted", "rejected")
+
+
 def with_training(retrainer, settings, **changes):
     retrainer.settings = settings.replace(training=settings.training.__class__(
         **{**settings.training.__dict__, **changes}))

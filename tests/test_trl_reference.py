@@ -41,6 +41,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, Rewa
 from chatloop.train import dpo as our_dpo  # noqa: E402  (module access so a monkeypatch is seen)
 from chatloop.train import kto as our_kto  # noqa: E402
 from chatloop.train import reward as our_reward  # noqa: E402
+from chatloop.train import rloo as our_rloo  # noqa: E402
 
 ATOL = 1e-5
 
@@ -334,3 +335,94 @@ def test_bradley_terry_matches_trl_reward_trainer(tmp_path, margin, center):
                                          center_coefficient=center or 0.0)
     _assert_close(ours, _trl_loss(trainer, batch), f"Bradley-Terry loss (margin={margin}, center={center})")
     _assert_close((r_chosen - r_rejected).mean(), _metrics(trainer)["margin"][-1], "mean reward margin")
+
+
+# ---- RLOO ------------------------------------------------------------------------------------
+# TRL's RLOO advantages live inside ``RLOOTrainer._generate_and_score_completions`` (which samples
+# the completions itself) and its loss in ``_compute_loss``. So TRL samples, scores and computes
+# its advantages; our code gets the same token ids and TRL's scores, computes its own log-probs
+# (policy and reference, through ``token_forward`` on our own right-padded batch), KL penalty and
+# leave-one-out advantages; then the policy is perturbed (so ratios leave the clip range) and
+# both losses are computed on it.
+
+RLOO_PROMPTS = {"prompt": ["w1 w2 w3", "w4 w5 w6", "w7 w8 w9"]}  # equal lengths: no left padding
+RLOO_K = 4
+
+
+def _rloo_reward(prompts, completions, **kwargs):
+    return [float(c.count("w3") + c.count("w5")) + 0.1 * len(c.split()) for c in completions]
+
+
+def _rloo_case(tmp_path, beta, normalize, epsilon_high=None, temperature=1.0):
+    from trl import RLOOConfig, RLOOTrainer
+
+    from chatloop.train.common import Encoded, collate
+    from chatloop.train.ppo import token_forward
+
+    policy_dir = tmp_path / "policy"
+    _causal_lm(0).save_pretrained(policy_dir)
+    n = len(RLOO_PROMPTS["prompt"]) * RLOO_K
+    args = _args(RLOOConfig, tmp_path, per_device_train_batch_size=n, num_generations=RLOO_K,
+                 max_completion_length=6, beta=beta, normalize_advantages=normalize, temperature=temperature,
+                 epsilon=0.2, epsilon_high=epsilon_high)
+    trainer = RLOOTrainer(model=str(policy_dir), reward_funcs=_rloo_reward, args=args,
+                          train_dataset=Dataset.from_dict(RLOO_PROMPTS), processing_class=_tokenizer())
+    if beta:
+        # a different reference, so the KL penalty is far from zero (weights loaded into TRL's own
+        # reference, whose forward it patched)
+        trainer.ref_model.load_state_dict(_causal_lm(1).state_dict())
+    model = trainer.model
+    torch.manual_seed(0)
+    out = trainer._generate_and_score_completions([{"prompt": p} for p in RLOO_PROMPTS["prompt"]
+                                                   for _ in range(RLOO_K)])
+    scores = torch.tensor(list(trainer._logs["rewards"]["_rloo_reward"])[-n:], dtype=torch.float)
+    items = [Encoded(out["prompt_ids"][i][out["prompt_mask"][i].bool()].tolist(),
+                     out["completion_ids"][i][out["completion_mask"][i].bool()].tolist()) for i in range(n)]
+    batch = collate(items, PAD)
+    with torch.no_grad():
+        lp, _, _, mask = token_forward(model, None, batch, temperature)
+        seq_kl = torch.zeros(n)
+        if beta:
+            ref, _, _, _ = token_forward(trainer.ref_model, None, batch, temperature)
+            seq_kl = ((lp - ref) * mask).sum(1)
+    old_seq = (lp * mask).sum(1)
+    adv, _ = our_rloo.rloo_advantages(scores, seq_kl, RLOO_K, beta, normalize)
+    _assert_close(old_seq, out["old_logps"], "old sequence log-probs")
+    _assert_close(adv, out["advantages"], "leave-one-out advantages")
+    # perturb the policy: ratios now spread beyond the clip range
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.15 * torch.randn(p.shape, generator=g))
+    with torch.no_grad():
+        theirs = trainer._compute_loss(model, out)
+        new, _, _, m = token_forward(model, None, batch, temperature)
+        ours, frac = our_rloo.rloo_loss((new * m).sum(1), old_seq, adv, 0.2, epsilon_high)
+    _assert_close(ours, theirs, "clipped sequence loss")
+    _assert_close(frac, _metrics(trainer)["clip_ratio/region_mean"][-1], "clipped share")
+    return frac, adv
+
+
+@pytest.mark.parametrize("beta, normalize", [(0.0, False), (0.05, False), (0.2, True)])
+def test_rloo_advantages_and_loss_match_trl(tmp_path, beta, normalize):
+    frac, adv = _rloo_case(tmp_path, beta, normalize)
+    assert 0 < float(frac) < 1 and float(adv.abs().max()) > 0.05  # clipping and advantages both exercised
+
+
+def test_rloo_with_an_asymmetric_clip_and_temperature_matches_trl(tmp_path):
+    _rloo_case(tmp_path, 0.05, False, epsilon_high=0.28, temperature=0.7)
+
+
+def test_rloo_tolerance_catches_a_plain_mean_baseline(tmp_path, monkeypatch):
+    """The baseline *including* the reply itself (a common slip) is off by a factor k/(k-1)."""
+    real = our_rloo.rloo_advantages
+
+    def with_own_reply(scores, seq_kl, k, beta, normalize=False):
+        rewards = scores - beta * seq_kl
+        g = rewards.view(-1, k)
+        return (g - g.mean(dim=1, keepdim=True)).reshape(-1), rewards
+
+    monkeypatch.setattr(our_rloo, "rloo_advantages", with_own_reply)
+    with pytest.raises(AssertionError, match="leave-one-out advantages"):
+        _rloo_case(tmp_path, 0.05, False)
+    monkeypatch.setattr(our_rloo, "rloo_advantages", real)

@@ -26,3 +26,11 @@ def test_training_curve_splits_a_dpo_loss_with_thumbs_and_nll_into_its_parts():
     assert set(lines) == {"loss", "pairs' loss", "thumbs' loss", "chosen NLL", "reward margin", "held-out loss"}
     assert list(lines["chosen NLL"].get_ydata()) == [2.5, 2.4]
     assert list(lines["pairs' loss"].get_ydata()) == [0.69, 0.6]
+
+
+def test_training_curve_of_a_policy_gradient_run_shows_reward_kl_and_entropy():
+    history = [{"step": 1, "loss": 0.1, "mean_reward": 0.2, "kl": 0.0, "entropy": 3.1},
+               {"step": 2, "loss": 0.0, "mean_reward": 0.4, "kl": 0.02, "entropy": 3.0}]
+    lines = {line.get_label(): line for line in training_curve(history, "rloo").axes[0].get_lines()}
+    assert set(lines) == {"loss", "mean reward", "KL", "entropy"}
+    assert list(lines["entropy"].get_ydata()) == [3.1, 3.0]

@@ -1,7 +1,7 @@
 """Each trainer's config, built from the service's ``[training]`` settings by one typed function.
 
 Owns: the mapping from ``chatloop.config.TrainingDefaults`` (one flat table an operator edits) to
-``DpoConfig``, ``KtoConfig``, ``RewardConfig``, ``PpoConfig`` and the LoRA config, and the rules
+``DpoConfig``, ``KtoConfig``, ``RewardConfig``, ``PpoConfig``, ``RlooConfig`` and the LoRA config, and the rules
 that mapping applies, written here and nowhere else:
 - KTO's batches hold twice ``batch_size`` replies (at least 2): a DPO batch of n pairs is 2n
   replies, so the same setting costs both about the same per step.
@@ -70,6 +70,15 @@ def ppo_config(t: TrainingDefaults):
                      minibatch_size=t.ppo_minibatch_size, ppo_epochs=t.ppo_epochs, rollouts=t.ppo_rollouts,
                      max_new_tokens=t.ppo_max_new_tokens, max_prompt_tokens=t.max_prompt_tokens,
                      init_kl_coef=t.ppo_init_kl_coef, target_kl=t.ppo_target_kl, seed=t.seed)
+
+
+def rloo_config(t: TrainingDefaults):
+    from chatloop.train.rloo import RlooConfig
+
+    return RlooConfig(learning_rate=t.rloo_learning_rate, steps=t.rloo_steps, prompts_per_step=t.rloo_prompts_per_step,
+                      k=t.rloo_k, epochs=t.rloo_epochs, minibatch_size=t.rloo_minibatch_size, beta=t.rloo_beta,
+                      max_new_tokens=t.rloo_max_new_tokens, max_prompt_tokens=t.max_prompt_tokens,
+                      normalize_advantages=t.rloo_normalize_advantages, seed=t.seed)
 
 
 def lora_config(t: TrainingDefaults):

@@ -6,10 +6,10 @@ JOB_DIR holds ``job.json`` (model path, parent adapter path or null, algorithm, 
 reward model the gate's judge may reuse, or null) and
 the snapshot: ``train.jsonl``/``eval.jsonl`` (pairs: DPO, and the reward model before PPO),
 ``train_thumbs.jsonl``/``eval_thumbs.jsonl`` (thumbs: KTO, DPO's thumbs term, and the reward model's
-pointwise term), ``train_prompts.jsonl``/``eval_prompts.jsonl`` (logged prompts: PPO rollouts).
+pointwise term), ``train_prompts.jsonl``/``eval_prompts.jsonl`` (logged prompts: PPO and RLOO rollouts).
 The child writes ``progress.jsonl`` (one line per step, each naming its phase: the algorithm,
 ``reward model`` or ``gate reward model``; each phase counts its own steps), then ``adapter/`` (a PEFT directory),
-``reward/`` (PPO's reward model) and ``metrics.json``, and exits 0. Any failure writes
+``reward/`` (PPO's and RLOO's reward model) and ``metrics.json``, and exits 0. Any failure writes
 ``error.txt`` and exits non-zero.
 
 Invariants: the child never opens the DuckDB file; it reads the snapshot and writes files in
@@ -182,7 +182,30 @@ def train_ppo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) ->
     return metrics
 
 
-TRAINERS = {Algorithm.DPO: train_dpo_job, Algorithm.KTO: train_kto_job, Algorithm.PPO: train_ppo_job}
+def train_rloo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
+    """Reward model first, then RLOO against it (k sampled replies per training prompt); judged like PPO."""
+    from peft import PeftModel
+
+    from chatloop.prefs import read_jsonl
+    from chatloop.train.rloo import train_rloo
+
+    reward_metrics, rm = train_reward_job(job_dir, job, t, in_phase(hooks, "reward model"))
+    loaded = _load(job)
+    policy = _policy(loaded, job, t)
+    reference = None  # the base model under the policy's adapter, when the parent is the base
+    if job.get("parent_adapter"):
+        reference = PeftModel.from_pretrained(_load(job).model, job["parent_adapter"]).eval().requires_grad_(False)
+    tok = loaded.tokenizer
+    prompts = [p["prompt"] for p in read_jsonl(job_dir / "train_prompts.jsonl")]
+    metrics = train_rloo(policy, reference, tok, prompts, _reward_fn(rm, tok, t), configs.rloo_config(t), **hooks)
+    metrics["reward_model"] = {k: v for k, v in reward_metrics.items() if k != "history"}
+    policy.save_pretrained(job_dir / "adapter")
+    metrics["judge"] = judge_candidate(job_dir, job, t, policy, tok, hooks, reference=reference, rm=rm)
+    return metrics
+
+
+TRAINERS = {Algorithm.DPO: train_dpo_job, Algorithm.KTO: train_kto_job, Algorithm.PPO: train_ppo_job,
+            Algorithm.RLOO: train_rloo_job}
 
 
 def run_job(job_dir: Path) -> dict[str, Any]:

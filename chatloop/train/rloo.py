@@ -1,0 +1,168 @@
+"""RLOO: critic-free policy gradient with a reward model, on a LoRA adapter (Ahmadian et al. 2024,
+"Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs",
+as TRL's ``RLOOTrainer`` implements it).
+
+Owns: the RLOO math (sequence-level KL-penalised rewards, the leave-one-out baseline, the clipped
+sequence-level objective) and its rollout/optimisation loop.
+
+Per step:
+1. ``prompts_per_step`` logged prompts, each answered ``k`` times by the policy in one batched
+   ``generate`` (row ``p * k + j`` is reply ``j`` to prompt ``p``, TRL's layout);
+2. the reward model scores every (prompt, reply) once;
+3. reward = score - beta * sum_t (log pi_old(y_t) - log ref(y_t)) (the first-order KL estimate
+   summed over the reply, as TRL's RLOO: a reward penalty, not a loss term);
+4. advantage = reward - the mean reward of the *other* k - 1 replies to the same prompt (this
+   baseline replaces PPO's value head); optionally normalised over the batch;
+5. ``epochs`` passes of minibatches minimising -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+   with ratio = exp(log pi(y) - log pi_old(y)) over the whole reply, averaged over replies.
+
+Invariants: the reference is frozen (the active adapter); log-probs cover reply tokens only and
+padding never counts; every step logs what moves (mean score, KL, entropy, gradient norm,
+advantage spread, replies seen) so a run that does not learn says why.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from chatloop.train.common import Encoded, collate, sample_replies
+from chatloop.train.ppo import masked_mean, token_forward
+
+
+# ---- the math ------------------------------------------------------------------------------------
+def rloo_advantages(scores: torch.Tensor, seq_kl: torch.Tensor, k: int, beta: float,
+                    normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-one-out advantages of ``scores`` (P*k, grouped k consecutive rows per prompt) after
+    the sequence KL penalty; returns (advantages, penalised rewards)."""
+    if k < 2:
+        raise ValueError("RLOO needs at least 2 replies per prompt for its leave-one-out baseline")
+    rewards = scores - beta * seq_kl
+    grouped = rewards.view(-1, k)
+    baselines = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    adv = (grouped - baselines).reshape(-1)
+    if normalize:
+        adv = (adv - adv.mean()) / (adv.std() + 1e-4)
+    return adv, rewards
+
+
+def rloo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float,
+              epsilon_high: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipped sequence-level objective (mean over replies) and the share of clipped replies."""
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + (epsilon if epsilon_high is None else epsilon_high))
+    loss = -torch.min(ratio * advantages, clipped * advantages).mean()
+    frac = ((ratio * advantages) > (clipped * advantages)).float().mean()
+    return loss, frac
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+@dataclass
+class RlooConfig:
+    learning_rate: float = 1e-4
+    prompts_per_step: int = 8
+    k: int = 4  # replies per prompt
+    steps: int = 12  # rollout batches per cycle: steps * prompts_per_step * k replies in all
+    epochs: int = 1  # optimisation passes over each rollout batch (TRL's num_iterations)
+    minibatch_size: int = 16  # replies per optimiser step
+    max_new_tokens: int = 48
+    max_prompt_tokens: int = 384
+    temperature: float = 1.0
+    beta: float = 0.05
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    normalize_advantages: bool = False
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+
+def _seq_logps(model, batch, temperature: float, ctx=None):
+    with ctx or nullcontext():
+        lp, ent, _, mask = token_forward(model, None, batch, temperature)
+    return lp, ent, mask
+
+
+def train_rloo(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    tokenizer,
+    prompts: Sequence[list[dict]],
+    reward_fn: Callable[[list[tuple[list[dict], str]]], list[float]],
+    cfg: RlooConfig,
+    on_step: Callable[[dict], None] = lambda m: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict:
+    """Optimise the policy's trainable (LoRA) parameters with RLOO against ``reward_fn``.
+    ``reference`` None means the base model under the policy's adapter (``disable_adapter``)."""
+    if not prompts:
+        raise ValueError("RLOO needs logged prompts to roll out on")
+    device = next(policy.parameters()).device
+    torch.manual_seed(cfg.seed)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    encoded = [list(tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])[-cfg.max_prompt_tokens:]
+               for p in prompts]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    seen = 0
+    for step in range(cfg.steps):
+        if should_stop():
+            raise InterruptedError("training cancelled")
+        while len(order) < cfg.prompts_per_step:  # every prompt once before any twice
+            order += torch.randperm(len(prompts), generator=gen).tolist()
+        pick, order = order[: cfg.prompts_per_step], order[cfg.prompts_per_step:]
+        rows = [i for i in pick for _ in range(cfg.k)]
+        policy.eval()
+        t_roll = time.perf_counter()
+        replies = sample_replies(policy, tokenizer, [encoded[i] for i in rows], cfg.max_new_tokens,
+                                 cfg.seed * 1000 + step, temperature=cfg.temperature, batch_size=len(rows))
+        texts = [tokenizer.decode(y, skip_special_tokens=True) for y in replies]
+        scores = torch.tensor(reward_fn([(list(prompts[i]), t) for i, t in zip(rows, texts)]),
+                              dtype=torch.float, device=device)
+        batch = collate([Encoded(encoded[i], y) for i, y in zip(rows, replies)], tokenizer.pad_token_id).to(device)
+        with torch.no_grad():
+            old_lp, _, mask = _seq_logps(policy, batch, cfg.temperature)
+            if reference is None:
+                ref_lp, _, _ = _seq_logps(policy, batch, cfg.temperature, policy.disable_adapter())
+            else:
+                ref_lp, _, _ = _seq_logps(reference, batch, cfg.temperature)
+            seq_kl = ((old_lp - ref_lp) * mask).sum(dim=1)
+            adv, rewards = rloo_advantages(scores, seq_kl, cfg.k, cfg.beta, cfg.normalize_advantages)
+        old_seq = (old_lp * mask).sum(dim=1)
+        rollout_s = time.perf_counter() - t_roll
+        stats = []  # the policy stays in eval mode: no dropout, as TRL's disable_dropout
+        for _ in range(cfg.epochs):
+            perm = torch.randperm(len(rows), generator=gen).tolist()
+            for s in range(0, len(rows), cfg.minibatch_size):
+                idx = perm[s:s + cfg.minibatch_size]
+                sub = collate([Encoded(encoded[rows[i]], replies[i]) for i in idx], tokenizer.pad_token_id).to(device)
+                lp, ent, m = _seq_logps(policy, sub, cfg.temperature)
+                loss, frac = rloo_loss((lp * m).sum(dim=1), old_seq[idx], adv[idx], cfg.epsilon, cfg.epsilon_high)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                stats.append({"loss": float(loss.detach()), "clip_fraction": float(frac),
+                              "entropy": float(masked_mean(ent.detach(), m)), "grad_norm": float(grad_norm)})
+        seen += len(rows)
+        mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        grouped = scores.view(-1, cfg.k)
+        m_out = {"step": step + 1, "total": cfg.steps, **mean, "mean_reward": float(scores.mean()),
+                 "kl": float(((old_lp - ref_lp) * mask).sum() / mask.sum().clamp(min=1)),
+                 "penalised_reward": float(rewards.mean()), "advantage_std": float(adv.std()),
+                 "within_prompt_score_std": float(grouped.std(dim=1).mean()),
+                 "reply_tokens": float(mask.sum(dim=1).mean()), "replies_seen": seen,
+                 "rollout_s": rollout_s, "elapsed_s": time.perf_counter() - t0}
+        history.append(m_out)
+        on_step(m_out)
+    return {"algo": "rloo", "steps": len(history), "replies_seen": seen, "first_loss": history[0]["loss"],
+            "final_loss": history[-1]["loss"], "first_reward": history[0]["mean_reward"],
+            "final_reward": history[-1]["mean_reward"], "final_kl": history[-1]["kl"],
+            "train_s": time.perf_counter() - t0, "history": history}
