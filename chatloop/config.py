@@ -171,6 +171,7 @@ class Settings:
     prefill_chunk_tokens: int = 128
     retrain_cron: str = ""  # e.g. "0 3 * * *"; empty = no scheduled retraining
     retrain_interval_minutes: int = 0  # 0 = off
+    schedule_poll_seconds: float = 30.0  # how often "after N new feedback events" schedules are checked (>= 1)
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     training: TrainingDefaults = field(default_factory=TrainingDefaults)
     limits: Limits = field(default_factory=Limits)

@@ -66,7 +66,8 @@ def serve(settings: Settings) -> int:
         return 3
     log.info("model %s loaded in %.1f s on %s (%s); serving adapter %s", service.model_name,
              service.load_s, service.loaded.device, service.loaded.dtype, service.active_version)
-    scheduler = RetrainScheduler(settings, service.retrainer, service.store).start()
+    scheduler = RetrainScheduler(settings, service.retrainer, service.store,
+                                 poll_seconds=max(1.0, settings.schedule_poll_seconds)).start()
     app = create_app(service, token, scheduler)
     demo = build_ui(service, token, scheduler)
     # run_history=False: Gradio 6 would keep every handler's inputs and outputs (the operator

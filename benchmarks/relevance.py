@@ -1,0 +1,104 @@
+"""How relevant are stored replies to their prompts? The gate's task-relevance figure (the base
+model's prompt-reply PMI per token, ``chatloop.train.relevance``) of every side of a replies file
+that ``benchmarks/efficacy.py --replies`` wrote, with its standard error, and the gate's verdict on
+each candidate at the current ``gate_min_relevance`` and over a range of thresholds.
+
+    python benchmarks/relevance.py REPLIES.json [REPLIES.json ...] [--prompts N] [--model default] [--json]
+
+Per side (the base model, then each algorithm's candidate): ``mean``, ``se``, ``replies`` (empty ones
+left out), ``ratio_to_base`` (what the gate compares with ``gate_min_relevance``), and ``passes``
+for the default threshold. Also the same figure at the gate's own size: ``gate_prompts`` (16)
+prompts at a time, the share of such draws that would pass (``pass_rate_at_gate_size``), since the
+gate sees 16 prompts, not all of them. With --json the last line is one JSON object keyed by file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from chatloop.config import TrainingDefaults  # noqa: E402
+from chatloop.oracles import load_oracle, load_prompts  # noqa: E402
+from chatloop.train.relevance import pmi_per_token, summary  # noqa: E402
+
+
+def per_reply(model, tok, contexts: list, texts: list[str], max_reply_tokens: int) -> list[float | None]:
+    from chatloop.train.common import encode_reply
+
+    enc = [encode_reply(tok, c, t, 384, max_reply_tokens) for c, t in zip(contexts, texts)]
+    replies = [e.reply_ids if t.strip() else [tok.eos_token_id] for e, t in zip(enc, texts)]
+    return pmi_per_token(model, tok, [e.prompt_ids for e in enc], replies)
+
+
+def gate_size_pass_rate(cand: list[float | None], base: list[float | None], size: int, ratio: float) -> float:
+    """The share of consecutive ``size``-prompt windows whose candidate mean is at least ``ratio``
+    times the base mean on the same prompts (the gate's comparison at the gate's sample size)."""
+    n = len(cand)
+    if n < size:
+        size = n
+    passed = total = 0
+    for start in range(0, n - size + 1):
+        c = summary(cand[start:start + size])["mean"]
+        b = summary(base[start:start + size])["mean"]
+        if c is None or b is None:
+            continue
+        total += 1
+        passed += c >= ratio * max(b, 0.0)
+    return passed / max(total, 1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--prompts", type=int, default=0, help="only the first N prompts (0 = all)")
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--max-reply-tokens", type=int, default=48)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import tempfile
+
+    from chatloop.models import load_model
+
+    loaded = load_model(args.model, Path(tempfile.gettempdir()) / "chatloop-relevance-models")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    t = TrainingDefaults()
+    out: dict[str, Any] = {}
+    for name in args.files:
+        data = json.loads(Path(name).read_text())
+        contexts = load_prompts(load_oracle(data["oracle"]), "heldout", data.get("prompts"))
+        sides = {"base": data["base"], **{k: v["texts"] for k, v in data.items() if isinstance(v, dict) and "texts" in v}}
+        n = min(len(v) for v in sides.values())
+        if args.prompts:
+            n = min(n, args.prompts)
+        values = {s: per_reply(model, tok, contexts[:n], texts[:n], args.max_reply_tokens) for s, texts in sides.items()}
+        base = summary(values["base"])
+        rows = {}
+        for side, vals in values.items():
+            s = summary(vals)
+            ratio = s["mean"] / base["mean"] if base["mean"] and base["mean"] > 0 and s["mean"] is not None else None
+            rows[side] = {**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()},
+                          "ratio_to_base": None if ratio is None else round(ratio, 3),
+                          "passes": None if side == "base" else bool(s["mean"] >= t.gate_min_relevance * max(base["mean"], 0)),
+                          "pass_rate_at_gate_size": None if side == "base" else round(
+                              gate_size_pass_rate(vals, values["base"], t.gate_prompts, t.gate_min_relevance), 3),
+                          "gate_then": data[side].get("gate") if side != "base" else None}
+        out[Path(name).name] = {"oracle": data["oracle"], "prompts": n, "sides": rows}
+        print(f"{name}: oracle {data['oracle']}, {n} held-out prompts, gate_min_relevance {t.gate_min_relevance}")
+        cols = ["mean", "se", "replies", "ratio_to_base", "passes", "pass_rate_at_gate_size", "gate_then"]
+        print(f"{'side':<10}" + "".join(f"{c:>24}" for c in cols))
+        for side, r in rows.items():
+            print(f"{side:<10}" + "".join(f"{r[c]!s:>24}" for c in cols))
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
