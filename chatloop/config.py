@@ -122,8 +122,11 @@ class TrainingDefaults:
     gate_win_rate: float = 0.5  # the reward model must prefer the candidate's replies this often
     gate_max_kl: float = 1.0  # nats per token, candidate vs base model, on its own replies
     gate_max_degenerate_increase: float = 0.1  # share of empty/repetitive replies vs the reference
-    gate_min_relevance: float = 0.5  # the candidate's task relevance (base-model PMI of prompt and reply
-    #                                  per token) at least this share of the base model's own (0 = off)
+    # the candidate's task relevance (base-model PMI of prompt and reply, nats per token) may fall at
+    # most gate_max_relevance_drop below the base model's own and must keep gate_min_relevance of it
+    # (0 = off); tuned on candidates of real logs (README, docs/LOG.md 2026-12-03)
+    gate_max_relevance_drop: float = 0.25
+    gate_min_relevance: float = 0.3
     gate_live_votes: int = 0  # >0: a candidate that passes goes into live A/B comparison first and is
     #                           promoted only if it wins at least half of this many votes (ties half)
 

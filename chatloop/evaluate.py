@@ -26,10 +26,11 @@ A candidate is promoted only when every check passes:
 5. its share of degenerate replies (empty or repetitive) exceeds the reference's by at most
    ``gate_max_degenerate_increase``;
 6. task relevance (``chatloop.train.relevance``: how much likelier the base model finds each reply
-   after its own prompt than after another held-out prompt, per token) is at least
-   ``gate_min_relevance`` times the base model's own replies' (anchored to base, as KL is, so
-   that drift cannot compound over rounds). Off-topic replies, stock assistant talk about the task
-   and text that fits any prompt score near zero however well the reward model likes them.
+   after its own prompt than after another held-out prompt, in nats per token) falls at most
+   ``gate_max_relevance_drop`` below the base model's own replies' and keeps at least
+   ``gate_min_relevance`` of it (the floor that matters where the base figure is small). Anchored
+   to base, as KL is, so that drift cannot compound over rounds. Replies that drift off their
+   prompts lose it however well the reward model likes them.
 
 Invariant: the verdict (structured checks, see ``Verdict``) is returned for the caller to store;
 nothing here activates anything, and nobody parses its text back.
@@ -145,22 +146,27 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
                                         f"{deg['reference']:.2f} ({'within' if ok else 'beyond'} "
                                         f"+{t.gate_max_degenerate_increase:g})",
                       deg["candidate"] - deg["reference"], t.gate_max_degenerate_increase))
-    return verdict.add(_relevance(judged.get("relevance"), t))
+    return verdict.add(relevance_check(judged.get("relevance"), t))
 
 
-def _relevance(rel: dict[str, Any] | None, t: TrainingDefaults) -> Check:
-    """The candidate's mean relevance against ``gate_min_relevance`` times the base model's (its
-    replies to the same prompts); a base figure at or below zero asks for at least zero."""
-    if t.gate_min_relevance <= 0:
-        return Check("relevance", None, "task relevance check off (gate_min_relevance = 0)")
+def relevance_check(rel: dict[str, Any] | None, t: TrainingDefaults) -> Check:
+    """The candidate's mean relevance against the base model's (its replies to the same prompts):
+    at least ``base - gate_max_relevance_drop`` and ``gate_min_relevance * base`` (a base figure at
+    or below zero asks for at least zero)."""
+    if t.gate_min_relevance <= 0 and t.gate_max_relevance_drop <= 0:
+        return Check("relevance", None, "task relevance check off (gate_min_relevance = gate_max_relevance_drop = 0)")
     cand = ((rel or {}).get("candidate") or {}).get("mean")
     base = ((rel or {}).get("base") or {}).get("mean")
     if cand is None or base is None:
         return Check("relevance", None, "task relevance not measured (no non-empty replies)")
-    need = t.gate_min_relevance * max(base, 0.0)
+    floors = [t.gate_min_relevance * max(base, 0.0)] if t.gate_min_relevance > 0 else []
+    if t.gate_max_relevance_drop > 0:
+        floors.append(base - t.gate_max_relevance_drop)
+    need = max(floors)
     ok = cand >= need
     return Check("relevance", ok, f"task relevance {cand:.3f} nats/token vs the base model's {base:.3f} "
-                                  f"({'>=' if ok else '<'} {t.gate_min_relevance:g}x = {need:.3f}: replies "
+                                  f"({'>=' if ok else '<'} {need:.3f}: at most {t.gate_max_relevance_drop:g} "
+                                  f"below and at least {t.gate_min_relevance:g}x; replies "
                                   f"{'fit' if ok else 'do not fit'} their own prompts)", cand, need)
 
 
