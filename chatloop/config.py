@@ -114,7 +114,8 @@ class TrainingDefaults:
     rloo_max_new_tokens: int = 48
     rloo_normalize_advantages: bool = False
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
-    gate_prompts: int = 16  # held-out prompts both sides answer (0 = no behavioural checks)
+    gate_prompts: int = 32  # held-out prompts both sides answer (0 = no behavioural checks); 16 left the
+    #                         relevance figure too noisy (docs/LOG.md 2026-12-03)
     gate_max_new_tokens: int = 48
     gate_reward_model: bool = True  # train a reward model on the snapshot for DPO/KTO's win rate too
     gate_reward_refresh: float = 0.25  # DPO/KTO reuse the last reward model until the snapshot has this

@@ -164,9 +164,12 @@ def relevance_check(rel: dict[str, Any] | None, t: TrainingDefaults) -> Check:
         floors.append(base - t.gate_max_relevance_drop)
     need = max(floors)
     ok = cand >= need
+    paired = (rel or {}).get("paired_difference") or {}
+    noise = (f", paired difference {paired['mean']:+.3f} ± {paired['se']:.3f} over {paired['replies']} prompts"
+             if paired.get("mean") is not None and paired.get("se") is not None else "")
     return Check("relevance", ok, f"task relevance {cand:.3f} nats/token vs the base model's {base:.3f} "
                                   f"({'>=' if ok else '<'} {need:.3f}: at most {t.gate_max_relevance_drop:g} "
-                                  f"below and at least {t.gate_min_relevance:g}x; replies "
+                                  f"below and at least {t.gate_min_relevance:g}x{noise}; replies "
                                   f"{'fit' if ok else 'do not fit'} their own prompts)", cand, need)
 
 

@@ -78,6 +78,8 @@ def test_relevance_is_anchored_to_the_base_model_and_can_be_turned_off():
     assert gate(worse("judge.relevance.reference.mean", 0.9)).checks["relevance"] is True
     v = gate(worse("judge.relevance.base.mean", 0.9))
     assert v.checks["relevance"] is False and "0.300 nats/token vs the base model's 0.900" in v.summary
+    with_noise = worse("judge.relevance.paired_difference", {"mean": -0.1, "se": 0.04, "replies": 8})
+    assert "paired difference -0.100 ± 0.040 over 8 prompts" in gate(with_noise).summary
     # a base figure at or below zero asks for at least zero
     assert gate(worse("judge.relevance.base.mean", -0.2)).checks["relevance"] is True
     assert gate(worse("judge.relevance", {"candidate": {"mean": -0.01}, "base": {"mean": -0.2}})).checks[

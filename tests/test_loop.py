@@ -199,6 +199,7 @@ def test_dpo_gate_judges_held_out_prompts_with_a_reward_model(parts):
     assert all(v is not None for v in gate["checks"].values())
     rel = judged["relevance"]  # the parent is base: the reference's replies are the base model's
     assert rel["base"] == rel["reference"] and rel["candidate"]["replies"] <= 3
+    assert rel["paired_difference"]["replies"] <= 3
     assert run["status"] == ("promoted" if all(gate["checks"].values()) else "rejected")
     assert set(run["metrics"]["timings"]) == {"snapshot_s", "train_and_judge_s", "publish_s"}
 
@@ -222,7 +223,7 @@ def test_gate_rejects_a_deliberately_worse_candidate_and_serving_is_untouched(pa
     assert checks.get("kl") is False or checks.get("finite_loss") is False
     rel = (bad["metrics"].get("judge") or {}).get("relevance")
     if rel:  # the parent is v1 now: the base model answered the prompts as well, as the anchor
-        assert set(rel) == {"candidate", "reference", "base"}
+        assert set(rel) == {"candidate", "reference", "base", "paired_difference"}
     assert registry.active() == good["candidate_version"]
     assert ("v2", "gate") not in activations
 

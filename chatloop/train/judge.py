@@ -89,10 +89,14 @@ def judge(candidate, reference, tokenizer, contexts: list[list[dict[str, str]]],
             base_replies = sample_replies(candidate, tokenizer, enc, max_new_tokens, seed,
                                           temperature=TEMPERATURE, top_p=TOP_P, batch_size=16)
     with candidate.disable_adapter():  # relevance is always the base model's PMI
-        relevance = {s: summary(pmi_per_token(candidate, tokenizer, enc, rs))
-                     for s, rs in (("candidate", replies["candidate"]), ("reference", replies["reference"]))}
-        relevance["base"] = (relevance["reference"] if reference_is_base
-                             else summary(pmi_per_token(candidate, tokenizer, enc, base_replies)))
+        values = {s: pmi_per_token(candidate, tokenizer, enc, rs)
+                  for s, rs in (("candidate", replies["candidate"]), ("reference", replies["reference"]))}
+        values["base"] = (values["reference"] if reference_is_base
+                          else pmi_per_token(candidate, tokenizer, enc, base_replies))
+    relevance: dict[str, Any] = {s: summary(v) for s, v in values.items()}
+    # candidate minus base on the same prompts: its standard error says how far the gate's sample can be trusted
+    relevance["paired_difference"] = summary([c - b for c, b in zip(values["candidate"], values["base"])
+                                              if c is not None and b is not None])
     n = len(contexts)
     out: dict[str, Any] = {
         "relevance": relevance,
