@@ -216,7 +216,7 @@ def main() -> int:
         return bool(r["promoted"] and r["candidate_vs_served_se"] is not None
                     and r["candidate_vs_served_points"] < -r["candidate_vs_served_se"])
 
-    prev = [base["liked_pct"]] + [r["liked_pct"] for r in rounds[:-1]]
+    prev = [round(base["liked_pct"], 2)] + [r["liked_pct"] for r in rounds[:-1]]  # as rounded in the rows
     result = {
         "oracle": oracle.name, "algo": args.algo, "eval_prompts": len(held), "events_per_round": args.events_per_round,
         "base_liked_pct": round(base["liked_pct"], 2), "rounds": rounds,
