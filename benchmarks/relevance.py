@@ -6,10 +6,10 @@ each candidate at the current ``gate_min_relevance`` and over a range of thresho
     python benchmarks/relevance.py REPLIES.json [REPLIES.json ...] [--prompts N] [--model default] [--json]
 
 Per side (the base model, then each algorithm's candidate): ``mean``, ``se``, ``replies`` (empty ones
-left out), ``ratio_to_base`` (what the gate compares with ``gate_min_relevance``), and ``passes``
-for the default threshold. Also the same figure at the gate's own size: ``gate_prompts`` (16)
-prompts at a time, the share of such draws that would pass (``pass_rate_at_gate_size``), since the
-gate sees 16 prompts, not all of them. With --json the last line is one JSON object keyed by file.
+left out), ``ratio_to_base``, ``drop`` (base minus side) and ``passes`` (the gate's own
+``relevance_check`` at the default thresholds). Also the same verdict at the gate's own size:
+``gate_prompts`` consecutive prompts at a time, the share of such windows that pass
+(``pass_rate_at_gate_size``), since the gate sees that many prompts, not all of them. With --json the last line is one JSON object keyed by file.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from chatloop.config import TrainingDefaults  # noqa: E402
+from chatloop.evaluate import relevance_check  # noqa: E402
 from chatloop.oracles import load_oracle, load_prompts  # noqa: E402
 from chatloop.train.relevance import pmi_per_token, summary  # noqa: E402
 
@@ -36,20 +37,19 @@ def per_reply(model, tok, contexts: list, texts: list[str], max_reply_tokens: in
     return pmi_per_token(model, tok, [e.prompt_ids for e in enc], replies)
 
 
-def gate_size_pass_rate(cand: list[float | None], base: list[float | None], size: int, ratio: float) -> float:
-    """The share of consecutive ``size``-prompt windows whose candidate mean is at least ``ratio``
-    times the base mean on the same prompts (the gate's comparison at the gate's sample size)."""
+def gate_size_pass_rate(cand: list[float | None], base: list[float | None], size: int, t: TrainingDefaults) -> float:
+    """The share of consecutive ``size``-prompt windows that the gate's relevance check passes."""
     n = len(cand)
     if n < size:
         size = n
     passed = total = 0
     for start in range(0, n - size + 1):
-        c = summary(cand[start:start + size])["mean"]
-        b = summary(base[start:start + size])["mean"]
-        if c is None or b is None:
+        check = relevance_check({"candidate": summary(cand[start:start + size]),
+                                 "base": summary(base[start:start + size])}, t)
+        if check.passed is None:
             continue
         total += 1
-        passed += c >= ratio * max(b, 0.0)
+        passed += bool(check.passed)
     return passed / max(total, 1)
 
 
@@ -85,13 +85,15 @@ def main() -> int:
             ratio = s["mean"] / base["mean"] if base["mean"] and base["mean"] > 0 and s["mean"] is not None else None
             rows[side] = {**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in s.items()},
                           "ratio_to_base": None if ratio is None else round(ratio, 3),
-                          "passes": None if side == "base" else bool(s["mean"] >= t.gate_min_relevance * max(base["mean"], 0)),
+                          "drop": None if s["mean"] is None else round(base["mean"] - s["mean"], 4),
+                          "passes": None if side == "base" else relevance_check({"candidate": s, "base": base}, t).passed,
                           "pass_rate_at_gate_size": None if side == "base" else round(
-                              gate_size_pass_rate(vals, values["base"], t.gate_prompts, t.gate_min_relevance), 3),
+                              gate_size_pass_rate(vals, values["base"], t.gate_prompts, t), 3),
                           "gate_then": data[side].get("gate") if side != "base" else None}
         out[Path(name).name] = {"oracle": data["oracle"], "prompts": n, "sides": rows}
-        print(f"{name}: oracle {data['oracle']}, {n} held-out prompts, gate_min_relevance {t.gate_min_relevance}")
-        cols = ["mean", "se", "replies", "ratio_to_base", "passes", "pass_rate_at_gate_size", "gate_then"]
+        print(f"{name}: oracle {data['oracle']}, {n} held-out prompts, gate_max_relevance_drop "
+              f"{t.gate_max_relevance_drop}, gate_min_relevance {t.gate_min_relevance}")
+        cols = ["mean", "se", "replies", "ratio_to_base", "drop", "passes", "pass_rate_at_gate_size", "gate_then"]
         print(f"{'side':<10}" + "".join(f"{c:>24}" for c in cols))
         for side, r in rows.items():
             print(f"{side:<10}" + "".join(f"{r[c]!s:>24}" for c in cols))
