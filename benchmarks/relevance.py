@@ -26,15 +26,7 @@ sys.path.insert(0, str(REPO))
 from chatloop.config import TrainingDefaults  # noqa: E402
 from chatloop.evaluate import relevance_check  # noqa: E402
 from chatloop.oracles import load_oracle, load_prompts  # noqa: E402
-from chatloop.train.relevance import pmi_per_token, summary  # noqa: E402
-
-
-def per_reply(model, tok, contexts: list, texts: list[str], max_reply_tokens: int) -> list[float | None]:
-    from chatloop.train.common import encode_reply
-
-    enc = [encode_reply(tok, c, t, 384, max_reply_tokens) for c, t in zip(contexts, texts)]
-    replies = [e.reply_ids if t.strip() else [tok.eos_token_id] for e, t in zip(enc, texts)]
-    return pmi_per_token(model, tok, [e.prompt_ids for e in enc], replies)
+from chatloop.train.relevance import pmi_of_texts, summary  # noqa: E402
 
 
 def gate_size_pass_rate(cand: list[float | None], base: list[float | None], size: int, t: TrainingDefaults) -> float:
@@ -77,7 +69,8 @@ def main() -> int:
         n = min(len(v) for v in sides.values())
         if args.prompts:
             n = min(n, args.prompts)
-        values = {s: per_reply(model, tok, contexts[:n], texts[:n], args.max_reply_tokens) for s, texts in sides.items()}
+        values = {s: pmi_of_texts(model, tok, contexts[:n], texts[:n], max_reply_tokens=args.max_reply_tokens)
+                  for s, texts in sides.items()}
         base = summary(values["base"])
         rows = {}
         for side, vals in values.items():

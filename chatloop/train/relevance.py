@@ -83,10 +83,16 @@ def summary(values: Sequence[float | None]) -> dict[str, Any]:
     return {"mean": mean, "se": math.sqrt(var / n), "replies": n}
 
 
+def pmi_of_texts(base_model, tokenizer, contexts: Sequence[Sequence[dict[str, str]]], texts: Sequence[str],
+                 max_prompt_tokens: int = 384, max_reply_tokens: int = 256) -> list[float | None]:
+    """Each logged or stored reply's (text) PMI with its context per token (None for an empty one)."""
+    enc = [encode_reply(tokenizer, c, t, max_prompt_tokens, max_reply_tokens) for c, t in zip(contexts, texts)]
+    eos = tokenizer.eos_token_id
+    replies = [e.reply_ids if t.strip() else [eos] for e, t in zip(enc, texts)]
+    return pmi_per_token(base_model, tokenizer, [e.prompt_ids for e in enc], replies)
+
+
 def relevance_of_texts(base_model, tokenizer, contexts: Sequence[Sequence[dict[str, str]]], texts: Sequence[str],
                        max_prompt_tokens: int = 384, max_reply_tokens: int = 256) -> dict[str, Any]:
     """The relevance summary of logged or stored replies (text) to their contexts."""
-    enc = [encode_reply(tokenizer, c, t, max_prompt_tokens, max_reply_tokens) for c, t in zip(contexts, texts)]
-    eos = tokenizer.eos_token_id
-    replies = [e.reply_ids if tokenizer.decode(e.reply_ids, skip_special_tokens=True).strip() else [eos] for e in enc]
-    return summary(pmi_per_token(base_model, tokenizer, [e.prompt_ids for e in enc], replies))
+    return summary(pmi_of_texts(base_model, tokenizer, contexts, texts, max_prompt_tokens, max_reply_tokens))

@@ -158,50 +158,39 @@ def train_reward_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict)
     return metrics, rm
 
 
-def train_ppo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
-    """Reward model first, then PPO against it; the candidate is compared with the reference by the
-    reward model on held-out prompts (sampled replies, same seeds)."""
-    from peft import PeftModel
-
+def _rollout_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict, train, cfg,
+                 needs_reference_model: bool) -> dict:
+    """Reward model first, then the policy-gradient ``train`` against it on the training prompts;
+    the candidate is compared with the reference by that reward model on held-out prompts
+    (sampled replies, same seeds). ``needs_reference_model``: a base-model reference is loaded
+    as its own model (PPO) instead of the policy with its adapter disabled (RLOO)."""
     from chatloop.prefs import read_jsonl
-    from chatloop.train.ppo import train_ppo
 
     reward_metrics, rm = train_reward_job(job_dir, job, t, in_phase(hooks, "reward model"))
     loaded = _load(job)
     policy = _policy(loaded, job, t)
-    ref_loaded = _load(job)
-    reference = (PeftModel.from_pretrained(ref_loaded.model, job["parent_adapter"]) if job.get("parent_adapter")
-                 else ref_loaded.model)
-    reference.eval().requires_grad_(False)
+    reference = _reference(job)
+    if reference is None and needs_reference_model:
+        reference = _load(job).model.eval().requires_grad_(False)
     tok = loaded.tokenizer
     prompts = [p["prompt"] for p in read_jsonl(job_dir / "train_prompts.jsonl")]
-    metrics = train_ppo(policy, reference, tok, prompts, _reward_fn(rm, tok, t), configs.ppo_config(t), **hooks)
+    metrics = train(policy, reference, tok, prompts, _reward_fn(rm, tok, t), cfg, **hooks)
     metrics["reward_model"] = {k: v for k, v in reward_metrics.items() if k != "history"}
     policy.save_pretrained(job_dir / "adapter")
     metrics["judge"] = judge_candidate(job_dir, job, t, policy, tok, hooks, reference=reference, rm=rm)
     return metrics
+
+
+def train_ppo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
+    from chatloop.train.ppo import train_ppo
+
+    return _rollout_job(job_dir, job, t, hooks, train_ppo, configs.ppo_config(t), needs_reference_model=True)
 
 
 def train_rloo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
-    """Reward model first, then RLOO against it (k sampled replies per training prompt); judged like PPO."""
-    from peft import PeftModel
-
-    from chatloop.prefs import read_jsonl
     from chatloop.train.rloo import train_rloo
 
-    reward_metrics, rm = train_reward_job(job_dir, job, t, in_phase(hooks, "reward model"))
-    loaded = _load(job)
-    policy = _policy(loaded, job, t)
-    reference = None  # the base model under the policy's adapter, when the parent is the base
-    if job.get("parent_adapter"):
-        reference = PeftModel.from_pretrained(_load(job).model, job["parent_adapter"]).eval().requires_grad_(False)
-    tok = loaded.tokenizer
-    prompts = [p["prompt"] for p in read_jsonl(job_dir / "train_prompts.jsonl")]
-    metrics = train_rloo(policy, reference, tok, prompts, _reward_fn(rm, tok, t), configs.rloo_config(t), **hooks)
-    metrics["reward_model"] = {k: v for k, v in reward_metrics.items() if k != "history"}
-    policy.save_pretrained(job_dir / "adapter")
-    metrics["judge"] = judge_candidate(job_dir, job, t, policy, tok, hooks, reference=reference, rm=rm)
-    return metrics
+    return _rollout_job(job_dir, job, t, hooks, train_rloo, configs.rloo_config(t), needs_reference_model=False)
 
 
 TRAINERS = {Algorithm.DPO: train_dpo_job, Algorithm.KTO: train_kto_job, Algorithm.PPO: train_ppo_job,
