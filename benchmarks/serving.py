@@ -10,16 +10,21 @@ these machines are shared and noisy):
   batches);
 - chunked prefill: the p95 inter-token gap of 7 running streams while a 2,000-token prompt joins
   them, against their quiet p95, with the prompt prefilled in chunks (the default) and whole;
-- bf16 vs fp32 on this CPU (speed, and whether greedy output stays the same);
+- per weight format (``serve_weights``: fp32, bf16, int8, int4; engine/weights.py), side by side:
+  single-stream and 8-stream tokens/s, a LoRA version served fused vs the base, how many greedy
+  tokens stay equal to fp32's, and per-token perplexity of held-out HH-RLHF (chosen) and OASST
+  replies (../shared/data; skipped with a note where it is absent) as a ratio to fp32's;
+  the headline figures above use the default format (``--serve-weights``, auto = int4 on a CPU);
 - where ``llama-cpp-python`` is installed (``pip install -e .[bench]``, compiles for minutes),
   the same GGUF through llama.cpp, single stream, and our ratios to it.
 
-    python benchmarks/serving.py [--tokens 64] [--rounds 3] [--json]
+    python benchmarks/serving.py [--tokens 64] [--rounds 3] [--serve-weights auto] [--formats fp32,bf16,int8,int4] [--json]
 
 Prints a table, and with --json a last line holding one JSON object with the keys single_tok_s,
 bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, ttft_p50_ms, ttft_p95_ms,
 activation_ms_p50, lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked), and when measured llamacpp_tok_s, single_vs_llamacpp,
-concurrent8_vs_llamacpp (plus a few more described in the table).
+concurrent8_vs_llamacpp (plus a few more described in the table), and ``formats``: one object
+per weight format.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from _report import print_report
 from chatloop.adapters import AdapterRegistry
 from chatloop.config import GenerationDefaults, Settings
 from chatloop.engine import Completion, Engine, GenerationParams
+from chatloop.engine.weights import pack_for_serving, resolve_serve_weights
+from chatloop.importers import hh_pairs, held_out_index, oasst_reply_sets, oasst_trees
+from chatloop.oracles import SHARED_DATA
 from chatloop.models import LoadedModel, default_model_source, load_model
 
 TOPICS = ["the printing press", "bees", "the Roman roads", "volcanoes", "the violin", "tea",
@@ -207,18 +215,102 @@ def llamacpp_tok_s(tokens: int) -> float | None:
     return max(rates)
 
 
+def held_out_replies(limit: int) -> dict[str, list[tuple[list[dict[str, str]], str]]]:
+    """(context, reply) pairs from the held-out splits: HH-RLHF chosen replies, OASST replies."""
+    out: dict[str, list[tuple[list[dict[str, str]], str]]] = {}
+    hh = SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl.gz"
+    if hh.is_file():
+        out["hh"] = [(p["prompt"], p["chosen"]) for p, _ in zip(hh_pairs(hh, "heldout"), range(limit))]
+    oasst = SHARED_DATA / "oasst_en_100_tree.jsonl"
+    if oasst.is_file():
+        pairs = [(ctx, r["text"].strip()) for i, tree in oasst_trees(oasst) if held_out_index(i)
+                 for ctx, replies in oasst_reply_sets(tree) for r in replies]
+        out["oasst"] = pairs[:limit]
+    return out
+
+
+def perplexity(loaded: LoadedModel, pairs: list[tuple[list[dict[str, str]], str]], max_tokens: int = 512) -> float:
+    """Per-token perplexity of the replies given their contexts (chat template, reply tokens only)."""
+    tok, model = loaded.tokenizer, loaded.model
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for context, reply in pairs:
+            prompt = tok.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            r_ids = tok(reply + tok.eos_token, add_special_tokens=False)["input_ids"]
+            ids = (p_ids + r_ids)[-max_tokens:]
+            n = min(len(r_ids), len(ids) - 1)
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -n - 1:-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[-n:]), reduction="sum").item()
+            count += n
+    return float(torch.exp(torch.tensor(nll / count)))
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def format_row(fmt: str, settings: Settings, adapter_dir: Path, tmp: Path, args: argparse.Namespace,
+               reference: list[int] | None, replies: dict) -> tuple[dict[str, object], list[int]]:
+    """One weight format's figures, measured on a fresh engine of the default model packed as ``fmt``."""
+    loaded = load_model(settings.model, settings.models_dir, device="cpu", dtype="float32")
+    t0 = time.perf_counter()
+    packed = pack_for_serving(loaded.model, fmt)
+    pack_s = time.perf_counter() - t0
+    row: dict[str, object] = {"format": fmt, "packed_layers": packed, "pack_s": round(pack_s, 2)}
+    for name, pairs in replies.items():
+        row[f"ppl_{name}"] = round(perplexity(loaded, pairs), 4)
+    registry = AdapterRegistry(tmp / f"adapters-{fmt}")
+    engine = Engine(loaded, registry, max_batch=16, queue_size=64)
+    engine.start()
+    try:
+        engine.generate(essay(0), params(4))
+        greedy_ids, rates = None, []
+        for _ in range(args.rounds):
+            c = single(engine, args.tokens)
+            greedy_ids = greedy_ids or c.token_ids
+            rates.append(decode_tok_s(c))
+        row["single_tok_s"] = round(statistics.median(rates), 2)
+        row["concurrent8_tok_s"] = round(statistics.median(
+            concurrent(engine, 8, args.tokens, r)[0] for r in range(max(1, args.rounds - 1))), 2)
+        version = registry.publish(adapter_dir, {"parent": "base"})
+        engine.activate(version)
+        base_rates, lora_rates = [], []
+        for _ in range(args.rounds):
+            base_rates.append(decode_tok_s(single(engine, args.tokens, adapter="base")))
+            lora_rates.append(decode_tok_s(single(engine, args.tokens, adapter=version)))
+        row["lora_tok_s"] = round(statistics.median(lora_rates), 2)
+        row["lora_vs_base"] = round(statistics.median(lora_rates) / statistics.median(base_rates), 3)
+    finally:
+        engine.stop()
+    assert greedy_ids is not None
+    ref = reference if reference is not None else greedy_ids
+    row["greedy_same_prefix_vs_fp32"] = f"{same_prefix(ref, greedy_ids)}/{len(ref)} tokens"
+    return row, greedy_ids
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64, help="reply length per request")
     ap.add_argument("--rounds", type=int, default=3, help="repetitions of each measurement")
     ap.add_argument("--long-prompt", type=int, default=2000,
                     help="tokens of the prompt that joins 7 running streams (chunked prefill)")
+    ap.add_argument("--serve-weights", default="auto", help="the headline figures' weight format (auto = int4 on a CPU)")
+    ap.add_argument("--formats", default="fp32,bf16,int8,int4", help="weight formats compared side by side")
+    ap.add_argument("--ppl-replies", type=int, default=64, help="held-out replies per data set for perplexity")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     settings = Settings()
-    steps = tqdm(total=9, desc="serving benchmark", unit="step")
+    fmt = resolve_serve_weights(args.serve_weights, torch.device("cpu"))
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    for f in formats:
+        resolve_serve_weights(f, torch.device("cpu"))
+    if "fp32" in formats:  # the reference of the others' ratios comes first
+        formats = ["fp32"] + [f for f in formats if f != "fp32"]
+    steps = tqdm(total=8 + len(formats), desc="serving benchmark", unit="step")
 
     loaded = load_model(settings.model, settings.models_dir, device="cpu", dtype="float32")
+    pack_for_serving(loaded.model, fmt)
     tmp = Path(tempfile.mkdtemp(prefix="chatloop-bench-"))
     registry = AdapterRegistry(tmp / "adapters")
     engine = Engine(loaded, registry, max_batch=16, queue_size=64)
@@ -269,19 +361,21 @@ def main() -> None:
     engine.stop()
     steps.update()
 
-    bf16_rate, bf16_same = None, None
-    loaded16 = load_model(settings.model, settings.models_dir, device="cpu", dtype="bfloat16")
-    engine16 = Engine(loaded16, AdapterRegistry(tmp / "adapters16"))
-    engine16.start()
-    engine16.generate(essay(0), params(4))
-    runs16 = [single(engine16, args.tokens) for _ in range(max(1, args.rounds - 1))]
-    engine16.stop()
-    bf16_rate = statistics.median(decode_tok_s(c) for c in runs16)
-    ref = first.token_ids
-    same = next((i for i, (a, b) in enumerate(zip(ref, runs16[0].token_ids)) if a != b), min(len(ref), len(runs16[0].token_ids)))
-    bf16_same = same
-    del loaded16, engine16
-    steps.update()
+    replies = held_out_replies(args.ppl_replies)
+    if not replies:
+        print(f"note: {SHARED_DATA} is absent: no perplexity figures")
+    rows, fp32_ids = [], None
+    for fmt in formats:
+        row, ids = format_row(fmt, settings, adapter_dir, tmp, args, fp32_ids, replies)
+        fp32_ids = fp32_ids if fp32_ids is not None else (ids if fmt == "fp32" else None)
+        rows.append(row)
+        steps.update()
+    fp32_row = next((r for r in rows if r["format"] == "fp32"), None)
+    if fp32_row is not None:
+        for r in rows:
+            r["single_vs_fp32"] = round(float(r["single_tok_s"]) / float(fp32_row["single_tok_s"]), 3)
+            for name in replies:
+                r[f"ppl_{name}_vs_fp32"] = round(float(r[f"ppl_{name}"]) / float(fp32_row[f"ppl_{name}"]), 4)
 
     llama = llamacpp_tok_s(args.tokens)
     steps.update()
@@ -289,7 +383,8 @@ def main() -> None:
 
     c8_rate = statistics.median(c8)
     result: dict[str, object] = {
-        "device": f"cpu, {torch.get_num_threads()} torch threads, fp32",
+        "device": f"cpu, {torch.get_num_threads()} torch threads",
+        "serve_weights": fmt,
         "tokens_per_reply": args.tokens,
         "single_tok_s": round(single_tok_s, 2),
         "bare_tok_s": round(bare_tok_s, 2),
@@ -310,9 +405,7 @@ def main() -> None:
         "lora_vs_base": round(statistics.median(lora_rates) / statistics.median(base_rates), 3),
         "lora_unmerged_tok_s": round(statistics.median(unmerged_rates), 2),
         "lora_unmerged_vs_base": round(statistics.median(unmerged_rates) / statistics.median(base_rates), 3),
-        "bf16_single_tok_s": round(bf16_rate, 2),
-        "bf16_vs_fp32": round(bf16_rate / single_tok_s, 3),
-        "bf16_greedy_same_prefix": f"{bf16_same}/{len(ref)} tokens",
+        "formats": rows,
     }
     if llama is not None:
         result |= {
@@ -320,6 +413,9 @@ def main() -> None:
             "single_vs_llamacpp": round(single_tok_s / llama, 3),
             "concurrent8_vs_llamacpp": round(c8_rate / llama, 3),
         }
+        for r in rows:
+            r["single_vs_llamacpp"] = round(float(r["single_tok_s"]) / llama, 3)
+            r["concurrent8_vs_llamacpp"] = round(float(r["concurrent8_tok_s"]) / llama, 3)
     print_report(result, args.json)
 
 

@@ -152,12 +152,19 @@ class Limits:
     new_identities_per_hour: int = 60  # unkeyed users (cookie or `user` field) new to one client address; 0 = no limit
 
 
+SERVE_WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int8", "int4")  # chatloop.engine.weights
+
+
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path("data")
     model: str = DEFAULT_MODEL
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    # how the served model's Linear weights are stored (engine/weights.py): auto = int4 on a CPU
+    # (llama.cpp's Q4_1 layout; lossless for the default GGUF's layers), as loaded on CUDA;
+    # fp32 | bf16 | int8 | int4. Training always loads the full weights.
+    serve_weights: str = "auto"
     admin_token: str = ""
     local_mode: bool = False  # no token needed on loopback: one is generated per run (`serve --local`)
     require_api_key: bool = False  # API callers must bring a key (`chatloop keys create`); the browser UI is not affected
@@ -301,4 +308,7 @@ def load_settings(
     settings = _apply(settings, env)
     if overrides:
         settings = _apply(settings, {k: v for k, v in overrides.items() if v is not None})
+    if settings.serve_weights not in SERVE_WEIGHT_FORMATS:
+        raise ConfigError(f"setting 'serve_weights': {settings.serve_weights!r} is not one of "
+                          f"{', '.join(SERVE_WEIGHT_FORMATS)}")
     return settings

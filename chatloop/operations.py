@@ -173,6 +173,7 @@ class Operations:
             "model": self.model_name,
             "device": str(self.loaded.device),
             "dtype": str(self.loaded.dtype).replace("torch.", ""),
+            "serve_weights": self.serve_weights,
             "active_adapter": self.engine.active_version,
             "queue_depth": self.engine.queue_depth(),
             "running_requests": self.engine.running(),

@@ -31,6 +31,7 @@ from chatloop.conversations import current_branch
 from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest, StreamHandle
 from chatloop.loop import Retrainer
 from chatloop.identity import CookieSigner, NewIdentityLimit, load_secret
+from chatloop.engine.weights import pack_for_serving, resolve_serve_weights
 from chatloop.models import LoadedModel, load_model
 from chatloop.operations import Operations
 from chatloop.ratelimit import FailureBackoff, RateLimiter
@@ -152,6 +153,9 @@ class Service(Operations):
         t0 = time.perf_counter()
         self.loaded = loaded or load_model(settings.model, settings.models_dir, settings.device,
                                            settings.dtype)
+        # the engine's copy only: training children load the full weights from loaded.path
+        self.serve_weights = resolve_serve_weights(settings.serve_weights, self.loaded.device)
+        self.packed_layers = pack_for_serving(self.loaded.model, self.serve_weights)
         self.load_s = time.perf_counter() - t0
         self.model_name = self.loaded.name
         self.store = Store(settings.db_path)

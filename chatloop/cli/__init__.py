@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("--device", help="auto | cpu | cuda")
     s.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    s.add_argument("--serve-weights", help="auto | fp32 | bf16 | int8 | int4 (how the served weights are stored)")
     r = sub.add_parser("retrain", parents=[common], help="run one retraining cycle")
     r.add_argument("--algo", default="dpo", choices=ALGORITHMS)
     a = sub.add_parser("adapters", parents=[common], help="list, activate or roll back adapters")
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"data_dir": args.data_dir, "model": args.model,
                  "host": getattr(args, "host", None), "port": getattr(args, "port", None),
                  "local_mode": getattr(args, "local", None),
-                 "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None)}
+                 "device": getattr(args, "device", None), "dtype": getattr(args, "dtype", None),
+                 "serve_weights": getattr(args, "serve_weights", None)}
     try:
         settings = load_settings(args.config, overrides)
     except ConfigError as exc:

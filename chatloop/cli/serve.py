@@ -64,8 +64,9 @@ def serve(settings: Settings) -> int:
         service.close()
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    log.info("model %s loaded in %.1f s on %s (%s); serving adapter %s", service.model_name,
-             service.load_s, service.loaded.device, service.loaded.dtype, service.active_version)
+    log.info("model %s loaded in %.1f s on %s (%s, served weights %s); serving adapter %s", service.model_name,
+             service.load_s, service.loaded.device, service.loaded.dtype, service.serve_weights,
+             service.active_version)
     scheduler = RetrainScheduler(settings, service.retrainer, service.store,
                                  poll_seconds=max(1.0, settings.schedule_poll_seconds)).start()
     app = create_app(service, token, scheduler)

@@ -12,6 +12,9 @@ Owns: ``MergedWeights``, a mixin of ``Engine`` (engine thread only). Invariants:
   so the weights change only when the set of versions in flight changes, not every step.
 - A version whose slot is freed or reused is unfolded first; an adapter the fold cannot express
   (LoRA on a non-Linear layer, a LoRA bias, a variant such as DoRA) is served unmerged.
+- Over packed weights (``weights.PackedLinear``: bf16, int8, int4) the delta is not added into
+  the weights (most of it would round away); the layer holds the version's LoRA factors instead
+  (``fuse``) and adds exactly what PEFT's LoRA forward adds, without PEFT's wrapper.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
 from chatloop.adapters import BASE_VERSION
+from chatloop.engine.weights import PackedLinear
 
 
 class MergedWeights:
@@ -30,6 +34,7 @@ class MergedWeights:
         self.merge_single_version = enabled
         self._merged_version: str | None = None
         self._base_weights: dict[torch.nn.Module, torch.Tensor] = {}
+        self._fused: list[PackedLinear] = []  # packed layers holding the folded version's LoRA
         self._lora_on: bool | None = None  # unknown: a model may come from an engine before this one
         self._can_fold: dict[str, bool] = {}  # by version (a version's files never change)
         self.weight_switches = 0  # how often the weights in place changed (fold or restore)
@@ -74,7 +79,12 @@ class MergedWeights:
         slot = self._slot_of[version]
         with torch.no_grad():
             for m in self._lora_layers(slot):
-                w = m.get_base_layer().weight
+                base = m.get_base_layer()
+                if isinstance(base, PackedLinear):
+                    base.fuse(m.lora_A[slot], m.lora_B[slot], m.scaling[slot])
+                    self._fused.append(base)
+                    continue
+                w = base.weight
                 if m not in self._base_weights:
                     self._base_weights[m] = w.detach().clone()
                 w.data += m.get_delta_weight(slot).to(w.dtype)
@@ -87,6 +97,9 @@ class MergedWeights:
         with torch.no_grad():
             for m, kept in self._base_weights.items():
                 m.get_base_layer().weight.data.copy_(kept)
+        for layer in self._fused:
+            layer.unfuse()
+        self._fused = []
         self._merged_version = None
         self.weight_switches += 1
 

@@ -1,0 +1,160 @@
+"""Weight formats for serving: the base model's Linear layers stored lighter than fp32, with LoRA
+kept on top.
+
+Owns: ``PackedLinear`` (a weight-only packed ``nn.Linear``) and ``pack_for_serving``, which swaps a
+served model's Linear layers for it; ``SERVE_WEIGHTS``, the formats, and ``resolve_serve_weights``.
+
+- ``fp32``: as loaded, nothing packed.
+- ``bf16``: each Linear weight in bf16 (activations cast to bf16 for the matmul only).
+- ``int8``: int8 per output channel, symmetric, bf16 scales (torch's ``_weight_int8pack_mm``).
+- ``int4``: 4 bits in groups of 32 input columns with a scale and a minimum per group, i.e.
+  llama.cpp's Q4_1 layout (torch's ``_weight_int4pack_mm_for_cpu``), for every Linear but the
+  output head, which is int8 as above. Packing a Q4_1 GGUF's de-quantized weights recovers its
+  4-bit codes exactly (the group minimum and maximum are codes 0 and 15); only the scales and
+  minima are rounded to bf16.
+
+Invariants:
+- Only the serving engine's model is packed; training always loads the full-precision weights.
+- A packed layer is still an ``nn.Linear`` (``in_features``/``out_features``, a float ``weight``
+  placeholder that carries dtype and device, an unchanged ``bias``), so PEFT wraps it with its
+  own LoRA layers and hot-swaps and mixed-version batches work unchanged; LoRA runs in the
+  activations' dtype (fp32 on CPU).
+- Activations and outputs keep their dtype; only the matmul's input is cast to bf16.
+- ``fuse``/``unfuse`` hold one version's LoRA factors inside the layer (the single-version fast
+  path for packed weights, see ``merged.py``): its output is then exactly what PEFT's own LoRA
+  forward adds, ``lora_B(lora_A(x)) * scaling``, with no PEFT wrapper in between. Adding the
+  delta into packed weights would round most of it away, so it is never folded into them.
+- A layer a kernel cannot take (int4: input width not a multiple of 32 or outputs not of 16)
+  stays as it is.
+- The torch CPU kernels are the chosen library here (torchao's int4/int8 CPU layouts call the
+  same ``aten`` ops and would add a dependency); on CUDA ``auto`` keeps the loaded weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from chatloop.config import SERVE_WEIGHT_FORMATS as SERVE_WEIGHTS
+GROUP = 32  # int4 group size along the input dimension (llama.cpp's Q4_1 block)
+
+
+def resolve_serve_weights(setting: str, device: torch.device) -> str:
+    """The format ``setting`` means on ``device``: ``auto`` is int4 on a CPU, the loaded weights
+    (``fp32``, i.e. nothing packed) elsewhere; packed formats need the CPU kernels."""
+    if setting not in SERVE_WEIGHTS:
+        raise ValueError(f"unknown serve_weights {setting!r}; use one of {', '.join(SERVE_WEIGHTS)}")
+    if setting == "auto":
+        return "int4" if device.type == "cpu" else "fp32"
+    if setting in ("int8", "int4") and device.type != "cpu":
+        raise ValueError(f"serve_weights={setting} uses torch's CPU kernels; use auto or bf16 on {device.type}")
+    return setting
+
+
+def _int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.to(torch.bfloat16)
+
+
+def _int4_grouped(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1's rule: per group of 32, codes 0..15 with step (max - min) / 15 from the minimum.
+    Returns torch's packed weight and its [groups, out, 2] bf16 (scale, zero) where the kernel
+    reads w = (code - 8) * scale + zero."""
+    out_f, in_f = w.shape
+    g = w.reshape(out_f, in_f // GROUP, GROUP)
+    low = g.amin(dim=-1, keepdim=True)
+    step = (g.amax(dim=-1, keepdim=True) - low) / 15
+    codes = torch.round((g - low) / step.clamp(min=torch.finfo(torch.float32).tiny)).clamp(0, 15)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).reshape(out_f, in_f), 1)
+    scales = torch.cat([step, low + 8 * step], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return packed, scales
+
+
+def int4_fits(layer: nn.Linear) -> bool:
+    return layer.in_features % GROUP == 0 and layer.out_features % 16 == 0
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is stored as ``fmt`` (bf16, int8 or int4), computed in bf16."""
+
+    def __init__(self, layer: nn.Linear, fmt: str):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full weight
+        if fmt not in ("bf16", "int8", "int4"):
+            raise ValueError(f"cannot pack a Linear as {fmt!r}")
+        self.in_features, self.out_features, self.fmt = layer.in_features, layer.out_features, fmt
+        w = layer.weight.detach().float()
+        # an empty float weight: PEFT reads its dtype and device to place the LoRA layers
+        self.weight = nn.Parameter(torch.empty(0, dtype=layer.weight.dtype, device=w.device), requires_grad=False)
+        self.bias = layer.bias
+        if fmt == "bf16":
+            self.register_buffer("packed", w.to(torch.bfloat16).contiguous())
+            self.register_buffer("scales", None)
+        elif fmt == "int8":
+            q, s = _int8_per_channel(w)
+            self.register_buffer("packed", q)
+            self.register_buffer("scales", s)
+        else:
+            p, s = _int4_grouped(w)
+            self.register_buffer("packed", p)
+            self.register_buffer("scales", s)
+        self._fused: tuple[nn.Module, nn.Module, float] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if self.fmt == "bf16":
+            y = flat @ self.packed.t()
+        elif self.fmt == "int8":
+            y = torch._weight_int8pack_mm(flat, self.packed, self.scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
+        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        if self._fused is not None:
+            lora_a, lora_b, scaling = self._fused
+            y = y + lora_b(lora_a(x.to(lora_a.weight.dtype))) * scaling
+        return y
+
+    def fuse(self, lora_a: nn.Module, lora_b: nn.Module, scaling: float) -> None:
+        self._fused = (lora_a, lora_b, scaling)
+
+    def unfuse(self) -> None:
+        self._fused = None
+
+    @property
+    def fused(self) -> bool:
+        return self._fused is not None
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer computes with, as fp32 (for tests and quality checks)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        saved, self._fused = self._fused, None
+        try:
+            bias, self.bias = self.bias, None
+            return self.forward(eye).float().t().contiguous()
+        finally:
+            self.bias, self._fused = bias, saved
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
+
+
+def pack_for_serving(model: nn.Module, fmt: str) -> dict[str, int]:
+    """Swap ``model``'s Linear layers for ``PackedLinear`` in ``fmt`` (in place, before any LoRA
+    is attached); returns how many layers were packed per format. ``fp32`` packs nothing."""
+    if fmt == "fp32":
+        return {}
+    counts: dict[str, int] = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            layer_fmt = fmt
+            if fmt == "int4" and (child is head or not int4_fits(child)):
+                layer_fmt = "int8"  # the output head (Q8_0 in the GGUFs) and odd shapes
+            packed = PackedLinear(child, layer_fmt)
+            setattr(module, child_name, packed)
+            counts[layer_fmt] = counts.get(layer_fmt, 0) + 1
+    return counts
