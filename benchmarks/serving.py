@@ -44,7 +44,7 @@ from _report import print_report
 from chatloop.adapters import AdapterRegistry
 from chatloop.config import GenerationDefaults, Settings
 from chatloop.engine import Completion, Engine, GenerationParams
-from chatloop.engine.weights import pack_for_serving, resolve_serve_weights
+from chatloop.engine.weights import PackedLinear, pack_for_serving, resolve_serve_weights
 from chatloop.importers import hh_pairs, held_out_index, oasst_reply_sets, oasst_trees
 from chatloop.oracles import SHARED_DATA
 from chatloop.models import LoadedModel, default_model_source, load_model
@@ -230,19 +230,24 @@ def held_out_replies(limit: int) -> dict[str, list[tuple[list[dict[str, str]], s
 
 
 def perplexity(loaded: LoadedModel, pairs: list[tuple[list[dict[str, str]], str]], max_tokens: int = 512) -> float:
-    """Per-token perplexity of the replies given their contexts (chat template, reply tokens only)."""
+    """Per-token perplexity of the replies given their contexts (chat template, reply tokens only),
+    every position through the weights decode steps use (packed layers' dense prefill copy off)."""
     tok, model = loaded.tokenizer, loaded.model
     nll, count = 0.0, 0
-    with torch.inference_mode():
-        for context, reply in pairs:
-            prompt = tok.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
-            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            r_ids = tok(reply + tok.eos_token, add_special_tokens=False)["input_ids"]
-            ids = (p_ids + r_ids)[-max_tokens:]
-            n = min(len(r_ids), len(ids) - 1)
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -n - 1:-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[-n:]), reduction="sum").item()
-            count += n
+    PackedLinear.prefill_dense = False
+    try:
+        with torch.inference_mode():
+            for context, reply in pairs:
+                prompt = tok.apply_chat_template(context, add_generation_prompt=True, tokenize=False)
+                p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                r_ids = tok(reply + tok.eos_token, add_special_tokens=False)["input_ids"]
+                ids = (p_ids + r_ids)[-max_tokens:]
+                n = min(len(r_ids), len(ids) - 1)
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -n - 1:-1].float()
+                nll += torch.nn.functional.cross_entropy(logits, torch.tensor(ids[-n:]), reduction="sum").item()
+                count += n
+    finally:
+        PackedLinear.prefill_dense = True
     return float(torch.exp(torch.tensor(nll / count)))
 
 
@@ -271,8 +276,9 @@ def format_row(fmt: str, settings: Settings, adapter_dir: Path, tmp: Path, args:
             greedy_ids = greedy_ids or c.token_ids
             rates.append(decode_tok_s(c))
         row["single_tok_s"] = round(statistics.median(rates), 2)
-        row["concurrent8_tok_s"] = round(statistics.median(
-            concurrent(engine, 8, args.tokens, r)[0] for r in range(max(1, args.rounds - 1))), 2)
+        c8 = [concurrent(engine, 8, args.tokens, r) for r in range(max(1, args.rounds - 1))]
+        row["concurrent8_tok_s"] = round(statistics.median(rate for rate, _ in c8), 2)
+        row["ttft8_p50_ms"] = round(statistics.median(t for _, ts in c8 for t in ts), 1)
         version = registry.publish(adapter_dir, {"parent": "base"})
         engine.activate(version)
         base_rates, lora_rates = [], []

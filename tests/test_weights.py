@@ -50,15 +50,21 @@ def test_int4_recovers_q4_1_codes_and_rounds_only_its_scales():
 def test_each_format_computes_close_to_fp32_and_keeps_dtype_and_bias(fmt, tolerance):
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 32)
-    x = torch.randn(3, 5, 64)
     packed = PackedLinear(layer, fmt)
+    decode, prefill = torch.randn(3, 1, 64), torch.randn(3, 5, 64)
     with torch.no_grad():
-        want, got = layer(x), packed(x)
-    assert got.dtype == x.dtype and got.shape == want.shape
-    assert (got - want).norm() / want.norm() < tolerance
-    # what it computes is x (as bf16) times its own de-quantized weight, plus the bias
-    manual = (x.bfloat16().float() @ packed.dequantized().t()) + layer.bias
-    assert torch.allclose(got, manual, atol=1e-2, rtol=1e-2)
+        for x in (decode, prefill):
+            want, got = layer(x), packed(x)
+            assert got.dtype == x.dtype and got.shape == want.shape
+            assert (got - want).norm() / want.norm() < tolerance
+        # a decode step computes x (as bf16) times the packed weight, plus the bias; a prefill
+        # (several positions per row) the dense bf16 copy
+        manual = (decode.bfloat16().float() @ packed.dequantized().t()) + layer.bias
+        assert torch.allclose(packed(decode), manual, atol=1e-2, rtol=1e-2)
+        dense = (prefill.bfloat16().float() @ layer.weight.bfloat16().float().t()) + layer.bias
+        assert torch.allclose(packed(prefill), dense, atol=1e-2, rtol=1e-2)
+        # which path runs depends on positions per row only: a row alone equals it in a batch
+        assert torch.equal(packed(decode[1:2]), packed(decode)[1:2])
 
 
 def test_pack_for_serving_packs_every_linear_and_the_head_as_int8(tiny_model_dir):

@@ -12,6 +12,11 @@ served model's Linear layers for it; ``SERVE_WEIGHTS``, the formats, and ``resol
   output head, which is int8 as above. Packing a Q4_1 GGUF's de-quantized weights recovers its
   4-bit codes exactly (the group minimum and maximum are codes 0 and 15); only the scales and
   minima are rounded to bf16.
+- The int8/int4 kernels are matrix-vector kernels (their cost grows with every row) and win
+  only for decode steps; a prompt's prefill (more than one position per row) runs a dense bf16
+  copy of the weight instead (several times faster than either, and than fp32, on this CPU's
+  bf16 units). The choice depends only on the positions per row, never on how many rows share
+  the batch, so a row's output does not depend on who else is in it.
 
 Invariants:
 - Only the serving engine's model is packed; training always loads the full-precision weights.
@@ -87,8 +92,9 @@ class PackedLinear(nn.Linear):
         # an empty float weight: PEFT reads its dtype and device to place the LoRA layers
         self.weight = nn.Parameter(torch.empty(0, dtype=layer.weight.dtype, device=w.device), requires_grad=False)
         self.bias = layer.bias
+        self.register_buffer("dense", w.to(torch.bfloat16).contiguous())  # prefill; all of bf16
         if fmt == "bf16":
-            self.register_buffer("packed", w.to(torch.bfloat16).contiguous())
+            self.register_buffer("packed", None)
             self.register_buffer("scales", None)
         elif fmt == "int8":
             q, s = _int8_per_channel(w)
@@ -100,10 +106,12 @@ class PackedLinear(nn.Linear):
             self.register_buffer("scales", s)
         self._fused: tuple[nn.Module, nn.Module, float] | None = None
 
+    prefill_dense = True  # benchmarks switch it off to measure the decode kernels on whole texts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if self.fmt == "bf16":
-            y = flat @ self.packed.t()
+        if self.fmt == "bf16" or (self.prefill_dense and x.dim() >= 3 and x.shape[-2] > 1):
+            y = flat @ self.dense.t()
         elif self.fmt == "int8":
             y = torch._weight_int8pack_mm(flat, self.packed, self.scales)
         else:
@@ -127,8 +135,8 @@ class PackedLinear(nn.Linear):
         return self._fused is not None
 
     def dequantized(self) -> torch.Tensor:
-        """The weight this layer computes with, as fp32 (for tests and quality checks)."""
-        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.packed.device)
+        """The weight a decode step computes with, as fp32 (for tests and quality checks)."""
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16, device=self.dense.device)
         saved, self._fused = self._fused, None
         try:
             bias, self.bias = self.bias, None
