@@ -46,7 +46,7 @@ from chatloop.config import GenerationDefaults, Settings
 from chatloop.engine import Completion, Engine, GenerationParams
 from chatloop.engine.weights import PackedLinear, pack_for_serving, resolve_serve_weights
 from chatloop.importers import hh_pairs, held_out_index, oasst_reply_sets, oasst_trees
-from chatloop.oracles import SHARED_DATA
+from chatloop.oracles import SHARED_DATA, load_oracle, load_prompts
 from chatloop.models import LoadedModel, default_model_source, load_model
 
 TOPICS = ["the printing press", "bees", "the Roman roads", "volcanoes", "the violin", "tea",
@@ -196,23 +196,40 @@ def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7, quiet_s
     return p95(gaps(lambda a, b: q0 <= a and b <= j0)), p95(gaps(lambda a, b: b >= j0 and a <= j1))
 
 
-def llamacpp_tok_s(tokens: int) -> float | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
+LLAMACPP_CHILD = """
+import sys, time
+from llama_cpp import Llama
+path, tokens, threads, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+llm = Llama(model_path=path, n_ctx=2048, n_threads=threads, verbose=False)
+rates = []
+for _ in range(2):
+    first, n = None, 0
+    for _chunk in llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=tokens,
+                                             temperature=0.0, stream=True):
+        if first is None:
+            first = time.perf_counter()
+        n += 1
+    rates.append((n - 1) / (time.perf_counter() - first))
+print(max(rates))
+"""
+
+
+def llamacpp_tok_s(tokens: int) -> float | str | None:
+    """llama.cpp's single-stream tokens/s on the same GGUF and prompt (None: not installed; a
+    string: why it failed). In a child process: a crash of the native library must not end the run."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("llama_cpp") is None:
         return None
     src = default_model_source()
-    llm = Llama(model_path=str(Path(src.path) / src.gguf_file), n_ctx=2048, n_threads=torch.get_num_threads(),
-                verbose=False)
-    rates = []
-    for _ in range(2):
-        first, n = None, 0
-        for _chunk in llm.create_chat_completion(essay(0), max_tokens=tokens, temperature=0.0, stream=True):
-            if first is None:
-                first = time.perf_counter()
-            n += 1
-        rates.append((n - 1) / (time.perf_counter() - first))
-    return max(rates)
+    proc = subprocess.run([sys.executable, "-c", LLAMACPP_CHILD, str(Path(src.path) / src.gguf_file), str(tokens),
+                           str(torch.get_num_threads()), essay(0)[0]["content"]],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return f"llama-cpp-python failed (exit {proc.returncode}): {proc.stderr.strip()[-200:]}"
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def held_out_replies(limit: int) -> dict[str, list[tuple[list[dict[str, str]], str]]]:
@@ -251,12 +268,30 @@ def perplexity(loaded: LoadedModel, pairs: list[tuple[list[dict[str, str]], str]
     return float(torch.exp(torch.tensor(nll / count)))
 
 
+def oracle_replies(engine: Engine, prompts: list, tokens: int, streams: int = 8) -> list[str]:
+    """Sampled replies (the product's generation defaults, seed i for prompt i), ``streams`` at once."""
+    out: list[str] = []
+    for start in range(0, len(prompts), streams):
+        handles = [engine.submit(p, GenerationParams.from_request(GenerationDefaults(), max_tokens=tokens, seed=start + i))
+                   for i, p in enumerate(prompts[start:start + streams])]
+        out += [h.result(600).text for h in handles]
+    return out
+
+
+def paired(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Mean of ys - xs and its standard error (paired, same prompt and seed)."""
+    d = [y - x for x, y in zip(xs, ys)]
+    mean = sum(d) / len(d)
+    var = sum((v - mean) ** 2 for v in d) / max(len(d) - 1, 1)
+    return mean, (var / len(d)) ** 0.5
+
+
 def same_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def format_row(fmt: str, settings: Settings, adapter_dir: Path, tmp: Path, args: argparse.Namespace,
-               reference: list[int] | None, replies: dict) -> tuple[dict[str, object], list[int]]:
+               reference: list[int] | None, replies: dict, oracle_prompts: list) -> tuple[dict[str, object], list[int]]:
     """One weight format's figures, measured on a fresh engine of the default model packed as ``fmt``."""
     loaded = load_model(settings.model, settings.models_dir, device="cpu", dtype="float32")
     t0 = time.perf_counter()
@@ -279,6 +314,14 @@ def format_row(fmt: str, settings: Settings, adapter_dir: Path, tmp: Path, args:
         c8 = [concurrent(engine, 8, args.tokens, r) for r in range(max(1, args.rounds - 1))]
         row["concurrent8_tok_s"] = round(statistics.median(rate for rate, _ in c8), 2)
         row["ttft8_p50_ms"] = round(statistics.median(t for _, ts in c8 for t in ts), 1)
+        if oracle_prompts:
+            oracle = load_oracle("sentiment")
+            texts = oracle_replies(engine, oracle_prompts, args.tokens)
+            row["_sentiment_scores"] = [oracle.score(p, t) for p, t in zip(oracle_prompts, texts)]
+            row["sentiment_liked_pct"] = round(100 * sum(x >= oracle.threshold for x in row["_sentiment_scores"])
+                                               / len(texts), 1)
+            row["sentiment_mean_score"] = round(sum(row["_sentiment_scores"]) / len(texts), 4)
+            row["_sentiment_texts"] = texts
         version = registry.publish(adapter_dir, {"parent": "base"})
         engine.activate(version)
         base_rates, lora_rates = [], []
@@ -304,6 +347,8 @@ def main() -> None:
     ap.add_argument("--serve-weights", default="auto", help="the headline figures' weight format (auto = int4 on a CPU)")
     ap.add_argument("--formats", default="fp32,bf16,int8,int4", help="weight formats compared side by side")
     ap.add_argument("--ppl-replies", type=int, default=64, help="held-out replies per data set for perplexity")
+    ap.add_argument("--oracle-prompts", type=int, default=100,
+                    help="held-out IMDb prompts answered per format, scored by the sentiment oracle (0: none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     settings = Settings()
@@ -370,9 +415,15 @@ def main() -> None:
     replies = held_out_replies(args.ppl_replies)
     if not replies:
         print(f"note: {SHARED_DATA} is absent: no perplexity figures")
+    oracle_prompts = []
+    if args.oracle_prompts:
+        try:
+            oracle_prompts = load_prompts(load_oracle("sentiment"), "heldout")[:args.oracle_prompts]
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"note: no oracle scores ({exc})")
     rows, fp32_ids = [], None
     for fmt in formats:
-        row, ids = format_row(fmt, settings, adapter_dir, tmp, args, fp32_ids, replies)
+        row, ids = format_row(fmt, settings, adapter_dir, tmp, args, fp32_ids, replies, oracle_prompts)
         fp32_ids = fp32_ids if fp32_ids is not None else (ids if fmt == "fp32" else None)
         rows.append(row)
         steps.update()
@@ -382,6 +433,16 @@ def main() -> None:
             r["single_vs_fp32"] = round(float(r["single_tok_s"]) / float(fp32_row["single_tok_s"]), 3)
             for name in replies:
                 r[f"ppl_{name}_vs_fp32"] = round(float(r[f"ppl_{name}"]) / float(fp32_row[f"ppl_{name}"]), 4)
+            if oracle_prompts:
+                threshold = load_oracle("sentiment").threshold
+                mean, se = paired(fp32_row["_sentiment_scores"], r["_sentiment_scores"])
+                r["sentiment_score_vs_fp32"] = f"{mean:+.4f} ± {se:.4f}"
+                liked = paired([float(x >= threshold) for x in fp32_row["_sentiment_scores"]],
+                               [float(x >= threshold) for x in r["_sentiment_scores"]])
+                r["sentiment_liked_vs_fp32"] = f"{100 * liked[0]:+.1f} ± {100 * liked[1]:.1f} points"
+    examples = {r["format"]: r.pop("_sentiment_texts", [""])[:2] for r in rows}
+    for r in rows:
+        r.pop("_sentiment_scores", None)
 
     llama = llamacpp_tok_s(args.tokens)
     steps.update()
@@ -412,8 +473,11 @@ def main() -> None:
         "lora_unmerged_tok_s": round(statistics.median(unmerged_rates), 2),
         "lora_unmerged_vs_base": round(statistics.median(unmerged_rates) / statistics.median(base_rates), 3),
         "formats": rows,
+        "sentiment_replies": examples,
     }
-    if llama is not None:
+    if isinstance(llama, str):
+        result["llamacpp"] = llama
+    elif llama is not None:
         result |= {
             "llamacpp_tok_s": round(llama, 2),
             "single_vs_llamacpp": round(single_tok_s / llama, 3),
