@@ -47,7 +47,7 @@ from chatloop.engine import Completion, Engine, GenerationParams
 from chatloop.engine.weights import PackedLinear, pack_for_serving, resolve_serve_weights
 from chatloop.importers import hh_pairs, held_out_index, oasst_reply_sets, oasst_trees
 from chatloop.oracles import SHARED_DATA, load_oracle, load_prompts
-from chatloop.models import LoadedModel, default_model_source, load_model
+from chatloop.models import LoadedModel, default_model_source, in_passing_thread, load_model
 
 TOPICS = ["the printing press", "bees", "the Roman roads", "volcanoes", "the violin", "tea",
           "lighthouses", "glaciers", "the bicycle", "coral reefs", "paper money", "owls",
@@ -293,13 +293,13 @@ def same_prefix(a: list[int], b: list[int]) -> int:
 def format_row(fmt: str, settings: Settings, adapter_dir: Path, tmp: Path, args: argparse.Namespace,
                reference: list[int] | None, replies: dict, oracle_prompts: list) -> tuple[dict[str, object], list[int]]:
     """One weight format's figures, measured on a fresh engine of the default model packed as ``fmt``."""
-    loaded = load_model(settings.model, settings.models_dir, device="cpu", dtype="float32")
+    loaded = in_passing_thread(lambda: load_model(settings.model, settings.models_dir, device="cpu", dtype="float32"))
     t0 = time.perf_counter()
-    packed = pack_for_serving(loaded.model, fmt)
+    packed = in_passing_thread(lambda: pack_for_serving(loaded.model, fmt))
     pack_s = time.perf_counter() - t0
     row: dict[str, object] = {"format": fmt, "packed_layers": packed, "pack_s": round(pack_s, 2)}
     for name, pairs in replies.items():
-        row[f"ppl_{name}"] = round(perplexity(loaded, pairs), 4)
+        row[f"ppl_{name}"] = round(in_passing_thread(lambda: perplexity(loaded, pairs)), 4)
     registry = AdapterRegistry(tmp / f"adapters-{fmt}")
     engine = Engine(loaded, registry, max_batch=16, queue_size=64)
     engine.start()
@@ -360,8 +360,10 @@ def main() -> None:
         formats = ["fp32"] + [f for f in formats if f != "fp32"]
     steps = tqdm(total=8 + len(formats), desc="serving benchmark", unit="step")
 
-    loaded = load_model(settings.model, settings.models_dir, device="cpu", dtype="float32")
-    pack_for_serving(loaded.model, fmt)
+    # torch work outside the engine thread runs in passing threads, as in the service: a second
+    # live OpenMP team halves the engine's speed on this 2-core machine (models.in_passing_thread)
+    loaded = in_passing_thread(lambda: load_model(settings.model, settings.models_dir, device="cpu", dtype="float32"))
+    in_passing_thread(lambda: pack_for_serving(loaded.model, fmt))
     tmp = Path(tempfile.mkdtemp(prefix="chatloop-bench-"))
     registry = AdapterRegistry(tmp / "adapters")
     engine = Engine(loaded, registry, max_batch=16, queue_size=64)
@@ -374,7 +376,8 @@ def main() -> None:
         c = single(engine, args.tokens)
         first = first or c
         singles.append(decode_tok_s(c))
-        bares.append(bare_greedy_tok_s(loaded, essay(0), c.completion_tokens))
+        # in the engine thread, between its steps (its control queue)
+        bares.append(engine._call(lambda: bare_greedy_tok_s(loaded, essay(0), c.completion_tokens), 600))
     single_tok_s, bare_tok_s = statistics.median(singles), statistics.median(bares)
     steps.update()
 
@@ -387,7 +390,7 @@ def main() -> None:
     ttfts.sort()
     steps.update()
 
-    adapter_dir = make_lora(loaded, tmp / "lora")
+    adapter_dir = in_passing_thread(lambda: make_lora(loaded, tmp / "lora"))
     lora_v = registry.publish(adapter_dir, {"parent": "base"})
     engine.activate(lora_v)
     base_rates, lora_rates, unmerged_rates = [], [], []

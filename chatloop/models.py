@@ -20,11 +20,15 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +191,26 @@ def load_model(
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, name=source.name, path=source.path,
                        device=dev, dtype=dt)
+
+
+def in_passing_thread(fn: Callable[[], T]) -> T:
+    """``fn()`` run in a thread that ends when it returns (its result, or its exception re-raised).
+
+    For the model's set-up work in the service: each thread that runs torch's parallel CPU kernels
+    keeps an OpenMP team for as long as it lives, and once the teams hold more threads than there
+    are cores, libgomp stops spin-waiting between kernels: decoding in the engine thread ran at
+    half speed while the main thread's team from loading was alive (docs/LOG.md)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="chatloop-setup")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

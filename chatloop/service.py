@@ -32,7 +32,7 @@ from chatloop.engine import Completion, Engine, GenerationParams, InvalidRequest
 from chatloop.loop import Retrainer
 from chatloop.identity import CookieSigner, NewIdentityLimit, load_secret
 from chatloop.engine.weights import pack_for_serving, resolve_serve_weights
-from chatloop.models import LoadedModel, load_model
+from chatloop.models import LoadedModel, in_passing_thread, load_model
 from chatloop.operations import Operations
 from chatloop.ratelimit import FailureBackoff, RateLimiter
 from chatloop.reconcile import reconcile
@@ -151,11 +151,13 @@ class Service(Operations):
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        self.loaded = loaded or load_model(settings.model, settings.models_dir, settings.device,
-                                           settings.dtype)
+        # set-up work with torch runs in a passing thread: the engine thread's OpenMP team must be
+        # the only one alive (models.in_passing_thread)
+        self.loaded = loaded or in_passing_thread(lambda: load_model(settings.model, settings.models_dir,
+                                                                     settings.device, settings.dtype))
         # the engine's copy only: training children load the full weights from loaded.path
         self.serve_weights = resolve_serve_weights(settings.serve_weights, self.loaded.device)
-        self.packed_layers = pack_for_serving(self.loaded.model, self.serve_weights)
+        self.packed_layers = in_passing_thread(lambda: pack_for_serving(self.loaded.model, self.serve_weights))
         self.load_s = time.perf_counter() - t0
         self.model_name = self.loaded.name
         self.store = Store(settings.db_path)

@@ -138,10 +138,33 @@ class Engine(AdapterSlots, MergedWeights):
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, initial_version: str | None = None) -> None:
         """Check the LoRA machinery, start the engine thread, and activate the registry's active
-        version (or base if it is broken). Raises ``HotSwapUnavailable`` if the check fails."""
-        self.check_hot_swap()
-        self._thread = threading.Thread(target=self._loop, name="chatloop-engine", daemon=True)
+        version (or base if it is broken). Raises ``HotSwapUnavailable`` if the check fails.
+
+        The check runs in the engine thread, as everything else the engine does with the model:
+        each thread that runs torch's parallel CPU kernels keeps its own OpenMP team, and with
+        more team threads than cores libgomp stops spin-waiting between kernels, which halved
+        decode speed on this 2-core machine (docs/LOG.md). Load the model in a thread that ends
+        (``chatloop.models.in_passing_thread``) so the engine's team is the only one.
+        """
+        checked: Future = Future()
+
+        def run() -> None:
+            try:
+                self.check_hot_swap()
+            except BaseException as exc:
+                checked.set_exception(exc)
+                return
+            checked.set_result(None)
+            self._loop()
+
+        self._thread = threading.Thread(target=run, name="chatloop-engine", daemon=True)
         self._thread.start()
+        try:
+            checked.result()
+        except BaseException:
+            self._thread.join()
+            self._thread = None  # not serving: the check failed before the loop began
+            raise
         version = initial_version if initial_version is not None else self.registry.active()
         if version != BASE_VERSION:
             try:

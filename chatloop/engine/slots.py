@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -46,8 +47,9 @@ class AdapterSlots:
         unloaded (the base model's logits again). Takes milliseconds; runs before the engine
         thread starts. Raises ``HotSwapUnavailable`` naming the versions and the fix.
         """
-        if self._thread is not None and self._thread.is_alive():
-            raise RuntimeError("the self-check runs before the engine thread starts")
+        if (self._thread is not None and self._thread.is_alive()
+                and threading.current_thread() is not self._thread):
+            raise RuntimeError("the self-check runs in the engine thread, before its loop starts")
         step = "writing probe adapters"
         try:
             with tempfile.TemporaryDirectory(prefix="chatloop-probe-") as tmp, torch.inference_mode():
