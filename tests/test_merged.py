@@ -33,7 +33,13 @@ def base_weights(model) -> dict[str, torch.Tensor]:
 
 
 def lora_layers_off(model) -> bool:
-    return all(m._disable_adapters for m in model.modules() if isinstance(m, LoraLayer))
+    """No LoRA layer in the forward path: PEFT's wrappers are taken out of the model."""
+    return not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def lora_layers_on(model) -> bool:
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    return bool(layers) and not any(m._disable_adapters for m in layers)
 
 
 def test_one_version_in_flight_is_served_from_folded_weights_token_for_token(tiny_model_dir, tiny_loaded, tmp_path):

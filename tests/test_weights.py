@@ -15,10 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chatloop.adapters import AdapterRegistry
 from chatloop.config import ConfigError, load_settings
 from chatloop.engine import Engine
-from chatloop.engine.weights import GROUP, PackedLinear, pack_for_serving, resolve_serve_weights
+from chatloop.engine.weights import GROUP, PackedLinear, pack_for_serving, prefill_dtype, resolve_serve_weights
 from chatloop.models import load_model
-
-FORMATS = ("bf16", "int8", "int4")
 
 
 def q4_1_weight(out_f: int, in_f: int, seed: int = 0) -> torch.Tensor:
@@ -46,11 +44,12 @@ def test_int4_recovers_q4_1_codes_and_rounds_only_its_scales():
     assert ((w - expected).reshape(48, 3, GROUP).abs() / d).max() < 0.5
 
 
+@pytest.mark.parametrize("dense_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("fmt, tolerance", [("bf16", 0.01), ("int8", 0.03), ("int4", 0.1)])
-def test_each_format_computes_close_to_fp32_and_keeps_dtype_and_bias(fmt, tolerance):
+def test_each_format_computes_close_to_fp32_and_keeps_dtype_and_bias(fmt, tolerance, dense_dtype):
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 32)
-    packed = PackedLinear(layer, fmt)
+    packed = PackedLinear(layer, fmt, dense_dtype)
     decode, prefill = torch.randn(3, 1, 64), torch.randn(3, 5, 64)
     with torch.no_grad():
         for x in (decode, prefill):
@@ -58,13 +57,27 @@ def test_each_format_computes_close_to_fp32_and_keeps_dtype_and_bias(fmt, tolera
             assert got.dtype == x.dtype and got.shape == want.shape
             assert (got - want).norm() / want.norm() < tolerance
         # a decode step computes x (as bf16) times the packed weight, plus the bias; a prefill
-        # (several positions per row) the dense bf16 copy
+        # (several positions per row) the dense copy: bf16, or the fp32 weight itself
         manual = (decode.bfloat16().float() @ packed.dequantized().t()) + layer.bias
         assert torch.allclose(packed(decode), manual, atol=1e-2, rtol=1e-2)
-        dense = (prefill.bfloat16().float() @ layer.weight.bfloat16().float().t()) + layer.bias
-        assert torch.allclose(packed(prefill), dense, atol=1e-2, rtol=1e-2)
+        if fmt == "bf16" or dense_dtype == torch.bfloat16:
+            assert packed.dense.dtype == torch.bfloat16
+            dense = (prefill.bfloat16().float() @ layer.weight.bfloat16().float().t()) + layer.bias
+            assert torch.allclose(packed(prefill), dense, atol=1e-2, rtol=1e-2)
+        else:
+            assert packed.dense.data_ptr() == layer.weight.data_ptr()  # the weight itself, not a copy
+            assert torch.allclose(packed(prefill), layer(prefill), atol=1e-6)
         # which path runs depends on positions per row only: a row alone equals it in a batch
         assert torch.equal(packed(decode[1:2]), packed(decode)[1:2])
+
+
+def test_the_prefill_copy_is_bf16_only_where_onednn_computes_bf16_natively(monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert prefill_dtype() == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert prefill_dtype() == torch.float32
+    assert PackedLinear(torch.nn.Linear(64, 32), "int4").dense.dtype == torch.float32
+    assert PackedLinear(torch.nn.Linear(64, 32), "bf16").dense.dtype == torch.bfloat16  # the format itself
 
 
 def test_pack_for_serving_packs_every_linear_and_the_head_as_int8(tiny_model_dir):
@@ -88,11 +101,11 @@ def test_serve_weights_setting_is_checked():
         load_settings(environ={}, overrides={"serve_weights": "q4_k"})
 
 
-def packed_reference(model_dir, fmt, adapter, max_tokens, messages):
+def packed_reference(model_dir, fmt, adapter, max_tokens, messages, dense=None):
     """``generate``'s greedy tokens from a model packed as ``fmt`` (with ``adapter`` through PEFT)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    pack_for_serving(model, fmt)
+    pack_for_serving(model, fmt, dense)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -101,10 +114,12 @@ def packed_reference(model_dir, fmt, adapter, max_tokens, messages):
     return toks[:-1] if toks and toks[-1] == tok.eos_token_id else toks
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_engine_greedy_equals_generate_of_the_same_packed_weights(fmt, tiny_model_dir, tmp_path):
+# each format, prefilling through either dense copy (a machine has one of them by default)
+@pytest.mark.parametrize("fmt, dense", [("bf16", None), ("int8", torch.float32), ("int8", torch.bfloat16),
+                                        ("int4", torch.float32), ("int4", torch.bfloat16)])
+def test_engine_greedy_equals_generate_of_the_same_packed_weights(fmt, dense, tiny_model_dir, tmp_path):
     loaded = load_model(str(tiny_model_dir), tmp_path / "models")
-    pack_for_serving(loaded.model, fmt)
+    pack_for_serving(loaded.model, fmt, dense)
     registry = AdapterRegistry(tmp_path / "adapters")
     v1 = registry.publish(make_adapter(tiny_model_dir, tmp_path / "a1", 1), {})
     v2 = registry.publish(make_adapter(tiny_model_dir, tmp_path / "a2", 2), {})
@@ -115,10 +130,10 @@ def test_engine_greedy_equals_generate_of_the_same_packed_weights(fmt, tiny_mode
         # one version in flight: served fused (the packed layers hold its LoRA factors)
         alone = engine.generate(PROMPTS[0], greedy(max_tokens=20)).token_ids
         assert engine._merged_version == v1 and engine._fused
-        assert alone == packed_reference(tiny_model_dir, fmt, registry.path(v1), 20, PROMPTS[0])
+        assert alone == packed_reference(tiny_model_dir, fmt, registry.path(v1), 20, PROMPTS[0], dense)
         base = engine.generate(PROMPTS[1], greedy(max_tokens=16), adapter="base").token_ids
         assert not engine._fused and not any(m.fused for m in loaded.model.modules() if isinstance(m, PackedLinear))
-        assert base == packed_reference(tiny_model_dir, fmt, None, 16, PROMPTS[1])
+        assert base == packed_reference(tiny_model_dir, fmt, None, 16, PROMPTS[1], dense)
         # mixed versions: PEFT's per-row LoRA forward over the packed base layers
         first = engine.submit(PROMPTS[2], greedy(max_tokens=30), adapter="base")
         next(iter(first))
@@ -128,6 +143,6 @@ def test_engine_greedy_equals_generate_of_the_same_packed_weights(fmt, tiny_mode
         assert engine.peak_batch >= 3
         for (messages, version, n), got in zip([(PROMPTS[2], "base", 30), *plan], results):
             adapter_dir = None if version == "base" else registry.path(version)
-            assert got.token_ids == packed_reference(tiny_model_dir, fmt, adapter_dir, n, messages), (fmt, version)
+            assert got.token_ids == packed_reference(tiny_model_dir, fmt, adapter_dir, n, messages, dense), (fmt, version)
     finally:
         engine.stop()

@@ -123,6 +123,7 @@ class AdapterSlots:
         """
         if version in self._slot_of:
             return
+        self._wrappers_in()  # PEFT finds the layers to load into by walking the model
         path = path if path is not None else str(self.registry.path(version))
         spare = next((slot for slot, held in self._slots.items() if held is None), None)
         if must_hotswap and spare is None:
@@ -159,6 +160,7 @@ class AdapterSlots:
 
     def _drop_slot(self, slot: str) -> None:
         self._unfold_if_holds(self._slots.get(slot))
+        self._wrappers_in()
         held = self._slots.pop(slot)
         if held is not None:
             self._slot_of.pop(held, None)

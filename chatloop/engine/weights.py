@@ -13,10 +13,13 @@ served model's Linear layers for it; ``SERVE_WEIGHTS``, the formats, and ``resol
   4-bit codes exactly (the group minimum and maximum are codes 0 and 15); only the scales and
   minima are rounded to bf16.
 - The int8/int4 kernels are matrix-vector kernels (their cost grows with every row) and win
-  only for decode steps; a prompt's prefill (more than one position per row) runs a dense bf16
-  copy of the weight instead (several times faster than either, and than fp32, on this CPU's
-  bf16 units). The choice depends only on the positions per row, never on how many rows share
-  the batch, so a row's output does not depend on who else is in it.
+  only for decode steps; a prompt's prefill (more than one position per row) runs a dense copy
+  of the weight instead. That copy is bf16 on a CPU with fast bf16 matrix units (oneDNN's own
+  check: several times faster there than int4 or fp32 for a prompt) and the fp32 weight itself
+  elsewhere (on an AVX2 CPU a bf16 matmul is emulated, 8x slower than fp32 for a 128-token
+  prompt; docs/LOG.md), chosen once per process (``prefill_dtype``). The choice depends only on
+  the positions per row, never on how many rows share the batch, so a row's output does not
+  depend on who else is in it.
 
 Invariants:
 - Only the serving engine's model is packed; training always loads the full-precision weights.
@@ -24,10 +27,12 @@ Invariants:
   placeholder that carries dtype and device, an unchanged ``bias``), so PEFT wraps it with its
   own LoRA layers and hot-swaps and mixed-version batches work unchanged; LoRA runs in the
   activations' dtype (fp32 on CPU).
-- Activations and outputs keep their dtype; only the matmul's input is cast to bf16.
+- Activations and outputs keep their dtype; only a matmul's input is cast (to bf16 for the
+  int8/int4 kernels and a bf16 copy).
 - ``fuse``/``unfuse`` hold one version's LoRA factors inside the layer (the single-version fast
-  path for packed weights, see ``merged.py``): its output is then exactly what PEFT's own LoRA
-  forward adds, ``lora_B(lora_A(x)) * scaling``, with no PEFT wrapper in between. Adding the
+  path for packed weights, see ``merged.py``): its output then adds what PEFT's own LoRA
+  forward adds, ``lora_B(lora_A(x)) * scaling``, as the same two products (the scaling and
+  the addition fused into the second), with no PEFT wrapper in between. Adding the
   delta into packed weights would round most of it away, so it is never folded into them.
 - A layer a kernel cannot take (int4: input width not a multiple of 32 or outputs not of 16)
   stays as it is.
@@ -76,14 +81,26 @@ def _int4_grouped(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, scales
 
 
+def prefill_dtype() -> torch.dtype:
+    """The dtype of the dense copy packed layers prefill with: bf16 where oneDNN computes bf16
+    matrix products natively (AVX-512 or AMX), else fp32."""
+    try:
+        fast_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        fast_bf16 = False
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
 def int4_fits(layer: nn.Linear) -> bool:
     return layer.in_features % GROUP == 0 and layer.out_features % 16 == 0
 
 
 class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` whose weight is stored as ``fmt`` (bf16, int8 or int4), computed in bf16."""
+    """An ``nn.Linear`` whose weight is stored as ``fmt`` (bf16, int8 or int4), computed in bf16;
+    prompts (more than one position per row) go through a dense copy in ``dense_dtype`` (bf16 or
+    fp32; default ``prefill_dtype()``; the bf16 format's copy is its weight)."""
 
-    def __init__(self, layer: nn.Linear, fmt: str):
+    def __init__(self, layer: nn.Linear, fmt: str, dense_dtype: torch.dtype | None = None):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate a full weight
         if fmt not in ("bf16", "int8", "int4"):
             raise ValueError(f"cannot pack a Linear as {fmt!r}")
@@ -92,7 +109,10 @@ class PackedLinear(nn.Linear):
         # an empty float weight: PEFT reads its dtype and device to place the LoRA layers
         self.weight = nn.Parameter(torch.empty(0, dtype=layer.weight.dtype, device=w.device), requires_grad=False)
         self.bias = layer.bias
-        self.register_buffer("dense", w.to(torch.bfloat16).contiguous())  # prefill; all of bf16
+        dense_dtype = torch.bfloat16 if fmt == "bf16" else (dense_dtype or prefill_dtype())
+        if dense_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"a packed layer's prefill copy is bf16 or fp32, not {dense_dtype}")
+        self.register_buffer("dense", w.to(dense_dtype).contiguous())  # fp32: the weight itself, no copy
         if fmt == "bf16":
             self.register_buffer("packed", None)
             self.register_buffer("scales", None)
@@ -104,28 +124,36 @@ class PackedLinear(nn.Linear):
             p, s = _int4_grouped(w)
             self.register_buffer("packed", p)
             self.register_buffer("scales", s)
-        self._fused: tuple[nn.Module, nn.Module, float] | None = None
+        self._fused: tuple[torch.Tensor, torch.Tensor, float] | None = None  # A^T, B^T, scaling
 
     prefill_dense = True  # benchmarks switch it off to measure the decode kernels on whole texts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        # a decode step of a small model is bound by per-operator dispatch as much as by the
+        # weights: every tensor operation here is one that the result needs
+        rows = x.reshape(-1, self.in_features)
         if self.fmt == "bf16" or (self.prefill_dense and x.dim() >= 3 and x.shape[-2] > 1):
-            y = flat @ self.dense.t()
+            y = rows.to(self.dense.dtype) @ self.dense.t()
         elif self.fmt == "int8":
-            y = torch._weight_int8pack_mm(flat, self.packed, self.scales)
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.packed, self.scales)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.packed, GROUP, self.scales)
-        y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = torch._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), self.packed, GROUP, self.scales)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         if self._fused is not None:
-            lora_a, lora_b, scaling = self._fused
-            y = y + lora_b(lora_a(x.to(lora_a.weight.dtype))) * scaling
-        return y
+            a_t, b_t, scaling = self._fused
+            if rows.dtype == a_t.dtype:
+                y = torch.addmm(y, rows @ a_t, b_t, alpha=scaling)
+            else:
+                y = torch.addmm(y.to(a_t.dtype), rows.to(a_t.dtype) @ a_t, b_t, alpha=scaling).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
-    def fuse(self, lora_a: nn.Module, lora_b: nn.Module, scaling: float) -> None:
-        self._fused = (lora_a, lora_b, scaling)
+    def fuse(self, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float) -> None:
+        """Hold one version's LoRA factors: the forward adds ``scaling * (x A^T) B^T`` in the
+        factors' dtype, as two raw matrix products on transposed contiguous copies (PEFT's own
+        ``lora_B(lora_A(x)) * scaling`` through two modules cost four times as long per layer)."""
+        self._fused = (lora_a.weight.detach().t().contiguous(), lora_b.weight.detach().t().contiguous(), scaling)
 
     def unfuse(self) -> None:
         self._fused = None
@@ -148,9 +176,10 @@ class PackedLinear(nn.Linear):
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
 
 
-def pack_for_serving(model: nn.Module, fmt: str) -> dict[str, int]:
+def pack_for_serving(model: nn.Module, fmt: str, dense_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Swap ``model``'s Linear layers for ``PackedLinear`` in ``fmt`` (in place, before any LoRA
-    is attached); returns how many layers were packed per format. ``fp32`` packs nothing."""
+    is attached), prefilling through a dense copy in ``dense_dtype`` (default ``prefill_dtype()``);
+    returns how many layers were packed per format. ``fp32`` packs nothing."""
     if fmt == "fp32":
         return {}
     counts: dict[str, int] = {}
@@ -162,7 +191,7 @@ def pack_for_serving(model: nn.Module, fmt: str) -> dict[str, int]:
             layer_fmt = fmt
             if fmt == "int4" and (child is head or not int4_fits(child)):
                 layer_fmt = "int8"  # the output head (Q8_0 in the GGUFs) and odd shapes
-            packed = PackedLinear(child, layer_fmt)
+            packed = PackedLinear(child, layer_fmt, dense_dtype)
             setattr(module, child_name, packed)
             counts[layer_fmt] = counts.get(layer_fmt, 0) + 1
     return counts
