@@ -21,14 +21,16 @@ def greedy(max_tokens=24, **kw) -> GenerationParams:
     return GenerationParams.from_request(GenerationDefaults(), temperature=0.0, max_tokens=max_tokens, **kw)
 
 
-def make_adapter(model_dir: Path, out: Path, seed: int, rank: int = 4) -> Path:
+def make_adapter(model_dir: Path, out: Path, seed: int, rank: int = 4, alpha: int | None = None,
+                 targets: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
     """A LoRA adapter with random (non-zero) weights, so it visibly changes the output."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha,
+                                           target_modules=list(targets), init_lora_weights=False,
+                                           task_type="CAUSAL_LM"))
     with torch.no_grad():
         for n, p in peft.named_parameters():
             if "lora_" in n:
@@ -94,6 +96,28 @@ def test_activation_mid_reply_keeps_the_reply_on_its_version(setup):
     done = handle.result()
     assert done.adapter_version == "base" and done.token_ids == expected_base
     assert engine.generate(MSGS, greedy()).adapter_version == "v1"
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_version_hot_swapped_into_a_used_slot_keeps_nothing_of_the_one_before(fold, tiny_model_dir, tmp_path):
+    """Hot-swap copies a version into the spare slot's tensors. A version of the same rank with
+    another lora_alpha, or with fewer target modules, must compute as it does alone: not with the
+    slot's previous scaling, nor with the previous version's LoRA on the layers it leaves out."""
+    loaded = load_model(str(tiny_model_dir), tmp_path / "models")
+    registry = AdapterRegistry(tmp_path / "adapters")
+    plan = [dict(alpha=8), dict(alpha=8), dict(alpha=2), dict(alpha=8, targets=("q_proj",))]
+    versions = [registry.publish(make_adapter(tiny_model_dir, tmp_path / f"a{i}", 30 + i, **kw), {})
+                for i, kw in enumerate(plan)]
+    engine = Engine(loaded, registry, merge_single_version=fold)
+    engine.start()
+    try:
+        for version in versions:  # the 3rd and 4th reuse the 1st's and 2nd's slots
+            engine.activate(version)
+            got = engine.generate(MSGS, greedy()).token_ids
+            assert got == reference_greedy(tiny_model_dir, registry.path(version), 24, 1.15), version
+        assert engine.adapter_slots == 2
+    finally:
+        engine.stop()
 
 
 def test_unused_adapters_are_unloaded(setup):

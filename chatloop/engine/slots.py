@@ -37,6 +37,12 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
+# LoraConfig fields that change what a LoRA layer adds, beside its weights (dropout is off in serving)
+_OUTPUT_SETTINGS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
+                    "rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "bias", "fan_in_fan_out",
+                    "modules_to_save", "layers_to_transform", "layers_pattern", "target_parameters")
+
+
 class AdapterSlots:
     def check_hot_swap(self) -> None:
         """Prove, before serving, that the installed transformers/peft can do what serving does.
@@ -128,6 +134,9 @@ class AdapterSlots:
         spare = next((slot for slot, held in self._slots.items() if held is None), None)
         if must_hotswap and spare is None:
             raise RuntimeError("no spare slot to hot-swap into")
+        if spare is not None and not must_hotswap and not self._same_lora_shape(spare, path):
+            self._drop_slot(spare)  # another scaling or other layers: the version gets a slot of its own
+            spare = None
         if spare is not None:
             try:
                 with _quiet("transformers.integrations.peft"):
@@ -153,6 +162,32 @@ class AdapterSlots:
         self._assign(slot, version)
         self._hook_lora_layers()
         self._lora_on = None  # new LoRA layers start switched on: set the switch again
+
+    def _same_lora_shape(self, slot: str, path: str) -> bool:
+        """Whether the adapter at ``path`` has the slot's LoRA settings, everything that decides
+        its output besides the weights. Hot-swap copies weights only: transformers keeps the
+        slot's scaling (``lora_alpha / r``) and leaves the slot's previous weights in layers the
+        new adapter does not target, so a version trained with other LoRA settings would be
+        served wrong (tests/test_engine.py)."""
+        from peft import LoraConfig
+
+        current = getattr(self.model, "peft_config", {}).get(slot)
+        try:
+            new = LoraConfig.from_pretrained(path)
+        except Exception:
+            return False  # unreadable here: loading it anew reports why
+        if current is None:
+            return False
+
+        def key(config) -> dict:
+            d = config.to_dict()
+            out = {k: d.get(k) for k in _OUTPUT_SETTINGS}
+            for k, v in out.items():
+                if isinstance(v, (list, set, tuple)):
+                    out[k] = sorted(v)
+            return out
+
+        return key(current) == key(new)
 
     def _assign(self, slot: str, version: str) -> None:
         self._slots[slot] = version
