@@ -14,10 +14,10 @@ served model's Linear layers for it; ``SERVE_WEIGHTS``, the formats, and ``resol
   minima are rounded to bf16.
 - The int8/int4 kernels are matrix-vector kernels (their cost grows with every row) and win
   only for decode steps; a prompt's prefill (more than one position per row) runs a dense copy
-  of the weight instead. That copy is bf16 on a CPU with fast bf16 matrix units (oneDNN's own
-  check: several times faster there than int4 or fp32 for a prompt) and the fp32 weight itself
-  elsewhere (on an AVX2 CPU a bf16 matmul is emulated, 8x slower than fp32 for a 128-token
-  prompt; docs/LOG.md), chosen once per process (``prefill_dtype``). The choice depends only on
+  of the weight instead. That copy is bf16 on a CPU with native bf16 matrix products (oneDNN's
+  own check; there it is several times faster than int4 or fp32 for a prompt) and the fp32
+  weight itself elsewhere (on an AVX2 CPU bf16 products are emulated and far slower than fp32;
+  figures in docs/LOG.md), as ``prefill_dtype`` says for the machine. The choice depends only on
   the positions per row, never on how many rows share the batch, so a row's output does not
   depend on who else is in it.
 
@@ -152,7 +152,8 @@ class PackedLinear(nn.Linear):
     def fuse(self, lora_a: nn.Linear, lora_b: nn.Linear, scaling: float) -> None:
         """Hold one version's LoRA factors: the forward adds ``scaling * (x A^T) B^T`` in the
         factors' dtype, as two raw matrix products on transposed contiguous copies (PEFT's own
-        ``lora_B(lora_A(x)) * scaling`` through two modules cost four times as long per layer)."""
+        ``lora_B(lora_A(x)) * scaling`` through two modules costs several times as long: a
+        decode step's LoRA products are tiny and their dispatch is most of their cost)."""
         self._fused = (lora_a.weight.detach().t().contiguous(), lora_b.weight.detach().t().contiguous(), scaling)
 
     def unfuse(self) -> None:
