@@ -55,6 +55,7 @@ def main() -> int:
     ap.add_argument("--max-reply-tokens", type=int, default=128)
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--lora-alpha", type=int, default=32)
+    ap.add_argument("--pooling", default="last_mean", help="what the reward head reads: last | last_mean")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--models-dir", default="/tmp/chatloop-bench-models",
@@ -89,7 +90,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
                       target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")
-    rm = RewardModel(get_peft_model(loaded.model, lora), loaded.model.config.hidden_size).to(loaded.device)
+    rm = RewardModel(get_peft_model(loaded.model, lora), loaded.model.config.hidden_size, args.pooling).to(loaded.device)
     warm = {"head_warm_start": args.warm_start == "on"} if args.warm_start else {}
     cfg = RewardConfig(learning_rate=args.lr, head_learning_rate=args.head_lr, epochs=args.epochs, batch_size=args.batch_size,
                        max_prompt_tokens=args.max_prompt_tokens, max_reply_tokens=args.max_reply_tokens,
@@ -128,7 +129,7 @@ def main() -> int:
     eval_s = time.perf_counter() - t0
 
     result = {
-        "heldout_accuracy": round(trained["accuracy"], 4), "train_pairs": len(train),
+        "heldout_accuracy": round(trained["accuracy"], 4), "pooling": args.pooling, "train_pairs": len(train),
         "wall_s": round(time.perf_counter() - wall0, 1),
         "eval_pairs": len(held), "epochs": args.epochs, "steps": marks["steps"],
         "batch_size": args.batch_size, "learning_rate": args.lr, "head_learning_rate": args.head_lr,

@@ -89,6 +89,8 @@ class TrainingDefaults:
     reward_head_learning_rate: float = 1e-3  # the scalar head starts at zero and must move fast
     reward_epochs: int = 2
     reward_pointwise_weight: float = 0.1
+    reward_pooling: str = "last_mean"  # what the reward head reads: last (the last reply token's state) |
+    #                                     last_mean (that and the mean over the reply's states; docs/LOG.md)
     # the reward model's held-out checks (patience: early_stop_patience); it over-fits within its
     # first epoch on ~160 pairs, so it is scored more often than DPO/KTO and stops sooner
     reward_evals_per_epoch: int = 4
@@ -311,4 +313,7 @@ def load_settings(
     if settings.serve_weights not in SERVE_WEIGHT_FORMATS:
         raise ConfigError(f"setting 'serve_weights': {settings.serve_weights!r} is not one of "
                           f"{', '.join(SERVE_WEIGHT_FORMATS)}")
+    if settings.training.reward_pooling not in ("last", "last_mean"):  # chatloop.train.reward.POOLINGS
+        raise ConfigError(f"setting 'training.reward_pooling': {settings.training.reward_pooling!r} is not one of "
+                          "last, last_mean")
     return settings

@@ -128,7 +128,7 @@ def test_head_warm_start_solves_the_regularised_logistic_regression(tiny_model_d
     frozen states' differences d: its gradient vanishes, checked here in closed form, and the
     model's own scores give the same margins."""
     from chatloop.train.common import collate_groups, encode_reply
-    from chatloop.train.reward import _last_states, warm_start_head
+    from chatloop.train.reward import _features, warm_start_head
 
     tok, lm = _lora_model(tiny_model_dir)
     rm = RewardModel(lm, lm.get_base_model().config.hidden_size)
@@ -138,7 +138,7 @@ def test_head_warm_start_solves_the_regularised_logistic_regression(tiny_model_d
              for i in range(10)]
     l2 = 0.05
     out = warm_start_head(rm, pairs, tok.pad_token_id, l2, batch_size=4)
-    feats = _last_states(rm, pairs, tok.pad_token_id, batch_size=3).double()  # another batching
+    feats = _features(rm, pairs, tok.pad_token_id, batch_size=3).double()  # another batching
     d = feats[:, 0] - feats[:, 1]
     w = rm.head.weight.detach().double()[0]
     grad = -(torch.sigmoid(-(d @ w))[:, None] * d).mean(0) + 2 * l2 * w
@@ -149,13 +149,55 @@ def test_head_warm_start_solves_the_regularised_logistic_regression(tiny_model_d
     torch.testing.assert_close(s[:10] - s[10:], d @ w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pooling", ["last", "last_mean"])
+def test_reward_features_are_the_last_reply_state_and_the_mean_over_the_reply(tiny_model_dir, pooling):
+    """The head's inputs, against a plain forward pass of each (prompt, reply) alone: the final
+    state at the reply's last token, and (last_mean) the mean of the final states over its tokens;
+    replies of different lengths share a padded batch."""
+    from chatloop.train.common import collate_groups, encode_reply
+
+    tok, lm = _lora_model(tiny_model_dir)
+    rm = RewardModel(lm, lm.get_base_model().config.hidden_size, pooling)
+    items = [(encode_reply(tok, [{"role": "user", "content": "Tell me about owls"}], "They hunt at night.", 64, 32),
+              encode_reply(tok, [{"role": "user", "content": "Tell me about owls"}], "Owls are birds of prey with soft feathers.", 64, 32)),
+             (encode_reply(tok, [{"role": "user", "content": "Hi"}], "Hello!", 64, 32),
+              encode_reply(tok, [{"role": "user", "content": "Hi"}], "Hello there, how can I help you today?", 64, 32))]
+    with torch.no_grad():
+        got = rm.features(collate_groups(items, tok.pad_token_id))  # rows k * B + b
+        assert got.shape[-1] == lm.get_base_model().config.hidden_size * (2 if pooling == "last_mean" else 1)
+        for b, group in enumerate(items):
+            for k, e in enumerate(group):
+                ids = torch.tensor([e.prompt_ids + e.reply_ids])
+                states = lm(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, len(e.prompt_ids):]
+                want = states[-1] if pooling == "last" else torch.cat([states[-1], states.mean(dim=0)])
+                torch.testing.assert_close(got[k * len(items) + b], want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModel(lm, 8, "first")
+
+
+def test_a_reward_model_saved_before_the_pooling_choice_loads_as_last_token(tiny_model_dir, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    tok, lm = _lora_model(tiny_model_dir)
+    rm = RewardModel(lm, lm.get_base_model().config.hidden_size, "last")
+    rm.save(tmp_path / "rm", {})
+    meta = json.loads((tmp_path / "rm" / "reward.json").read_text())
+    assert meta.pop("pooling") == "last"
+    (tmp_path / "rm" / "reward.json").write_text(json.dumps(meta))  # as artifacts were written before
+    again = RewardModel.load(tmp_path / "rm", AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert again.pooling == "last" and again.head.in_features == rm.head.in_features
+
+
+@pytest.mark.parametrize("pooling", ["last", "last_mean"])
 @pytest.mark.parametrize("warm_start", [True, False])
-def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_path, warm_start):
+def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_path, warm_start, pooling):
     from transformers import AutoModelForCausalLM
 
     tok, lm = _lora_model(tiny_model_dir)
     torch.manual_seed(0)
-    rm = RewardModel(lm, lm.get_base_model().config.hidden_size)
+    rm = RewardModel(lm, lm.get_base_model().config.hidden_size, pooling)
     good, bad = "Sure, happy to help.", "Go away."
     pairs = [{"prompt": [{"role": "user", "content": f"Question number {i}"}], "chosen": good, "rejected": bad}
              for i in range(12)]
@@ -168,6 +210,7 @@ def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_p
     assert m["held_out"]["accuracy"] == 1.0 and m["held_out"]["margin"] > 0
     rm.save(tmp_path / "rm", {"test": True})
     again = RewardModel.load(tmp_path / "rm", AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    assert again.pooling == pooling
     items = [(held[0]["prompt"], good), (held[0]["prompt"], bad)]
     assert score(again, tok, items, cfg) == pytest.approx(score(rm, tok, items, cfg), abs=1e-5)
 

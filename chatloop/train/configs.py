@@ -53,7 +53,8 @@ def reward_config(t: TrainingDefaults):
 
     return RewardConfig(**{**_shared(t), "learning_rate": t.reward_learning_rate, "epochs": t.reward_epochs,
                            "evals_per_epoch": t.reward_evals_per_epoch},
-                        head_learning_rate=t.reward_head_learning_rate, pointwise_weight=t.reward_pointwise_weight)
+                        head_learning_rate=t.reward_head_learning_rate, pointwise_weight=t.reward_pointwise_weight,
+                        pooling=t.reward_pooling)
 
 
 def scoring_config(t: TrainingDefaults):

@@ -1,7 +1,8 @@
 """The reward model: base model + LoRA + a scalar head, trained with a Bradley-Terry loss.
 
 Owns: the reward model's forward (the score of a (context, reply) is the head applied to the
-hidden state of the reply's last token), its losses, training, and its on-disk artifact.
+reply's states: its last token's, and by default their mean over the reply too), its losses,
+training, and its on-disk artifact (which records the pooling).
 
 loss_pairs  = -log sigmoid(r(chosen) - r(rejected) - margin)            (Bradley-Terry, as TRL)
             + center * mean((r(chosen) + r(rejected))^2)                (optional centring)
@@ -41,27 +42,44 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     return loss
 
 
-class RewardModel(torch.nn.Module):
-    """A causal LM with LoRA (trainable) whose last reply token's hidden state feeds a scalar head."""
+POOLINGS = ("last", "last_mean")
 
-    def __init__(self, lm: torch.nn.Module, hidden_size: int):
+
+class RewardModel(torch.nn.Module):
+    """A causal LM with LoRA (trainable) whose reply states feed a scalar head: the last reply
+    token's state (``last``, as TRL's reward models), or that and the mean of the reply's states
+    side by side (``last_mean``, the default: a linear probe of it on the frozen model ranked
+    held-out pairs better on two data sets, docs/LOG.md 2026-12-04): the last token of a reply
+    cut at a length limit is any word, the mean sees all of it."""
+
+    def __init__(self, lm: torch.nn.Module, hidden_size: int, pooling: str = "last_mean"):
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"reward pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
         self.lm = lm
-        self.head = torch.nn.Linear(hidden_size, 1)
+        self.pooling = pooling
+        self.head = torch.nn.Linear(hidden_size * (2 if pooling == "last_mean" else 1), 1)
         # zero: an untrained reward model is indifferent (every score 0, the first loss log 2),
         # instead of ranking pairs by a random direction of the hidden states
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def last_states(self, groups: PromptGroups) -> torch.Tensor:
-        """The head's inputs: the last layer's state at each reply row's last token, (K*B, H)."""
+    def features(self, groups: PromptGroups) -> torch.Tensor:
+        """The head's inputs, (K*B, H or 2H): the last layer's state at each reply row's last
+        token, and with ``last_mean`` the mean of its states over the reply's tokens."""
         _, hidden = grouped_hidden(self.lm, groups)
-        last = groups.reply_mask.sum(dim=1) - 1  # right-padded replies: the last real token
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        mask = groups.reply_mask
+        last = mask.sum(dim=1) - 1  # right-padded replies: the last real token
+        at_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        if self.pooling == "last":
+            return at_last
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        mean = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+        return torch.cat([at_last, mean], dim=-1)
 
     def forward(self, groups: PromptGroups) -> torch.Tensor:
         """One score per reply row of ``groups`` (each prompt is run once for all its replies)."""
-        return self.head(self.last_states(groups).to(self.head.weight.dtype)).squeeze(-1)
+        return self.head(self.features(groups).to(self.head.weight.dtype)).squeeze(-1)
 
     # ---- artifact ----------------------------------------------------------------------------
     def save(self, path: Path, meta: dict) -> None:
@@ -71,7 +89,7 @@ class RewardModel(torch.nn.Module):
         self.lm.save_pretrained(path / "adapter")
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
                   str(path / "head.safetensors"))
-        (path / "reward.json").write_text(json.dumps(meta, indent=2, default=str))
+        (path / "reward.json").write_text(json.dumps({"pooling": self.pooling, **meta}, indent=2, default=str))
 
     @classmethod
     def load(cls, path: Path, base_model: torch.nn.Module) -> "RewardModel":
@@ -79,7 +97,9 @@ class RewardModel(torch.nn.Module):
         from safetensors.torch import load_file
 
         lm = PeftModel.from_pretrained(base_model, path / "adapter")
-        rm = cls(lm, base_model.config.hidden_size)
+        # artifacts from before the pooling choice scored the last token only
+        pooling = json.loads((path / "reward.json").read_text()).get("pooling", "last")
+        rm = cls(lm, base_model.config.hidden_size, pooling)
         rm.head.load_state_dict(load_file(str(path / "head.safetensors")))
         device = next(base_model.parameters()).device
         rm.head.to(device)
@@ -90,7 +110,8 @@ class RewardModel(torch.nn.Module):
 @dataclass
 class RewardConfig(TrainConfig):
     """``select_best``: with held-out pairs, the checkpoint (the probed head before any
-    fine-tuning included) with the lowest held-out Bradley-Terry loss."""
+    fine-tuning included) with the lowest held-out Bradley-Terry loss. ``pooling``: what the
+    head reads (``RewardModel``), used where a reward model is built from this config."""
     # The head starts from zero and must move far in a few dozen steps, which it cannot at the
     # LoRA's rate (Adam moves each weight by about the learning rate per step).
     head_learning_rate: float = 1e-3
@@ -101,6 +122,7 @@ class RewardConfig(TrainConfig):
     batch_size: int = 8
     center_coefficient: float = 0.0
     pointwise_weight: float = 0.0  # weight of the thumbs term; 0 = pairs only
+    pooling: str = "last_mean"
 
 
 @torch.no_grad()
@@ -149,15 +171,15 @@ def _evaluate_encoded(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_i
 
 
 @torch.no_grad()
-def _last_states(rm: RewardModel, groups: list[tuple[Encoded, ...]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """(N, K, H) hidden states at the last token of every reply, the head's inputs (no grad)."""
+def _features(rm: RewardModel, groups: list[tuple[Encoded, ...]], pad_id: int, batch_size: int) -> torch.Tensor:
+    """(N, K, F) the head's inputs for every reply (``RewardModel.features``; no grad)."""
     was_training = rm.lm.training
     rm.lm.eval()
     device = rm.head.weight.device
     out = []
     for s in range(0, len(groups), batch_size):
         g = collate_groups(groups[s: s + batch_size], pad_id).to(device)
-        h = rm.last_states(g).float()  # rows k * B + b
+        h = rm.features(g).float()  # rows k * B + b
         out.append(h.view(g.replies_per_prompt, -1, h.shape[-1]).transpose(0, 1))
     rm.lm.train(was_training)
     return torch.cat(out)
@@ -170,7 +192,7 @@ def warm_start_head(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id:
     + l2 * |w|^2``; fine-tuning then starts from a head that already ranks pairs instead of one
     that first has to find a direction while the LoRA chases a zero signal. Costs one forward pass
     over the training pairs."""
-    feats = _last_states(rm, enc, pad_id, batch_size).double()
+    feats = _features(rm, enc, pad_id, batch_size).double()
     d = feats[:, 0] - feats[:, 1]
     w = torch.zeros(d.shape[1], dtype=torch.float64, device=d.device, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")

@@ -148,10 +148,11 @@ def train_reward_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict)
     from chatloop.train.reward import RewardModel, train_reward
 
     loaded = _load(job)
+    cfg = configs.reward_config(t)
     rm = RewardModel(get_peft_model(loaded.model, configs.lora_config(t)),
-                     loaded.model.config.hidden_size).to(loaded.device)
+                     loaded.model.config.hidden_size, cfg.pooling).to(loaded.device)
     metrics = train_reward(rm, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
-                           read_jsonl(job_dir / "eval.jsonl"), configs.reward_config(t), read_jsonl(job_dir / "train_thumbs.jsonl"),
+                           read_jsonl(job_dir / "eval.jsonl"), cfg, read_jsonl(job_dir / "train_thumbs.jsonl"),
                            **hooks)
     rm.save(job_dir / "reward", {"model_path": job["model_path"], "eval_fraction": t.eval_fraction,
                                  "metrics": {k: v for k, v in metrics.items() if k != "history"}})
