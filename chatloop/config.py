@@ -155,6 +155,7 @@ class Limits:
 
 
 SERVE_WEIGHT_FORMATS = ("auto", "fp32", "bf16", "int8", "int4")  # chatloop.engine.weights
+REWARD_POOLINGS = ("last", "last_mean")  # chatloop.train.reward.RewardModel
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ def load_settings(
     if settings.serve_weights not in SERVE_WEIGHT_FORMATS:
         raise ConfigError(f"setting 'serve_weights': {settings.serve_weights!r} is not one of "
                           f"{', '.join(SERVE_WEIGHT_FORMATS)}")
-    if settings.training.reward_pooling not in ("last", "last_mean"):  # chatloop.train.reward.POOLINGS
+    if settings.training.reward_pooling not in REWARD_POOLINGS:
         raise ConfigError(f"setting 'training.reward_pooling': {settings.training.reward_pooling!r} is not one of "
-                          "last, last_mean")
+                          f"{', '.join(REWARD_POOLINGS)}")
     return settings

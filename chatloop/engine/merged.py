@@ -124,8 +124,8 @@ class MergedWeights:
 
     def _wrappers_out(self) -> None:
         """Each LoRA-wrapped layer's parent holds the base layer itself, so a forward with the
-        LoRA layers off runs neither PEFT's wrapper nor the per-row hook (about 8 % of a decode
-        step over int4 weights, for 210 wrapped layers). Whatever reads or changes the LoRA
+        LoRA layers off runs neither PEFT's wrapper nor the per-row hook (switched off, they still
+        cost a measurable share of a decode step: docs/LOG.md 2026-12-04). Whatever reads or changes the LoRA
         layers puts the wrappers back first (``_wrappers_in``)."""
         if self._unwrapped:
             return

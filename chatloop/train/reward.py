@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from chatloop.config import REWARD_POOLINGS as POOLINGS
 from chatloop.train.common import (Encoded, HeldOutSelection, PromptGroups, TrainConfig, collate_groups,
                                    encode_reply, fit, grouped_hidden)
 
@@ -40,9 +41,6 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin:
     if center_coefficient:
         loss = loss + center_coefficient * torch.mean((r_chosen + r_rejected) ** 2)
     return loss
-
-
-POOLINGS = ("last", "last_mean")
 
 
 class RewardModel(torch.nn.Module):
