@@ -22,7 +22,8 @@ these machines are shared and noisy):
 
 Prints a table, and with --json a last line holding one JSON object with the keys single_tok_s,
 bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, ttft_p50_ms, ttft_p95_ms,
-activation_ms_p50, lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked), and when measured llamacpp_tok_s, single_vs_llamacpp,
+activation_ms_p50, lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked),
+long_join_ttft_s (and _unchunked), and when measured llamacpp_tok_s, single_vs_llamacpp,
 concurrent8_vs_llamacpp (plus a few more described in the table), and ``formats``: one object
 per weight format.
 """
@@ -161,9 +162,11 @@ def p95(xs: list[float]) -> float:
     return xs[min(len(xs) - 1, int(0.95 * len(xs)))] if xs else float("nan")
 
 
-def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7, quiet_s: float = 2.0) -> tuple[float, float]:
+def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7,
+                   quiet_s: float = 2.0) -> tuple[float, float, float]:
     """p95 inter-token gap (ms) of ``streams`` running replies while quiet, and while a prompt of
-    ``prompt_tokens`` tokens joins them (from its submission to its first token)."""
+    ``prompt_tokens`` tokens joins them (from its submission to its first token); and that
+    prompt's time to first token (s)."""
     long = long_prompt(engine, prompt_tokens)
     stamps: list[list[float]] = [[] for _ in range(streams)]
     handles = [engine.submit(essay(i), params(1024, greedy=False, seed=i)) for i in range(streams)]
@@ -193,7 +196,7 @@ def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7, quiet_s
     def gaps(keep: Callable[[float, float], bool]) -> list[float]:
         return [(b - a) * 1000 for ts in stamps for a, b in zip(ts, ts[1:]) if keep(a, b)]
 
-    return p95(gaps(lambda a, b: q0 <= a and b <= j0)), p95(gaps(lambda a, b: b >= j0 and a <= j1))
+    return p95(gaps(lambda a, b: q0 <= a and b <= j0)), p95(gaps(lambda a, b: b >= j0 and a <= j1)), j1 - j0
 
 
 LLAMACPP_CHILD = """
@@ -408,9 +411,9 @@ def main() -> None:
     steps.update()
 
     chunk = engine.prefill_chunk
-    quiet_gap, join_gap = long_join_gaps(engine, args.long_prompt)
+    quiet_gap, join_gap, join_ttft = long_join_gaps(engine, args.long_prompt)
     engine.prefill_chunk = 10**9  # the same join with the whole prompt prefilled in one step
-    quiet_gap_whole, join_gap_whole = long_join_gaps(engine, args.long_prompt)
+    quiet_gap_whole, join_gap_whole, join_ttft_whole = long_join_gaps(engine, args.long_prompt)
     engine.prefill_chunk = chunk
     engine.stop()
     steps.update()
@@ -471,6 +474,8 @@ def main() -> None:
         "long_join_gap_p95_ms": round(join_gap, 1),
         "long_join_vs_quiet": round(join_gap / quiet_gap, 2),
         "long_join_vs_quiet_unchunked": round(join_gap_whole / quiet_gap_whole, 2),
+        "long_join_ttft_s": round(join_ttft, 2),  # the long prompt's own wait, paced chunks
+        "long_join_ttft_s_unchunked": round(join_ttft_whole, 2),
         "lora_tok_s": round(statistics.median(lora_rates), 2),
         "lora_vs_base": round(statistics.median(lora_rates) / statistics.median(base_rates), 3),
         "lora_unmerged_tok_s": round(statistics.median(unmerged_rates), 2),

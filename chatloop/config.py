@@ -180,9 +180,12 @@ class Settings:
     # while every request in flight uses one adapter version, fold its LoRA into the weights
     # (the base model's speed; costs one copy of the adapted layers' weights); false: always unmerged
     merge_single_version: bool = True
-    # a longer prompt that arrives while others decode is prefilled this many tokens per step,
-    # between their decode steps, so their replies keep streaming
+    # a longer prompt that arrives while others decode is prefilled in chunks of at most this
+    # many tokens, one between each two decode steps of the others, so their replies keep streaming
     prefill_chunk_tokens: int = 128
+    # a chunk costs at most this share of a decode step (measured as it runs; at least 8 tokens
+    # go per chunk); 0 = every chunk is prefill_chunk_tokens
+    prefill_chunk_budget: float = 1.0
     retrain_cron: str = ""  # e.g. "0 3 * * *"; empty = no scheduled retraining
     retrain_interval_minutes: int = 0  # 0 = off
     schedule_poll_seconds: float = 30.0  # how often "after N new feedback events" schedules are checked (>= 1)
@@ -314,6 +317,11 @@ def load_settings(
     if settings.serve_weights not in SERVE_WEIGHT_FORMATS:
         raise ConfigError(f"setting 'serve_weights': {settings.serve_weights!r} is not one of "
                           f"{', '.join(SERVE_WEIGHT_FORMATS)}")
+    if settings.prefill_chunk_tokens < 1:
+        raise ConfigError(f"setting 'prefill_chunk_tokens': {settings.prefill_chunk_tokens} must be at least 1")
+    if not 0 <= settings.prefill_chunk_budget < float("inf"):
+        raise ConfigError(f"setting 'prefill_chunk_budget': {settings.prefill_chunk_budget} must be 0 (fixed chunks) "
+                          "or a positive share of a decode step")
     if settings.training.reward_pooling not in REWARD_POOLINGS:
         raise ConfigError(f"setting 'training.reward_pooling': {settings.training.reward_pooling!r} is not one of "
                           f"{', '.join(REWARD_POOLINGS)}")

@@ -173,7 +173,8 @@ class Service(Operations):
                              settings.queue_size, settings.max_batch,
                              probe_modules=settings.training.lora_target_modules,
                              merge_single_version=settings.merge_single_version,
-                             prefill_chunk=settings.prefill_chunk_tokens)
+                             prefill_chunk=settings.prefill_chunk_tokens,
+                             prefill_budget=settings.prefill_chunk_budget)
         self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,
                                    activate=self.activate, active_version=lambda: self.engine.active_version)
 

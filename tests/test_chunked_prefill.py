@@ -1,6 +1,7 @@
 """Chunked prefill: a long prompt that arrives while other replies decode is prefilled a chunk
 per step between their decode steps (they keep streaming), and every reply is still exactly
-what it is alone; a long prompt cancelled mid-prefill ends alone."""
+what it is alone, with fixed or paced chunks; a long prompt cancelled mid-prefill ends alone.
+The pacing itself and the KV cache's in-place writes: test_kvcache.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import threading
 import time
 
+import pytest
 from test_batching import PROMPTS
 from test_engine import greedy, make_adapter, reference_greedy
 
@@ -17,10 +19,14 @@ from chatloop.engine import Engine
 LONG = [{"role": "user", "content": "Please read this carefully. " * 12 + "Now, what is the point of it all?"}]
 
 
-def test_a_long_prompt_joins_in_chunks_while_the_others_keep_streaming(tiny_model_dir, tiny_loaded, tmp_path):
+@pytest.mark.parametrize("budget, chunk_tokens", [(0.0, 12), (1e-9, 8)], ids=["fixed", "paced"])
+def test_a_long_prompt_joins_in_chunks_while_the_others_keep_streaming(tiny_model_dir, tiny_loaded, tmp_path,
+                                                                      budget, chunk_tokens):
+    # fixed: every chunk is prefill_chunk (12) tokens; paced with a budget no chunk fits in:
+    # every chunk is the pacer's smallest (8), and the replies are the same either way
     registry = AdapterRegistry(tmp_path / "adapters")
     v1 = registry.publish(make_adapter(tiny_model_dir, tmp_path / "a1", 31), {})
-    engine = Engine(tiny_loaded, registry, max_batch=8, prefill_chunk=8)
+    engine = Engine(tiny_loaded, registry, max_batch=8, prefill_chunk=12, prefill_budget=budget)
     engine.start()
     try:
         running = engine.submit(PROMPTS[1], greedy(max_tokens=60), adapter="base")
@@ -38,7 +44,7 @@ def test_a_long_prompt_joins_in_chunks_while_the_others_keep_streaming(tiny_mode
         got_long = long.result(60)
         reader.join(60)
         got = running.result(60)
-        chunks = math.ceil(prompt_tokens / 8)
+        chunks = math.ceil(prompt_tokens / chunk_tokens)
         assert prompt_tokens > 40 and engine.prefill_chunks == chunks
         # the running reply kept streaming while the long prompt was prefilled
         assert sum(t0 <= t <= t1 for t in stamps) >= chunks // 2, (chunks, len(stamps))

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from chatloop.adapters import AdapterRegistry
 from chatloop.config import ConfigError, load_settings
 from chatloop.engine import Engine
-from chatloop.engine.weights import GROUP, PackedLinear, pack_for_serving, prefill_dtype, resolve_serve_weights
+from chatloop.engine.weights import GROUP, PACKED_MAX_POSITIONS, PackedLinear, pack_for_serving, prefill_dtype, resolve_serve_weights
 from chatloop.models import load_model
 
 
@@ -50,9 +50,10 @@ def test_each_format_computes_close_to_fp32_and_keeps_dtype_and_bias(fmt, tolera
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 32)
     packed = PackedLinear(layer, fmt, dense_dtype)
-    decode, prefill = torch.randn(3, 1, 64), torch.randn(3, 5, 64)
+    decode, prefill = torch.randn(3, 1, 64), torch.randn(3, PACKED_MAX_POSITIONS + 1, 64)
+    short = torch.randn(3, PACKED_MAX_POSITIONS, 64)  # a short prompt or a small chunk of a long one
     with torch.no_grad():
-        for x in (decode, prefill):
+        for x in (decode, prefill, short):
             want, got = layer(x), packed(x)
             assert got.dtype == x.dtype and got.shape == want.shape
             assert (got - want).norm() / want.norm() < tolerance
@@ -60,6 +61,15 @@ def test_each_format_computes_close_to_fp32_and_keeps_dtype_and_bias(fmt, tolera
         # (several positions per row) the dense copy: bf16, or the fp32 weight itself
         manual = (decode.bfloat16().float() @ packed.dequantized().t()) + layer.bias
         assert torch.allclose(packed(decode), manual, atol=1e-2, rtol=1e-2)
+        # up to PACKED_MAX_POSITIONS per row stay on the packed kernels where the copy is fp32
+        # (streaming the fp32 weight costs more than they do), the dense copy where it is bf16
+        on_packed = (short.bfloat16().float() @ packed.dequantized().t()) + layer.bias
+        on_copy = (short.bfloat16().float() @ packed.dense.float().t()) + layer.bias
+        if fmt != "bf16" and packed.dense.dtype == torch.float32:
+            assert torch.allclose(packed(short), on_packed, atol=1e-2, rtol=1e-2)
+            assert not torch.allclose(packed(short), layer(short), atol=1e-4)  # not the fp32 weight
+        else:
+            assert torch.allclose(packed(short), on_copy, atol=1e-2, rtol=1e-2)
         if fmt == "bf16" or dense_dtype == torch.bfloat16:
             assert packed.dense.dtype == torch.bfloat16
             dense = (prefill.bfloat16().float() @ layer.weight.bfloat16().float().t()) + layer.bias

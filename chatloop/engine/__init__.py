@@ -13,7 +13,10 @@ Invariants:
   together and their KV cache is merged in); finished or cancelled rows leave at the next step.
   A prompt longer than ``prefill_chunk`` that arrives while others decode is prefilled alone, one
   chunk per step with a decode step of the others after each, so it never stalls them for its
-  whole prefill; it joins the batch after its last chunk.
+  whole prefill; it joins the batch after its last chunk. A chunk costs at most
+  ``prefill_budget`` of a decode step (measured: pacing.py), at most ``prefill_chunk`` tokens.
+- The KV cache is written in place into buffers with spare columns (kvcache.py), so a decode step
+  never copies the whole cache, however long one row's conversation is.
 - Each request is pinned to one adapter version when the engine starts it ('base' or vN). Rows
   of one batch may use different versions: PEFT's mixed-batch LoRA forward applies each row's
   own adapter, so activation between decode steps never changes the adapter of a reply in
@@ -40,12 +43,14 @@ from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache
 
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
 from chatloop.engine.requests import (Completion, ContextTooLong, EngineBusy, GenerationFailed, GenerationParams,
                                       InvalidRequest, StreamHandle, _Request, _StopMatcher)
+from chatloop.engine import kvcache
 from chatloop.engine.merged import MergedWeights
+from chatloop.engine.pacing import PrefillPacer
 from chatloop.engine.slots import AdapterSlots
 from chatloop.models import LoadedModel
 from chatloop.sampling import RowSampling, choose_tokens
@@ -89,6 +94,7 @@ class Engine(AdapterSlots, MergedWeights):
         probe_modules: Sequence[str] = ("q_proj", "v_proj"),
         merge_single_version: bool = True,
         prefill_chunk: int = 128,
+        prefill_budget: float = 1.0,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -121,7 +127,7 @@ class Engine(AdapterSlots, MergedWeights):
         self._init_merged(merge_single_version)  # one version in flight: its LoRA folded in (merged.py)
         # a prompt longer than prefill_chunk that arrives while others decode is prefilled one
         # chunk per step, between their decode steps, so it does not stall them
-        self.prefill_chunk = prefill_chunk
+        self.pacer = PrefillPacer(prefill_chunk, prefill_budget)
         self._long: list[_Row] = []  # waiting for a chunked prefill, first come first
         self._chunking: tuple[_Row, DynamicCache] | None = None  # the one being prefilled
         self.prefill_chunks = 0  # chunk forwards so far
@@ -320,6 +326,15 @@ class Engine(AdapterSlots, MergedWeights):
         req.handle._finish(Completion("", reason, version, len(req.prompt), 0, None,
                                       (now - req.submitted) * 1000))
 
+    @property
+    def prefill_chunk(self) -> int:
+        """The most tokens of one chunk; a longer prompt joining running replies goes in chunks."""
+        return self.pacer.max_tokens
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, tokens: int) -> None:
+        self.pacer.max_tokens = tokens
+
     def _in_prefill(self) -> list[_Row]:
         """Rows started but not yet in the batch: waiting for, or in, a chunked prefill."""
         return self._long + ([self._chunking[0]] if self._chunking else [])
@@ -332,18 +347,20 @@ class Engine(AdapterSlots, MergedWeights):
             if row.handle.cancelled:
                 self._finish_unstarted(row.req, row.version, "cancelled")
                 return
-            self._chunking = (row, DynamicCache(config=self.model.config))
+            self._chunking = (row, kvcache.new_cache(self.model.config))
         row, cache = self._chunking
         if row.handle.cancelled:
             self._chunking = None
             self._finish_unstarted(row.req, row.version, "cancelled")
             return
         prompt, done = row.req.prompt, row.cached
-        part = prompt[done:done + self.prefill_chunk]
+        part = prompt[done:done + self.pacer.next_tokens()]
         device = self.loaded.device
         ids = torch.tensor([part], device=device)
         positions = torch.arange(done, done + len(part), device=device).unsqueeze(0)
+        t0 = time.perf_counter()
         logits = self._forward([row], ids, positions, None, cache)
+        self.pacer.prefilled(len(part), time.perf_counter() - t0)
         self.prefill_chunks += 1
         row.cached = done + len(part)
         if row.cached < len(prompt):
@@ -380,7 +397,7 @@ class Engine(AdapterSlots, MergedWeights):
             r.pad, r.cached = width - n, n
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         padded = bool((mask == 0).any())
-        cache = DynamicCache(config=self.model.config)
+        cache = kvcache.new_cache(self.model.config)
         logits = self._forward(joining, ids, positions, mask if padded else None, cache)
         self._merge(joining, cache, mask)
         self._sample(joining, logits)
@@ -390,28 +407,12 @@ class Engine(AdapterSlots, MergedWeights):
             self._rows, self._cache, self._mask = list(joining), cache, mask
             self.peak_batch = max(self.peak_batch, len(self._rows))
             return
-        if not all(type(layer) is DynamicLayer for layer in (*self._cache.layers, *cache.layers)):
+        if not (kvcache.batchable(self._cache) and kvcache.batchable(cache)):
             raise RuntimeError("batching needs a plain dynamic KV cache; run this model with max_batch=1")
         old_len, new_len = self._mask.shape[1], mask.shape[1]
         width = max(old_len, new_len)
-
-        def stack(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-            """``a``'s rows then ``b``'s, each right-aligned in ``width`` columns along ``dim``,
-            zeros on the left: one allocation and one copy of each (a long prompt joining made
-            three copies of the whole cache, 2.5 s for a 2,000-token prompt: docs/LOG.md)."""
-            shape = list(a.shape)
-            shape[0], shape[dim] = a.shape[0] + b.shape[0], width
-            out = a.new_empty(shape)
-            for rows, t in ((slice(0, a.shape[0]), a), (slice(a.shape[0], None), b)):
-                part, pad = out[rows], width - t.shape[dim]
-                part.narrow(dim, 0, pad).zero_()
-                part.narrow(dim, pad, t.shape[dim]).copy_(t)
-            return out
-
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = stack(old.keys, new.keys, -2)
-            old.values = stack(old.values, new.values, -2)
-        self._mask = stack(self._mask, mask, 1)
+        kvcache.join(self._cache, cache, width)
+        self._mask = kvcache.stack_rows(self._mask, mask, 1, width)
         for r in self._rows:
             r.pad += width - old_len
         for r in joining:
@@ -426,7 +427,9 @@ class Engine(AdapterSlots, MergedWeights):
         positions = torch.tensor([[r.cached] for r in rows], device=device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         padded = any(r.pad for r in rows)
+        t0 = time.perf_counter()
         logits = self._forward(rows, ids, positions, self._mask if padded else None, self._cache)
+        self.pacer.decoded(time.perf_counter() - t0)
         for r in rows:
             r.cached += 1
         self._sample(rows, logits)
@@ -503,9 +506,7 @@ class Engine(AdapterSlots, MergedWeights):
         else:
             index = torch.tensor(keep, device=self.loaded.device)
             trim = min(r.pad for r in self._rows)
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[index, :, trim:]
-                layer.values = layer.values[index, :, trim:]
+            kvcache.keep_rows(self._cache, index, trim)
             self._mask = self._mask[index, trim:]
             for r in self._rows:
                 r.pad -= trim

@@ -13,13 +13,16 @@ served model's Linear layers for it; ``SERVE_WEIGHTS``, the formats, and ``resol
   4-bit codes exactly (the group minimum and maximum are codes 0 and 15); only the scales and
   minima are rounded to bf16.
 - The int8/int4 kernels are matrix-vector kernels (their cost grows with every row) and win
-  only for decode steps; a prompt's prefill (more than one position per row) runs a dense copy
-  of the weight instead. That copy is bf16 on a CPU with native bf16 matrix products (oneDNN's
-  own check; there it is several times faster than int4 or fp32 for a prompt) and the fp32
-  weight itself elsewhere (on an AVX2 CPU bf16 products are emulated and far slower than fp32;
-  figures in docs/LOG.md), as ``prefill_dtype`` says for the machine. The choice depends only on
-  the positions per row, never on how many rows share the batch, so a row's output does not
-  depend on who else is in it.
+  for decode steps; a prompt's prefill runs a dense copy of the weight instead. That copy is bf16
+  on a CPU with native bf16 matrix products (oneDNN's own check; there it is several times faster
+  than int4 or fp32 for a prompt) and the fp32 weight itself elsewhere (on an AVX2 CPU bf16
+  products are emulated and far slower than fp32; figures in docs/LOG.md), as ``prefill_dtype``
+  says for the machine. Streaming the fp32 weight costs more than the packed kernels up to about
+  two dozen positions, so with an fp32 copy a forward of up to ``PACKED_MAX_POSITIONS`` positions
+  per row (a short prompt, a small chunk of a long one) stays on the packed kernels; with a bf16
+  copy any forward of more than one position per row is dense. The choice depends only on the
+  positions per row, never on how many rows share the batch, so a row's output does not depend
+  on who else is in it.
 
 Invariants:
 - Only the serving engine's model is packed; training always loads the full-precision weights.
@@ -95,6 +98,9 @@ def int4_fits(layer: nn.Linear) -> bool:
     return layer.in_features % GROUP == 0 and layer.out_features % 16 == 0
 
 
+PACKED_MAX_POSITIONS = 16  # per row, with an fp32 prefill copy: more go through the copy
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is stored as ``fmt`` (bf16, int8 or int4), computed in bf16;
     prompts (more than one position per row) go through a dense copy in ``dense_dtype`` (bf16 or
@@ -113,6 +119,8 @@ class PackedLinear(nn.Linear):
         if dense_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"a packed layer's prefill copy is bf16 or fp32, not {dense_dtype}")
         self.register_buffer("dense", w.to(dense_dtype).contiguous())  # fp32: the weight itself, no copy
+        # forwards of more positions per row than this go through the dense copy
+        self.packed_positions = 1 if dense_dtype == torch.bfloat16 else PACKED_MAX_POSITIONS
         if fmt == "bf16":
             self.register_buffer("packed", None)
             self.register_buffer("scales", None)
@@ -132,7 +140,7 @@ class PackedLinear(nn.Linear):
         # a decode step of a small model is bound by per-operator dispatch as much as by the
         # weights: every tensor operation here is one that the result needs
         rows = x.reshape(-1, self.in_features)
-        if self.fmt == "bf16" or (self.prefill_dense and x.dim() >= 3 and x.shape[-2] > 1):
+        if self.fmt == "bf16" or (self.prefill_dense and x.dim() >= 3 and x.shape[-2] > self.packed_positions):
             y = rows.to(self.dense.dtype) @ self.dense.t()
         elif self.fmt == "int8":
             y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.packed, self.scales)
