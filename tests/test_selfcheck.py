@@ -14,10 +14,9 @@ import peft
 import pytest
 import torch
 import transformers
-from transformers.integrations.peft import PeftAdapterMixin
 
 from chatloop.adapters import AdapterRegistry
-from chatloop.engine import Engine
+from chatloop.engine import Engine, slots
 from chatloop.hotswap_check import HotSwapUnavailable
 from chatloop.lockdiff import diff, parse_pins
 from chatloop.models import load_model
@@ -51,32 +50,21 @@ def test_the_check_passes_and_leaves_the_model_as_it_was(engine):
 
 
 def test_a_failing_hot_swap_names_the_versions_and_the_fix(engine, monkeypatch):
-    real = PeftAdapterMixin.load_adapter
+    def refusing(model, state_dict, adapter_name, config):  # a peft whose hot-swap cannot take our keys
+        raise RuntimeError("Hot swapping the adapter did not succeed, unexpected keys found: x.lora_A.weight.")
 
-    def like_transformers_5_24(self, *args, hotswap=False, **kwargs):  # what 5.24 + peft 0.21 did
-        if hotswap:
-            raise ValueError("Adapter with name slot1 already exists. Please use a different name.")
-        return real(self, *args, hotswap=hotswap, **kwargs)
-
-    monkeypatch.setattr(PeftAdapterMixin, "load_adapter", like_transformers_5_24)
+    monkeypatch.setattr(slots, "hotswap_adapter_from_state_dict", refusing)
     with pytest.raises(HotSwapUnavailable) as err:
         engine.start()
     message = str(err.value)
     assert VERSIONS in message and "hot-swapping" in message and "requirements.lock" in message
-    assert "slot1 already exists" in message
+    assert "unexpected keys found" in message
     assert engine._thread is None, "the engine started serving despite the failed check"
     assert engine.adapter_slots == 0 and not getattr(engine.model, "peft_config", {})
 
 
 def test_a_hot_swap_that_silently_keeps_the_old_weights_is_caught(engine, monkeypatch):
-    real = PeftAdapterMixin.load_adapter
-
-    def no_op_hotswap(self, *args, hotswap=False, **kwargs):
-        if hotswap:
-            return None  # "succeeds" but the slot still holds the zero adapter
-        return real(self, *args, hotswap=hotswap, **kwargs)
-
-    monkeypatch.setattr(PeftAdapterMixin, "load_adapter", no_op_hotswap)
+    monkeypatch.setattr(slots, "hotswap_adapter_from_state_dict", lambda *args, **kwargs: None)  # "succeeds"
     with pytest.raises(HotSwapUnavailable, match="did not change its row's logits"):
         engine.check_hot_swap()
 
@@ -88,18 +76,14 @@ def test_a_lora_that_leaks_into_base_rows_is_caught(engine, monkeypatch):
 
 
 def test_serve_refuses_to_start_without_hot_swap(tiny_model_dir, tmp_path):
-    """The real `chatloop serve`, with transformers' hot-swap broken the way 5.24 broke it."""
+    """The real `chatloop serve`, with peft's hot-swap broken (refusing every state dict)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(textwrap.dedent("""
-        from transformers.integrations.peft import PeftAdapterMixin
-        _real = PeftAdapterMixin.load_adapter
-        def load_adapter(self, *args, hotswap=False, **kwargs):
-            if hotswap:
-                raise ValueError("The version of PEFT you are using is not compatible, please use a "
-                                 "version that is greater than 0.22.0")
-            return _real(self, *args, hotswap=hotswap, **kwargs)
-        PeftAdapterMixin.load_adapter = load_adapter
+        import peft.utils.hotswap
+        def hotswap_adapter_from_state_dict(*args, **kwargs):
+            raise RuntimeError("Hot swapping the adapter did not succeed: this peft is broken")
+        peft.utils.hotswap.hotswap_adapter_from_state_dict = hotswap_adapter_from_state_dict
     """))
     port = free_port()
     env = dict(os.environ, CHATLOOP_ADMIN_TOKEN=ADMIN_TOKEN,
@@ -109,7 +93,7 @@ def test_serve_refuses_to_start_without_hot_swap(tiny_model_dir, tmp_path):
                            "--model", str(tiny_model_dir)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert VERSIONS in proc.stderr and "greater than 0.22.0" in proc.stderr
+    assert VERSIONS in proc.stderr and "this peft is broken" in proc.stderr
     assert "make setup" in proc.stderr
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)

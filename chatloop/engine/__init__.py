@@ -51,7 +51,7 @@ from chatloop.engine.requests import (Completion, ContextTooLong, EngineBusy, Ge
 from chatloop.engine import kvcache
 from chatloop.engine.merged import MergedWeights
 from chatloop.engine.pacing import PrefillPacer
-from chatloop.engine.slots import AdapterSlots
+from chatloop.engine.slots import AdapterSlots, read_adapter
 from chatloop.models import LoadedModel
 from chatloop.sampling import RowSampling, choose_tokens
 
@@ -236,7 +236,10 @@ class Engine(AdapterSlots, MergedWeights):
         Returns the previously active version.
         """
         self.registry.check(version)
-        return self._call(lambda: self._do_activate(version), timeout)
+        # the files are read here, so the engine thread (and every reply in flight) waits only
+        # for the copy into a slot
+        files = read_adapter(str(self.registry.path(version))) if version != BASE_VERSION else None
+        return self._call(lambda: self._do_activate(version, files), timeout)
 
     def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
         fut: Future = Future()

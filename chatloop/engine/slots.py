@@ -5,19 +5,30 @@ Owns: ``AdapterSlots``, the part of ``Engine`` (a mixin) that keeps versions in 
 "slots". Invariants: it runs on the engine thread only (or before it starts); a version that is
 neither active nor used by a running row frees its slot, and at most one spare slot is kept; a
 corrupt or mismatched adapter is refused (``AdapterError``) and the active one keeps serving.
+
+A new slot is built by transformers' ``load_adapter``; a hot-swap into a spare slot copies the
+version's weights with PEFT's own ``hotswap_adapter_from_state_dict`` (which also sets the
+scaling and zeroes layers the version leaves out), from files read before the engine thread is
+asked (``read_adapter``, in ``activate``'s caller): transformers' generic loading machinery took
+most of a hot-swap's time on the engine thread, where every running reply waits for it
+(docs/LOG.md). Should PEFT refuse the state dict, the version gets a new slot instead.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from peft.utils.hotswap import hotswap_adapter_from_state_dict
+from safetensors.torch import load_file
 
 from chatloop.adapters import BASE_VERSION, AdapterError
 from chatloop.engine.weights import PackedLinear
@@ -41,6 +52,37 @@ def _quiet(logger_name: str) -> Iterator[None]:
 _OUTPUT_SETTINGS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "exclude_modules",
                     "rank_pattern", "alpha_pattern", "use_dora", "lora_bias", "bias", "fan_in_fan_out",
                     "modules_to_save", "layers_to_transform", "layers_pattern", "target_parameters")
+
+
+class AdapterFiles(NamedTuple):
+    """An adapter directory's config and weights as read from disk (None where unreadable: a load
+    anew then reports why)."""
+    path: str
+    config: LoraConfig | None
+    state: dict[str, torch.Tensor] | None
+
+
+def read_adapter(path: str) -> AdapterFiles:
+    """Read an adapter directory's config and weights (no model needed: any thread can do it)."""
+    try:
+        config = LoraConfig.from_pretrained(path)
+    except Exception:
+        config = None
+    try:
+        state = load_file(str(Path(path) / "adapter_model.safetensors"))
+    except Exception:
+        state = None
+    return AdapterFiles(path, config, state)
+
+
+_LORA_PARAM = re.compile(r"(\.lora_[A-Za-z_]+)(\.weight|\.bias)?$")
+
+
+def _slot_key(key: str, slot: str) -> str:
+    """A saved adapter's key (``base_model.model.<module>.lora_A.weight``) as the slot's
+    parameter in the served model (``<module>.lora_A.<slot>.weight``)."""
+    key = key.removeprefix("base_model.model.")
+    return _LORA_PARAM.sub(lambda m: f"{m.group(1)}.{slot}{m.group(2) or ''}", key)
 
 
 class AdapterSlots:
@@ -114,18 +156,20 @@ class AdapterSlots:
         finally:
             self._row_adapters = None
 
-    def _do_activate(self, version: str) -> str:
+    def _do_activate(self, version: str, files: AdapterFiles | None = None) -> str:
         if version != BASE_VERSION:
-            self._ensure_loaded(version)
+            self._ensure_loaded(version, files=files)
         previous, self._active = self._active, version
         self._unload_unused()
         return previous
 
-    def _ensure_loaded(self, version: str, path: str | None = None, must_hotswap: bool = False) -> None:
+    def _ensure_loaded(self, version: str, path: str | None = None, must_hotswap: bool = False,
+                       files: AdapterFiles | None = None) -> None:
         """Give ``version`` a slot: hot-swap it into the spare slot if its shape allows, else a new one.
 
-        ``path`` defaults to the registry's directory of the version; ``must_hotswap`` (the
-        self-check) raises instead of falling back to a new slot.
+        ``path`` defaults to the registry's directory of the version; ``files``, that directory
+        already read (else it is read here); ``must_hotswap`` (the self-check) raises instead of
+        falling back to a new slot.
         """
         if version in self._slot_of:
             return
@@ -134,13 +178,14 @@ class AdapterSlots:
         spare = next((slot for slot, held in self._slots.items() if held is None), None)
         if must_hotswap and spare is None:
             raise RuntimeError("no spare slot to hot-swap into")
-        if spare is not None and not must_hotswap and not self._same_lora_shape(spare, path):
+        if spare is not None:
+            files = files if files is not None and files.path == path else read_adapter(path)
+        if spare is not None and not must_hotswap and not self._same_lora_shape(spare, files.config):
             self._drop_slot(spare)  # another scaling or other layers: the version gets a slot of its own
             spare = None
         if spare is not None:
             try:
-                with _quiet("transformers.integrations.peft"):
-                    self.model.load_adapter(path, adapter_name=spare, hotswap=True)
+                self._hotswap(spare, files)
                 self._assign(spare, version)
                 return
             except Exception as exc:  # another rank or target modules, or a bad file: start afresh
@@ -149,7 +194,8 @@ class AdapterSlots:
                 log.info("adapter %s cannot reuse slot %s (%s); loading it anew", version, spare, exc)
                 self._drop_slot(spare)
         self._slot_counter += 1
-        slot = f"slot{self._slot_counter}"
+        # "slot1_" is not a part of "slot11_": PEFT's hot-swap finds a slot's keys by substring
+        slot = f"slot{self._slot_counter}_"
         try:
             # transformers reports every other loaded adapter's weights as "missing" from this
             # checkpoint: noise for us (a real mismatch raises), so keep it out of the log
@@ -163,21 +209,25 @@ class AdapterSlots:
         self._hook_lora_layers()
         self._lora_on = None  # new LoRA layers start switched on: set the switch again
 
-    def _same_lora_shape(self, slot: str, path: str) -> bool:
-        """Whether the adapter at ``path`` has the slot's LoRA settings, everything that decides
-        its output besides the weights. Hot-swap copies weights only: transformers keeps the
-        slot's scaling (``lora_alpha / r``) and leaves the slot's previous weights in layers the
-        new adapter does not target, so a version trained with other LoRA settings would be
-        served wrong (tests/test_engine.py)."""
-        from peft import LoraConfig
+    def _hotswap(self, slot: str, files: AdapterFiles) -> None:
+        """Copy ``files``' weights into ``slot`` (PEFT's own hot-swap: weights, scaling, and
+        zeros where the version has no LoRA). Raises if PEFT finds them incompatible."""
+        if files.config is None or files.state is None:
+            raise ValueError(f"cannot read the adapter files in {files.path}")
+        if any(slot in other for other in self._slots if other != slot):  # see the slot names
+            raise ValueError(f"slot {slot} is part of another slot's name")
+        state = {_slot_key(k, slot): v for k, v in files.state.items()}
+        hotswap_adapter_from_state_dict(self.model, state, adapter_name=slot, config=files.config)
 
+    def _same_lora_shape(self, slot: str, new: LoraConfig | None) -> bool:
+        """Whether an adapter of config ``new`` has the slot's LoRA settings, everything that
+        decides its output besides the weights. transformers' hot-swap copied weights only,
+        keeping the slot's scaling (``lora_alpha / r``) and the slot's previous weights in layers
+        the new adapter does not target, so a version trained with other LoRA settings was served
+        wrong (tests/test_engine.py); a slot is reused only for equal settings."""
         current = getattr(self.model, "peft_config", {}).get(slot)
-        try:
-            new = LoraConfig.from_pretrained(path)
-        except Exception:
+        if current is None or new is None:
             return False  # unreadable here: loading it anew reports why
-        if current is None:
-            return False
 
         def key(config) -> dict:
             d = config.to_dict()
