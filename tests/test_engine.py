@@ -120,6 +120,26 @@ def test_a_version_hot_swapped_into_a_used_slot_keeps_nothing_of_the_one_before(
         engine.stop()
 
 
+def test_a_hot_swap_into_slot_1_leaves_slot_10_alone(tiny_model_dir, tmp_path):
+    """PEFT's hot-swap finds a slot's tensors by substring; a slot named like a part of another's
+    (slot1 in slot10) would have had the other slot's LoRA zeroed: a version in use lost."""
+    loaded = load_model(str(tiny_model_dir), tmp_path / "models")
+    registry = AdapterRegistry(tmp_path / "adapters")
+    v1, v2, v3 = (registry.publish(make_adapter(tiny_model_dir, tmp_path / f"a{i}", 40 + i), {}) for i in range(3))
+    engine = Engine(loaded, registry)  # not started: this thread is the engine's
+    with torch.inference_mode():
+        engine._ensure_loaded(v1)
+        engine._slot_counter = 9
+        engine._ensure_loaded(v2)  # the tenth slot, beside the first
+        before = engine._probe_logits([v2, "base"])
+        engine._slots[engine._slot_of.pop(v1)] = None  # v1's slot becomes the spare
+        engine._ensure_loaded(v3)
+        assert engine.adapter_slots == 2, "v3 did not hot-swap into the spare"
+        after = engine._probe_logits([v2, v3, "base"])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[1])
+    assert not torch.allclose(after[1], after[2])  # v3 is served, not base
+
+
 def test_unused_adapters_are_unloaded(setup):
     engine, *_ = setup
     for v in ["v1", "v2", "v1", "v2", "base", "v1"]:
