@@ -238,7 +238,9 @@ class Engine(AdapterSlots, MergedWeights):
         self.registry.check(version)
         # the files are read here, so the engine thread (and every reply in flight) waits only
         # for the copy into a slot
-        files = read_adapter(str(self.registry.path(version))) if version != BASE_VERSION else None
+        # (a version already in a slot, a rollback say, needs none: the engine thread only re-checks)
+        loaded = version == BASE_VERSION or version in self._slot_of
+        files = None if loaded else read_adapter(str(self.registry.path(version)))
         return self._call(lambda: self._do_activate(version, files), timeout)
 
     def _call(self, fn: Callable[[], Any], timeout: float) -> Any:
