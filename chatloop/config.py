@@ -78,6 +78,10 @@ class TrainingDefaults:
     # less than chance would (chatloop/outliers.py), given this many such votes, are left out of snapshots; 0 = off
     outlier_z: float = 3.0
     outlier_min_votes: int = 10
+    # pairs whose chosen reply's task relevance (base-model PMI with its prompt, nats per token) is below
+    # this share of the snapshot's median are left out of DPO and the reward model (0 = learn from all):
+    # raters who prefer generic talk to an answer are how a rater gets gamed (docs/LOG.md 2026-12-04)
+    pair_min_relevance: float = 0.25
     # KTO (unpaired thumbs)
     min_thumbs: int = 8
     kto_desirable_weight: float = 1.0
@@ -124,7 +128,8 @@ class TrainingDefaults:
     #                                    much more training data than it saw (0 = train one every cycle)
     gate_win_rate: float = 0.5  # the reward model must prefer the candidate's replies this often
     gate_max_kl: float = 1.0  # nats per token, candidate vs base model, on its own replies
-    gate_max_degenerate_increase: float = 0.1  # share of empty/repetitive replies vs the reference
+    gate_max_degenerate_increase: float = 0.05  # share of empty/repetitive replies vs the reference: one in
+    #                                          32 more passes, two fail (a row of emoji did, docs/LOG.md)
     # the candidate's task relevance (base-model PMI of prompt and reply, nats per token) may fall at
     # most gate_max_relevance_drop below the base model's own and must keep gate_min_relevance of it
     # (0 = off); tuned on candidates of real logs (README, docs/LOG.md 2026-12-03)
@@ -322,6 +327,9 @@ def load_settings(
     if not 0 <= settings.prefill_chunk_budget < float("inf"):
         raise ConfigError(f"setting 'prefill_chunk_budget': {settings.prefill_chunk_budget} must be 0 (fixed chunks) "
                           "or a positive share of a decode step")
+    if not 0 <= settings.training.pair_min_relevance <= 1:
+        raise ConfigError(f"setting 'training.pair_min_relevance': {settings.training.pair_min_relevance} must be "
+                          "between 0 (learn from every pair) and 1 (a share of the median chosen reply's relevance)")
     if settings.training.reward_pooling not in REWARD_POOLINGS:
         raise ConfigError(f"setting 'training.reward_pooling': {settings.training.reward_pooling!r} is not one of "
                           f"{', '.join(REWARD_POOLINGS)}")

@@ -269,7 +269,9 @@ class Retrainer:
                 meta = json.loads((path / "reward.json").read_text())
             except (OSError, ValueError):
                 continue
-            seen = (meta.get("metrics") or {}).get("train_pairs") or 0
+            rm = meta.get("metrics") or {}
+            # the snapshot's pairs it was trained from (before the relevance filter left some out)
+            seen = (rm.get("pair_filter") or {}).get("pairs") or rm.get("train_pairs") or 0
             held = ((meta.get("metrics") or {}).get("held_out") or {}).get("pairs")
             if (meta.get("model_path") == self.model_path and meta.get("eval_fraction") == t.eval_fraction
                     and held and (path / "head.safetensors").is_file()):

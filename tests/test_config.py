@@ -33,7 +33,8 @@ def test_data_dir_config_file_is_read(tmp_path):
 @pytest.mark.parametrize("env", [{"CHATLOOP_PORT": "eighty"}, {"CHATLOOP_NOPE": "1"},
                                  {"CHATLOOP_TRAINING__NOPE": "1"}, {"CHATLOOP_TRAINING__REWARD_POOLING": "first"},
                                  {"CHATLOOP_PREFILL_CHUNK_TOKENS": "0"}, {"CHATLOOP_PREFILL_CHUNK_BUDGET": "-0.5"},
-                                 {"CHATLOOP_PREFILL_CHUNK_BUDGET": "nan"}])
+                                 {"CHATLOOP_PREFILL_CHUNK_BUDGET": "nan"}, {"CHATLOOP_TRAINING__PAIR_MIN_RELEVANCE": "1.5"},
+                                 {"CHATLOOP_TRAINING__PAIR_MIN_RELEVANCE": "nan"}])
 def test_bad_settings_are_clear_errors(env):
     with pytest.raises(ConfigError):
         load_settings(environ=env)

@@ -53,6 +53,14 @@ def test_each_check_rejects_on_its_own(path, value, check):
     assert [k for k, ok in v.checks.items() if ok is False] == [check]
 
 
+def test_two_more_degenerate_replies_in_32_reject_and_one_passes():
+    # round 1 of the unattended loop (docs/LOG.md 2026-12-04): 2 of 32 replies were rows of
+    # thumbs-up emoji, 0 of the base model's, and the old allowance of +0.1 promoted it
+    two = worse("judge.degenerate", {"candidate": 2 / 32, "reference": 0.0})
+    assert gate(two).checks["degenerate"] is False
+    assert gate(worse("judge.degenerate", {"candidate": 1 / 32, "reference": 0.0})).checks["degenerate"] is True
+
+
 def test_a_coin_flip_win_rate_with_a_lower_mean_score_is_rejected():
     # as measured on an H100: a PPO candidate 0.004 nats/token from its reference won exactly half
     # the held-out prompts with a lower mean reward, and the old ">= 0.5" alone promoted it

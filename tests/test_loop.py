@@ -3,6 +3,7 @@ at a time, cancellation, and a failing child that leaves serving untouched."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -52,7 +53,7 @@ def test_cycle_trains_publishes_and_activates_with_lineage(parts):
     settings, store, registry, retrainer, activations = parts
     seed_pairs(store, 6)
     stages = []
-    run = retrainer.run_cycle(on_progress=lambda s: stages.append((s.stage, s.step)))
+    run = retrainer.run_cycle(on_progress=lambda s: stages.append((s.stage, s.step if s.phase == "dpo" else 0)))
     assert run["status"] == "promoted" and run["candidate_version"] == "v1"
     assert activations == [("v1", "gate")] and registry.active() == "v1"
     assert sorted(run["comparison_ids"]) == list(range(1, 7))
@@ -132,11 +133,13 @@ def test_ppo_cycle_trains_a_reward_model_then_the_policy(parts):
     run = retrainer.run_cycle("ppo", on_progress=lambda s: seen.append((s.phase, s.step, s.total)))
     m = run["metrics"]
     assert m["algo"] == "ppo" and len(m["history"]) == 2
-    # progress shows the reward model's steps first, then PPO's, each phase counting its own
-    phases = [p for p, _, _ in seen if p]
-    assert phases[0] == "reward model" and phases[-1] == "ppo" and set(phases) == {"reward model", "ppo"}
+    # progress shows the pairs' relevance filter, the reward model's steps, then PPO's, each phase counting its own
+    phases = [p for i, (p, _, _) in enumerate(seen) if p and (i == 0 or seen[i - 1][0] != p)]
+    assert phases == ["relevance filter", "reward model", "ppo"]
     assert [st for p, st, _ in seen if p == "ppo"][-1] == m["steps"]
-    assert m["reward_model"]["train_pairs"] == run["n_pairs"] and m["reward_model"]["held_out"]["pairs"]
+    kept = m["reward_model"]["pair_filter"]  # the reward model learns from the pairs the filter kept
+    assert kept["pairs"] == run["n_pairs"] and m["reward_model"]["train_pairs"] == kept["kept"]
+    assert m["reward_model"]["held_out"]["pairs"]
     assert 0 < m["judge"]["prompts"] <= 4 and "win_rate" in m["judge"]["reward"]
     assert "reward model prefers the candidate" in run["verdict"]
     assert (settings.runs_dir / f"run-{run['id']}" / "reward" / "head.safetensors").is_file()
@@ -154,8 +157,8 @@ def test_rloo_cycle_trains_a_reward_model_then_the_policy_on_k_replies_per_promp
     m = run["metrics"]
     assert m["algo"] == "rloo" and m["steps"] == 2 and m["replies_seen"] == 2 * 2 * 3
     phases = [p for p, _, _ in seen if p]
-    assert phases[0] == "reward model" and phases[-1] == "rloo"
-    assert m["reward_model"]["train_pairs"] == run["n_pairs"]
+    assert phases[0] == "relevance filter" and phases[-1] == "rloo" and "reward model" in phases
+    assert m["reward_model"]["train_pairs"] == m["reward_model"]["pair_filter"]["kept"]
     assert "reward model held-out pair accuracy" in run["verdict"]  # RLOO's accuracy check is its reward model's
     assert 0 < m["judge"]["prompts"] <= 3 and "win_rate" in m["judge"]["reward"]
     assert registry.metadata(run["candidate_version"])["algo"] == "rloo"
@@ -189,10 +192,18 @@ def test_dpo_cycle_learns_from_lone_thumbs_only_when_weighted(parts, thumbs_weig
 def test_dpo_gate_judges_held_out_prompts_with_a_reward_model(parts):
     settings, store, registry, retrainer, activations = parts
     with_training(retrainer, settings, min_eval_pairs=1, eval_fraction=0.3, gate_prompts=3,
-                  gate_max_new_tokens=8, reward_epochs=1)
+                  gate_max_new_tokens=8, reward_epochs=1, pair_min_relevance=1.0)
     seed_pairs(store, 10)
     run = retrainer.run_cycle("dpo")
     judged, gate = run["metrics"]["judge"], run["metrics"]["gate"]
+    # pairs whose chosen reply's relevance is below the median (share 1.0) are left out of DPO and
+    # of the gate's reward model alike, from one measurement of them
+    kept = run["metrics"]["pair_filter"]
+    cached = json.loads((settings.runs_dir / f"run-{run['id']}" / "pair_relevance.json").read_text())
+    assert kept["pairs"] == len(cached["train"]) and 0 < kept["kept"] < kept["pairs"]
+    assert run["metrics"]["train_pairs"] == kept["kept"]
+    assert kept["kept"] == sum(v >= kept["threshold"] for v in cached["train"])
+    assert judged["reward_model"]["pair_filter"] == kept
     assert judged["prompts"] == 3 and judged["reward"] and math.isfinite(judged["kl_to_base"])
     assert set(judged["degenerate"]) == {"candidate", "reference"}
     assert set(gate["checks"]) == {"accuracy", "win_rate", "kl", "degenerate", "relevance"}

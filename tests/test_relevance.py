@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from chatloop.train.relevance import (empty_prompt_ids, mismatched, pmi_per_token, relevance_of_texts,
-                                      reply_logprobs, summary)
+                                      relevant_pairs, reply_logprobs, summary)
 from chatloop.train.common import Encoded
 from conftest import REPO, SHARED_DATA
 
@@ -39,10 +39,23 @@ def test_reply_logprobs_and_pmi_equal_a_plain_forward_pass(tiny_loaded):
     assert pmi == pytest.approx(want_pmi, abs=1e-4)
 
 
-def test_the_mismatched_prompt_is_the_next_one_or_the_empty_prompt():
+def test_the_mismatched_prompt_is_the_next_different_one_or_the_empty_prompt():
     assert mismatched([[1], [2], [3]], [0]) == [[2], [3], [1]]
     assert mismatched([[1]], [0]) == [[0]]
-    assert mismatched([[1], [1], [2]], [0]) == [[0], [2], [1]]  # never the reply's own prompt
+    assert mismatched([[1], [1], [2]], [0]) == [[2], [2], [1]]  # never the reply's own prompt
+    assert mismatched([[1], [1]], [0]) == [[0], [0]]
+
+
+def test_pairs_whose_chosen_reply_would_fit_any_prompt_are_left_out():
+    keep, s = relevant_pairs([0.4, 0.2, 0.01, None, 0.3], 0.25)  # median 0.25: the threshold 0.0625
+    assert keep == [True, True, False, True, True]  # an empty chosen reply is kept (nothing measured)
+    assert s == {"pairs": 5, "kept": 4, "median": pytest.approx(0.25), "threshold": pytest.approx(0.0625)}
+    keep, s = relevant_pairs([0.05, 0.07], 0.25, threshold=0.0625)  # a held-out list: the training threshold
+    assert keep == [False, True] and s["threshold"] == 0.0625
+    keep, s = relevant_pairs([0.4, 0.2], 0.0)  # off
+    assert keep == [True, True]
+    keep, s = relevant_pairs([-0.3, -0.1], 0.25)  # nothing would be left: all kept, and said
+    assert keep == [True, True] and s["threshold"] == 0.0 and "all kept" in s["note"]
 
 
 def test_empty_replies_are_left_out_not_counted_as_zero(tiny_loaded):

@@ -20,7 +20,7 @@ text, sampled token ids as they are); empty replies are left out, not counted as
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,11 +43,15 @@ def reply_logprobs(model, pad_id: int, items: Sequence[Encoded], batch_size: int
 
 
 def mismatched(prompts: Sequence[list[int]], empty_prompt: list[int]) -> list[list[int]]:
-    """The prompt each reply is compared against: the next prompt in order (the last one gets the
-    first), or ``empty_prompt`` when there is only one (or the next one is the same prompt)."""
+    """The prompt each reply is compared against: the next prompt in order that differs from its
+    own (wrapping round; several replies to one prompt sit together in a snapshot), or
+    ``empty_prompt`` when every prompt is the same."""
     n = len(prompts)
-    return [prompts[(i + 1) % n] if n > 1 and prompts[(i + 1) % n] != prompts[i] else empty_prompt
-            for i in range(n)]
+    out = []
+    for i in range(n):
+        other = next((prompts[(i + k) % n] for k in range(1, n) if prompts[(i + k) % n] != prompts[i]), None)
+        out.append(other if other is not None else empty_prompt)
+    return out
 
 
 def empty_prompt_ids(tokenizer) -> list[int]:
@@ -59,8 +63,13 @@ def pmi_per_token(base_model, tokenizer, prompts: Sequence[list[int]], replies: 
                   batch_size: int = 8) -> list[float | None]:
     """Each reply's PMI with its own prompt per token (None for an empty reply); ``base_model``
     is the base model (a PeftModel inside ``disable_adapter()`` is)."""
+    return _pmi(base_model, tokenizer, prompts, mismatched(list(prompts), empty_prompt_ids(tokenizer)), replies,
+                batch_size)
+
+
+def _pmi(base_model, tokenizer, prompts: Sequence[list[int]], others: Sequence[list[int]],
+         replies: Sequence[list[int]], batch_size: int) -> list[float | None]:
     eos = tokenizer.eos_token_id
-    others = mismatched(list(prompts), empty_prompt_ids(tokenizer))
     keep = [i for i, r in enumerate(replies) if any(t != eos for t in r)]
     own = reply_logprobs(base_model, tokenizer.pad_token_id, [Encoded(list(prompts[i]), list(replies[i])) for i in keep],
                          batch_size)
@@ -84,15 +93,47 @@ def summary(values: Sequence[float | None]) -> dict[str, Any]:
 
 
 def pmi_of_texts(base_model, tokenizer, contexts: Sequence[Sequence[dict[str, str]]], texts: Sequence[str],
-                 max_prompt_tokens: int = 384, max_reply_tokens: int = 256) -> list[float | None]:
-    """Each logged or stored reply's (text) PMI with its context per token (None for an empty one)."""
+                 max_prompt_tokens: int = 384, max_reply_tokens: int = 256, batch_size: int = 8,
+                 on_batch: Callable[[int, int], None] | None = None) -> list[float | None]:
+    """Each logged or stored reply's (text) PMI with its context per token (None for an empty one).
+    ``on_batch(done, total)`` is called after every ``batch_size`` replies (progress)."""
     enc = [encode_reply(tokenizer, c, t, max_prompt_tokens, max_reply_tokens) for c, t in zip(contexts, texts)]
     eos = tokenizer.eos_token_id
     replies = [e.reply_ids if t.strip() else [eos] for e, t in zip(enc, texts)]
-    return pmi_per_token(base_model, tokenizer, [e.prompt_ids for e in enc], replies)
+    prompts = [e.prompt_ids for e in enc]
+    if on_batch is None:
+        return pmi_per_token(base_model, tokenizer, prompts, replies, batch_size)
+    # the mismatched prompts come from the whole list, so batches of it are scored against them
+    others = mismatched(prompts, empty_prompt_ids(tokenizer))
+    out: list[float | None] = []
+    for start in range(0, len(replies), batch_size):
+        part = slice(start, start + batch_size)
+        out.extend(_pmi(base_model, tokenizer, prompts[part], others[part], replies[part], batch_size))
+        on_batch(min(start + batch_size, len(replies)), len(replies))
+    return out
 
 
 def relevance_of_texts(base_model, tokenizer, contexts: Sequence[Sequence[dict[str, str]]], texts: Sequence[str],
                        max_prompt_tokens: int = 384, max_reply_tokens: int = 256) -> dict[str, Any]:
     """The relevance summary of logged or stored replies (text) to their contexts."""
     return summary(pmi_of_texts(base_model, tokenizer, contexts, texts, max_prompt_tokens, max_reply_tokens))
+
+
+def relevant_pairs(values: Sequence[float | None], min_share: float,
+                   threshold: float | None = None) -> tuple[list[bool], dict[str, Any]]:
+    """Which preference pairs to learn from, given each pair's chosen reply's PMI per token
+    (``values``): those at least ``min_share`` x the median of ``values`` (or at least
+    ``threshold`` when given: a held-out list uses its training list's). A pair whose chosen reply
+    would fit any prompt teaches that raters like generic talk, which is how a rater is gamed
+    (docs/LOG.md 2026-12-04). Empty chosen replies are kept (nothing to measure); when no pair
+    would be left, all are kept and the summary says so."""
+    xs = sorted(v for v in values if v is not None)
+    median = (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2 if xs else None
+    if threshold is None:
+        threshold = min_share * max(median, 0.0) if median is not None else None
+    keep = [v is None or threshold is None or v >= threshold for v in values]
+    out = {"pairs": len(values), "kept": sum(keep), "median": median, "threshold": threshold}
+    if values and not any(keep):
+        keep = [True] * len(values)
+        out.update(kept=len(values), note="every chosen reply was below the threshold: all kept")
+    return keep, out

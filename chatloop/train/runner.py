@@ -9,7 +9,8 @@ the snapshot: ``train.jsonl``/``eval.jsonl`` (pairs: DPO, and the reward model b
 pointwise term), ``train_prompts.jsonl``/``eval_prompts.jsonl`` (logged prompts: PPO and RLOO rollouts).
 The child writes ``progress.jsonl`` (one line per step, each naming its phase: the algorithm,
 ``reward model`` or ``gate reward model``; each phase counts its own steps), then ``adapter/`` (a PEFT directory),
-``reward/`` (PPO's and RLOO's reward model) and ``metrics.json``, and exits 0. Any failure writes
+``reward/`` (PPO's and RLOO's reward model), ``pair_relevance.json`` (the chosen replies' relevance,
+which decides the pairs learned from) and ``metrics.json``, and exits 0. Any failure writes
 ``error.txt`` and exits non-zero.
 
 Invariants: the child never opens the DuckDB file; it reads the snapshot and writes files in
@@ -62,15 +63,53 @@ def _load(job: dict):
     return load_model(job["model_path"], Path(job["models_dir"]), job.get("device", "auto"), job.get("dtype", "auto"))
 
 
+PAIR_RELEVANCE_FILE = "pair_relevance.json"
+
+
+def relevant_pairs(job_dir: Path, base_model, tokenizer, t: TrainingDefaults, hooks: dict,
+                   ) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The snapshot's (train, eval) pairs less those whose chosen reply hardly depends on its prompt
+    (``chatloop.train.relevance.relevant_pairs``; ``pair_min_relevance`` = 0: all of them), and a
+    summary for the metrics. ``base_model`` must be the base model (no adapter yet). The chosen
+    replies' figures are computed once per job (``pair_relevance.json``): DPO and its gate's reward
+    model, or the reward model before PPO/RLOO, read the same."""
+    from chatloop.prefs import read_jsonl
+    from chatloop.train.relevance import pmi_of_texts
+    from chatloop.train.relevance import relevant_pairs as keep_relevant
+
+    train, held = read_jsonl(job_dir / "train.jsonl"), read_jsonl(job_dir / "eval.jsonl")
+    if t.pair_min_relevance <= 0 or not train:
+        return train, held, {"off": True} if t.pair_min_relevance <= 0 else {"pairs": 0}
+    cache = job_dir / PAIR_RELEVANCE_FILE
+    if cache.exists():
+        values = json.loads(cache.read_text())
+    else:
+        rows = train + held
+        step = in_phase(hooks, "relevance filter")["on_step"]
+        t0 = time.perf_counter()
+        pmi = pmi_of_texts(base_model, tokenizer, [r["prompt"] for r in rows], [r["chosen"] for r in rows],
+                           t.max_prompt_tokens, t.max_reply_tokens,
+                           on_batch=lambda done, total: step({"step": done, "total": total,
+                                                              "elapsed_s": time.perf_counter() - t0}))
+        values = {"train": pmi[:len(train)], "eval": pmi[len(train):], "seconds": time.perf_counter() - t0}
+        cache.write_text(json.dumps(values))
+    keep, summary = keep_relevant(values["train"], t.pair_min_relevance)
+    keep_held, held_summary = keep_relevant(values["eval"], t.pair_min_relevance, threshold=summary["threshold"])
+    summary = {**summary, "seconds": values.get("seconds"), "eval_pairs": len(held), "eval_kept": sum(keep_held),
+               "dropped_examples": [r["chosen"][:200] for r, k in zip(train, keep) if not k][:3]}
+    return ([r for r, k in zip(train, keep) if k], [r for r, k in zip(held, keep_held) if k], summary)
+
+
 def train_dpo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
     from chatloop.prefs import read_jsonl
     from chatloop.train.dpo import train_dpo
 
     loaded = _load(job)
+    train, held, kept = relevant_pairs(job_dir, loaded.model, loaded.tokenizer, t, hooks)
     model = _policy(loaded, job, t)
-    metrics = train_dpo(model, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
-                        read_jsonl(job_dir / "eval.jsonl"), configs.dpo_config(t), **hooks,
+    metrics = train_dpo(model, loaded.tokenizer, train, held, configs.dpo_config(t), **hooks,
                         thumbs=read_jsonl(job_dir / "train_thumbs.jsonl"))
+    metrics["pair_filter"] = kept
     model.save_pretrained(job_dir / "adapter")
     metrics["judge"] = judge_candidate(job_dir, job, t, model, loaded.tokenizer, hooks)
     return metrics
@@ -148,12 +187,13 @@ def train_reward_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict)
     from chatloop.train.reward import RewardModel, train_reward
 
     loaded = _load(job)
+    train, held, kept = relevant_pairs(job_dir, loaded.model, loaded.tokenizer, t, hooks)
     cfg = configs.reward_config(t)
     rm = RewardModel(get_peft_model(loaded.model, configs.lora_config(t)),
                      loaded.model.config.hidden_size, cfg.pooling).to(loaded.device)
-    metrics = train_reward(rm, loaded.tokenizer, read_jsonl(job_dir / "train.jsonl"),
-                           read_jsonl(job_dir / "eval.jsonl"), cfg, read_jsonl(job_dir / "train_thumbs.jsonl"),
+    metrics = train_reward(rm, loaded.tokenizer, train, held, cfg, read_jsonl(job_dir / "train_thumbs.jsonl"),
                            **hooks)
+    metrics["pair_filter"] = kept
     rm.save(job_dir / "reward", {"model_path": job["model_path"], "eval_fraction": t.eval_fraction,
                                  "metrics": {k: v for k, v in metrics.items() if k != "history"}})
     return metrics, rm
