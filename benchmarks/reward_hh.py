@@ -6,7 +6,7 @@ measured on the first --eval-pairs pairs of the held-out split (lines i % 5 == 0
 on), for the trained model and for the same model before training (fresh LoRA, zero head: the
 baseline, 0.5). fp32 on CPU.
 
-    python benchmarks/reward_hh.py [--train-pairs 320] [--eval-pairs 200] [--warm-start on|off] [--json]
+    python benchmarks/reward_hh.py [--train-pairs 320] [--eval-pairs 200] [--warm-start on|off] [--baseline on|off] [--json]
 
 The defaults are sized to finish in about a quarter of an hour on 2 CPU cores: 320 training pairs,
 1 epoch, batch 8 (40 steps), LoRA lr 1e-4, head lr 1e-3, the head warm-started on the frozen states,
@@ -60,6 +60,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--models-dir", default="/tmp/chatloop-bench-models",
                     help="cache of the converted default model (the first conversion takes ~30 s)")
+    ap.add_argument("--baseline", choices=["on", "off"], default="on",
+                    help="also score the untrained model (exactly 0.5 by construction: a check, not a figure)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not HH.is_file():
@@ -98,7 +100,7 @@ def main() -> int:
     tok = loaded.tokenizer
 
     t0 = time.perf_counter()
-    baseline = evaluate_pairs(rm, tok, held, cfg)
+    baseline = evaluate_pairs(rm, tok, held, cfg) if args.baseline == "on" else {"accuracy": None, "margin": None}
     baseline_eval_s = time.perf_counter() - t0
 
     bar = None
@@ -129,14 +131,17 @@ def main() -> int:
     eval_s = time.perf_counter() - t0
 
     result = {
-        "heldout_accuracy": round(trained["accuracy"], 4), "pooling": args.pooling, "train_pairs": len(train),
+        "heldout_accuracy": round(trained["accuracy"], 4),
+        "heldout_accuracy_se": round((trained["accuracy"] * (1 - trained["accuracy"]) / max(len(held), 1)) ** 0.5, 4),
+        "pooling": args.pooling, "train_pairs": len(train),
         "wall_s": round(time.perf_counter() - wall0, 1),
         "eval_pairs": len(held), "epochs": args.epochs, "steps": marks["steps"],
         "batch_size": args.batch_size, "learning_rate": args.lr, "head_learning_rate": args.head_lr,
         "head_warm_start": cfg.head_warm_start, "probe_accuracy": metrics.get("probe_accuracy"),
         "max_prompt_tokens": args.max_prompt_tokens, "max_reply_tokens": args.max_reply_tokens,
-        "baseline_accuracy": round(baseline["accuracy"], 4),
-        "margin": round(trained["margin"], 4), "baseline_margin": round(baseline["margin"], 4),
+        "baseline_accuracy": None if baseline["accuracy"] is None else round(baseline["accuracy"], 4),
+        "margin": round(trained["margin"], 4),
+        "baseline_margin": None if baseline["margin"] is None else round(baseline["margin"], 4),
         "train_accuracy": round(metrics["train_accuracy_last_epoch"], 4),
         "first_loss": round(metrics["first_loss"], 4), "final_loss": round(metrics["final_loss"], 4),
         "train_s": round(train_s, 1), "train_call_s": round(train_call_s, 1), "eval_s": round(eval_s, 1),
