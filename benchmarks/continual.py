@@ -2,7 +2,7 @@
 
     python benchmarks/continual.py [--oracle sentiment] [--prompts FILE] [--rounds 3]
                                    [--events-per-round 200] [--algo dpo] [--eval-prompts 150]
-                                   [--set training.KEY=VALUE] [--data-dir DIR] [--json]
+                                   [--set training.KEY=VALUE] [--data-dir DIR] [--replies FILE] [--json]
 
 1. Starts ``chatloop serve`` on a fresh data directory with the product's defaults (rate limits off)
    and adds one schedule through ``POST /admin/jobs``: retrain with --algo after every
@@ -23,7 +23,8 @@ few held-out replies to read. At the end: ``base_liked_pct``, ``final_liked_pct`
 ``total_lift_points``, ``regressions_promoted`` (promoted rounds whose candidate scored more than
 one SE below the version it replaced), ``drops_beyond_one_se`` (rounds that ended more than one SE
 below the round before) and ``wall_s``. A plot of the liked share, KL and relevance per round goes
-to --plot. With --json the last line is one JSON object.
+to --plot; every held-out reply of every evaluated version, with the oracle's verdict, to --replies
+(JSONL), to read. With --json the last line is one JSON object.
 
 Any ``module:function`` oracle works (with --prompts for its prompts).
 """
@@ -133,6 +134,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a service setting for this run, e.g. training.gate_max_kl=0.5 (repeatable)")
     ap.add_argument("--plot", default=str(REPO / "benchmarks" / "results" / "continual.png"))
+    ap.add_argument("--replies", help="write every evaluated version's held-out replies here (JSONL)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.rounds < 1 or args.events_per_round < 1:
@@ -153,10 +155,18 @@ def main() -> int:
     http = httpx.Client(base_url=server.url, headers=admin, timeout=None)
     from tqdm import tqdm
 
-    def evaluate(version: str) -> tuple[dict[str, Any], float]:
+    replies_file = open(args.replies, "w") if args.replies else None
+
+    def evaluate(version: str, round_no: int = 0) -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
-        return judge(oracle, held, answer_all(server.url, held, version, args.max_tokens, args.seed, args.streams,
-                                              admin)), time.perf_counter() - t0
+        out = judge(oracle, held, answer_all(server.url, held, version, args.max_tokens, args.seed, args.streams,
+                                             admin))
+        if replies_file is not None:
+            for i, text in enumerate(out["texts"]):
+                replies_file.write(json.dumps({"round": round_no, "version": version, "prompt": held[i][-1]["content"],
+                                               "reply": text, "liked": bool(out["liked"][i])}) + "\n")
+            replies_file.flush()
+        return out, time.perf_counter() - t0
 
     rounds: list[dict[str, Any]] = []
     try:
@@ -178,13 +188,13 @@ def main() -> int:
             run = wait_for_scheduled_run(http, mark, args.cycle_timeout)
             wait_s = time.perf_counter() - t0
             now = served_version(http)
-            after, eval_s = evaluate(now) if now != served else (before, 0.0)
+            after, eval_s = evaluate(now, k) if now != served else (before, 0.0)
             m = run.get("metrics") or {}
             judged = m.get("judge") or {}
             cand = run.get("candidate_version")
             promoted = run["status"] == "promoted"
             if cand and not promoted:
-                cand_eval, extra = evaluate(cand)
+                cand_eval, extra = evaluate(cand, k)
                 eval_s += extra
             else:
                 cand_eval = after if promoted else None
@@ -211,6 +221,8 @@ def main() -> int:
     finally:
         http.close()
         stop_server(server)
+        if replies_file is not None:
+            replies_file.close()
 
     def regression(r: dict[str, Any]) -> bool:
         return bool(r["promoted"] and r["candidate_vs_served_se"] is not None

@@ -132,8 +132,10 @@ class TrainingDefaults:
     #                                          32 more passes, two fail (a row of emoji did, docs/LOG.md)
     # the candidate's task relevance (base-model PMI of prompt and reply, nats per token) may fall at
     # most gate_max_relevance_drop below the base model's own and must keep gate_min_relevance of it
-    # (0 = off); tuned on candidates of real logs (README, docs/LOG.md 2026-12-03)
-    gate_max_relevance_drop: float = 0.25
+    # (0 = off); tuned on candidates of real logs and the unattended loop's rounds, whose replies were
+    # read: 0.11-0.15 below base mixed review text and assistant talk, 0.20-0.37 was all talk (README,
+    # docs/LOG.md 2026-12-03 and 2026-12-04)
+    gate_max_relevance_drop: float = 0.15
     gate_min_relevance: float = 0.3
     gate_live_votes: int = 0  # >0: a candidate that passes goes into live A/B comparison first and is
     #                           promoted only if it wins at least half of this many votes (ties half)

@@ -20,7 +20,8 @@ def test_continual_benchmark_runs_unattended_rounds_through_a_schedule(tiny_mode
         [sys.executable, str(REPO / "benchmarks" / "continual.py"), "--oracle", "concise", "--prompts", str(prompts),
          "--model", str(tiny_model_dir), "--rounds", "2", "--events-per-round", "10", "--users", "2",
          "--eval-prompts", "3", "--max-tokens", "6", "--data-dir", str(tmp_path / "data"),
-         "--plot", str(tmp_path / "continual.png"), "--set", "schedule_poll_seconds=1",
+         "--plot", str(tmp_path / "continual.png"), "--replies", str(tmp_path / "replies.jsonl"),
+         "--set", "schedule_poll_seconds=1",
          "--set", "training.min_pairs=2", "--set", "training.gate_reward_model=false", "--json"],
         capture_output=True, text=True, timeout=900, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -39,6 +40,10 @@ def test_continual_benchmark_runs_unattended_rounds_through_a_schedule(tiny_mode
     assert set(rounds[1]["rated_versions"]) == {rounds[0]["served_version"]}
     assert result["final_liked_pct"] == rounds[-1]["liked_pct"]
     assert (tmp_path / "continual.png").stat().st_size > 10_000
+    # every evaluated version's held-out replies, to read: base before round 1, then each round's
+    replies = [json.loads(line) for line in (tmp_path / "replies.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in replies[:3]] == [0, 0, 0] and {r["round"] for r in replies} <= {0, 1, 2}
+    assert all(set(r) == {"round", "version", "prompt", "reply", "liked"} for r in replies)
     # the cycles were the schedule's, not an operator's
     from chatloop.store import Store
 

@@ -45,6 +45,7 @@ def test_a_good_candidate_passes_every_check():
     ("judge.kl_to_base", float("nan"), "kl"),
     ("judge.degenerate.candidate", 0.5, "degenerate"),
     ("judge.relevance.candidate.mean", 0.14, "relevance"),
+    ("judge.relevance.candidate.mean", 0.24, "relevance"),  # 0.16 below base: the loop's talk rounds were 0.20-0.22
     ("judge.relevance.candidate.mean", -0.1, "relevance"),
 ])
 def test_each_check_rejects_on_its_own(path, value, check):
@@ -82,7 +83,7 @@ def test_thresholds_come_from_the_settings():
 
 def test_relevance_is_anchored_to_the_base_model_and_can_be_turned_off():
     # the reference (a drifted parent) is not the anchor: 0.3 passes against base 0.4 even where
-    # the parent had 0.9, and fails against base 0.9 (more than 0.25 below it)
+    # the parent had 0.9, and fails against base 0.9 (more than 0.15 below it)
     assert gate(worse("judge.relevance.reference.mean", 0.9)).checks["relevance"] is True
     v = gate(worse("judge.relevance.base.mean", 0.9))
     assert v.checks["relevance"] is False and "0.300 nats/token vs the base model's 0.900" in v.summary
@@ -93,10 +94,10 @@ def test_relevance_is_anchored_to_the_base_model_and_can_be_turned_off():
     assert gate(worse("judge.relevance", {"candidate": {"mean": -0.01}, "base": {"mean": -0.2}})).checks[
         "relevance"] is False
     # the largest drop allowed is absolute (nats per token), the floor relative: 1.0 against 1.3
-    # lost 0.3 (rejected), 1.1 lost 0.2 (passes); 0.05 against 0.2 lost little but is below 0.3x
+    # lost 0.3 (rejected), 1.2 lost 0.1 (passes); 0.05 against 0.2 lost little but is below 0.3x
     drop = {"candidate": {"mean": 1.0}, "base": {"mean": 1.3}}
     assert gate(worse("judge.relevance", drop)).checks["relevance"] is False
-    assert gate(worse("judge.relevance", {**drop, "candidate": {"mean": 1.1}})).checks["relevance"] is True
+    assert gate(worse("judge.relevance", {**drop, "candidate": {"mean": 1.2}})).checks["relevance"] is True
     assert gate(worse("judge.relevance", {"candidate": {"mean": 0.05}, "base": {"mean": 0.2}})).checks[
         "relevance"] is False
     assert gate(worse("judge.relevance", drop), TrainingDefaults(gate_max_relevance_drop=0.5)).checks["relevance"]
