@@ -11,8 +11,8 @@ Invariants:
 - Every trigger goes through the same ``Retrainer``, so "one cycle at a time" holds: a tick that
   finds a cycle running is skipped with a log line (a feedback schedule keeps its mark and fires
   at the next poll). The feedback poll starts its cycle in the background and returns; cron and
-  interval jobs run theirs in the scheduler's thread. Missed runs are coalesced into one (``coalesce=True``), never repeated, and
-  a job never runs twice at once (``max_instances=1``).
+  interval jobs run theirs in the scheduler's thread. Missed runs are coalesced into one
+  (``coalesce=True``), never repeated, and a job never runs twice at once (``max_instances=1``).
 - With ``gate_live_votes`` set, a second job settles staged candidates (see ``Retrainer.
   settle_live_comparisons``) every ``poll_seconds``.
 - A feedback schedule fires when ``Store.feedback_count()`` (thumbs + A/B votes that can train:

@@ -94,7 +94,7 @@ def relevant_pairs(job_dir: Path, base_model, tokenizer, t: TrainingDefaults, ho
         values = {"train": pmi[:len(train)], "eval": pmi[len(train):], "seconds": time.perf_counter() - t0}
         cache.write_text(json.dumps(values))
     keep, summary = keep_relevant(values["train"], t.pair_min_relevance)
-    keep_held, held_summary = keep_relevant(values["eval"], t.pair_min_relevance, threshold=summary["threshold"])
+    keep_held, _ = keep_relevant(values["eval"], t.pair_min_relevance, threshold=summary["threshold"])
     summary = {**summary, "seconds": values.get("seconds"), "eval_pairs": len(held), "eval_kept": sum(keep_held),
                "dropped_examples": [r["chosen"][:200] for r, k in zip(train, keep) if not k][:3]}
     return ([r for r, k in zip(train, keep) if k], [r for r, k in zip(held, keep_held) if k], summary)
