@@ -77,7 +77,7 @@ def main() -> int:
 
     from chatloop.importers import hh_pairs
     from chatloop.models import load_model
-    from chatloop.train.reward import RewardConfig, RewardModel, evaluate_pairs, train_reward
+    from chatloop.train.reward import PROBE_PHASE, RewardConfig, RewardModel, evaluate_pairs, train_reward
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,11 +103,18 @@ def main() -> int:
     baseline = evaluate_pairs(rm, tok, held, cfg) if args.baseline == "on" else {"accuracy": None, "margin": None}
     baseline_eval_s = time.perf_counter() - t0
 
-    bar = None
+    bar = probe_bar = None
     marks: dict = {}
 
     def on_step(m: dict) -> None:
-        nonlocal bar
+        nonlocal bar, probe_bar
+        if m.get("phase") == PROBE_PHASE:  # the head's warm start: one forward pass over the pairs
+            if probe_bar is None:
+                probe_bar = tqdm(total=m["total"], desc=PROBE_PHASE, unit="pair", file=sys.stderr)
+            probe_bar.update(m["step"] - probe_bar.n)
+            return
+        if probe_bar is not None:
+            probe_bar.close()
         if bar is None:
             bar = tqdm(total=m["total"], desc="reward model", unit="step", file=sys.stderr)
             # elapsed_s counts from fit's start, so the optimisation start is now - elapsed_s

@@ -205,8 +205,13 @@ def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_p
             for i in range(4)]
     thumbs = [{"prompt": p["prompt"], "completion": good, "label": True} for p in pairs[:4]]
     cfg = RewardConfig(epochs=3, batch_size=4, learning_rate=3e-3, pointwise_weight=0.1, head_warm_start=warm_start)
-    m = train_reward(rm, tok, pairs, held, cfg, thumbs)
+    seen: list[dict] = []
+    m = train_reward(rm, tok, pairs, held, cfg, thumbs, on_step=seen.append)
     assert ("probe_accuracy" in m) == warm_start
+    # the warm start's forward pass over the pairs shows progress as its own phase, before training's steps
+    probe = [(x["step"], x["total"]) for x in seen if x.get("phase") == "reward probe"]
+    assert probe == ([(4, 12), (8, 12), (12, 12)] if warm_start else [])
+    assert [x["step"] for x in seen if "phase" not in x] == list(range(1, m["steps"] + 1))
     assert m["held_out"]["accuracy"] == 1.0 and m["held_out"]["margin"] > 0
     rm.save(tmp_path / "rm", {"test": True})
     again = RewardModel.load(tmp_path / "rm", AutoModelForCausalLM.from_pretrained(tiny_model_dir))

@@ -133,9 +133,10 @@ def test_ppo_cycle_trains_a_reward_model_then_the_policy(parts):
     run = retrainer.run_cycle("ppo", on_progress=lambda s: seen.append((s.phase, s.step, s.total)))
     m = run["metrics"]
     assert m["algo"] == "ppo" and len(m["history"]) == 2
-    # progress shows the pairs' relevance filter, the reward model's steps, then PPO's, each phase counting its own
+    # progress shows the pairs' relevance filter, the reward head's warm start, the reward model's steps,
+    # then PPO's, each phase counting its own
     phases = [p for i, (p, _, _) in enumerate(seen) if p and (i == 0 or seen[i - 1][0] != p)]
-    assert phases == ["relevance filter", "reward model", "ppo"]
+    assert phases == ["relevance filter", "reward probe", "reward model", "ppo"]
     assert [st for p, st, _ in seen if p == "ppo"][-1] == m["steps"]
     kept = m["reward_model"]["pair_filter"]  # the reward model learns from the pairs the filter kept
     assert kept["pairs"] == run["n_pairs"] and m["reward_model"]["train_pairs"] == kept["kept"]

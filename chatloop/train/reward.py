@@ -169,28 +169,36 @@ def _evaluate_encoded(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_i
 
 
 @torch.no_grad()
-def _features(rm: RewardModel, groups: list[tuple[Encoded, ...]], pad_id: int, batch_size: int) -> torch.Tensor:
-    """(N, K, F) the head's inputs for every reply (``RewardModel.features``; no grad)."""
+def _features(rm: RewardModel, groups: list[tuple[Encoded, ...]], pad_id: int, batch_size: int,
+              on_batch: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """(N, K, F) the head's inputs for every reply (``RewardModel.features``; no grad);
+    ``on_batch(done, total)`` after every batch of groups."""
     was_training = rm.lm.training
     rm.lm.eval()
     device = rm.head.weight.device
-    out = []
-    for s in range(0, len(groups), batch_size):
-        g = collate_groups(groups[s: s + batch_size], pad_id).to(device)
+    order = sorted(range(len(groups)), key=lambda i: max(len(e) for e in groups[i]))  # less padding
+    out: list[torch.Tensor | None] = [None] * len(groups)
+    for s in range(0, len(order), batch_size):
+        idx = order[s: s + batch_size]
+        g = collate_groups([groups[i] for i in idx], pad_id).to(device)
         h = rm.features(g).float()  # rows k * B + b
-        out.append(h.view(g.replies_per_prompt, -1, h.shape[-1]).transpose(0, 1))
+        per_group = h.view(g.replies_per_prompt, -1, h.shape[-1]).transpose(0, 1)
+        for j, i in enumerate(idx):
+            out[i] = per_group[j]
+        if on_batch is not None:
+            on_batch(min(s + batch_size, len(groups)), len(groups))
     rm.lm.train(was_training)
-    return torch.cat(out)
+    return torch.stack(out)
 
 
 def warm_start_head(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id: int, l2: float,
-                    batch_size: int = 8) -> dict[str, float]:
+                    batch_size: int = 8, on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): fit the head alone, by L-BFGS,
     to the Bradley-Terry loss on the frozen model's states, ``mean(-log sigmoid(w . (h_c - h_r)))
     + l2 * |w|^2``; fine-tuning then starts from a head that already ranks pairs instead of one
     that first has to find a direction while the LoRA chases a zero signal. Costs one forward pass
-    over the training pairs."""
-    feats = _features(rm, enc, pad_id, batch_size).double()
+    over the training pairs (``on_batch(done, total)`` reports it)."""
+    feats = _features(rm, enc, pad_id, batch_size, on_batch).double()
     d = feats[:, 0] - feats[:, 1]
     w = torch.zeros(d.shape[1], dtype=torch.float64, device=d.device, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
@@ -207,6 +215,9 @@ def warm_start_head(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id:
         margins = d @ w.detach()
         return {"probe_accuracy": float((margins > 0).double().mean()),
                 "probe_loss": float(-F.logsigmoid(margins).mean())}
+
+
+PROBE_PHASE = "reward probe"  # progress lines of the head's warm start name this phase
 
 
 def train_reward(
@@ -229,7 +240,11 @@ def train_reward(
     pointwise = [(encode_reply(tokenizer, t["prompt"], t["completion"], cfg.max_prompt_tokens, cfg.max_reply_tokens),
                   float(bool(t["label"]))) for t in thumbs] if cfg.pointwise_weight > 0 else []
 
-    probe = warm_start_head(rm, enc, pad_id, cfg.head_warm_start_l2, cfg.batch_size) if cfg.head_warm_start else {}
+    def probe_progress(done: int, total: int) -> None:  # its own phase: one forward pass over the pairs
+        on_step({"phase": PROBE_PHASE, "step": done, "total": total, "elapsed_s": time.perf_counter() - t0})
+
+    probe = (warm_start_head(rm, enc, pad_id, cfg.head_warm_start_l2, cfg.batch_size, probe_progress)
+             if cfg.head_warm_start else {})
 
     def step(idx: list[int]):
         chunk = [enc[j] for j in idx]
