@@ -113,8 +113,9 @@ def main() -> int:
                 probe_bar = tqdm(total=m["total"], desc=PROBE_PHASE, unit="pair", file=sys.stderr)
             probe_bar.update(m["step"] - probe_bar.n)
             return
-        if probe_bar is not None:
+        if probe_bar is not None:  # the probe is over: training's steps follow
             probe_bar.close()
+            probe_bar = None
         if bar is None:
             bar = tqdm(total=m["total"], desc="reward model", unit="step", file=sys.stderr)
             # elapsed_s counts from fit's start, so the optimisation start is now - elapsed_s

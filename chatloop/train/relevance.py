@@ -60,11 +60,18 @@ def empty_prompt_ids(tokenizer) -> list[int]:
 
 
 def pmi_per_token(base_model, tokenizer, prompts: Sequence[list[int]], replies: Sequence[list[int]],
-                  batch_size: int = 8) -> list[float | None]:
+                  batch_size: int = 8, on_batch: Callable[[int, int], None] | None = None) -> list[float | None]:
     """Each reply's PMI with its own prompt per token (None for an empty reply); ``base_model``
-    is the base model (a PeftModel inside ``disable_adapter()`` is)."""
-    return _pmi(base_model, tokenizer, prompts, mismatched(list(prompts), empty_prompt_ids(tokenizer)), replies,
-                batch_size)
+    is the base model (a PeftModel inside ``disable_adapter()`` is). ``on_batch(done, total)`` is
+    called after every ``batch_size`` replies (progress)."""
+    others = mismatched(list(prompts), empty_prompt_ids(tokenizer))  # from the whole list, not per batch
+    out: list[float | None] = []
+    for start in range(0, len(replies), batch_size):
+        part = slice(start, start + batch_size)
+        out.extend(_pmi(base_model, tokenizer, prompts[part], others[part], replies[part], batch_size))
+        if on_batch is not None:
+            on_batch(min(start + batch_size, len(replies)), len(replies))
+    return out
 
 
 def _pmi(base_model, tokenizer, prompts: Sequence[list[int]], others: Sequence[list[int]],
@@ -100,17 +107,7 @@ def pmi_of_texts(base_model, tokenizer, contexts: Sequence[Sequence[dict[str, st
     enc = [encode_reply(tokenizer, c, t, max_prompt_tokens, max_reply_tokens) for c, t in zip(contexts, texts)]
     eos = tokenizer.eos_token_id
     replies = [e.reply_ids if t.strip() else [eos] for e, t in zip(enc, texts)]
-    prompts = [e.prompt_ids for e in enc]
-    if on_batch is None:
-        return pmi_per_token(base_model, tokenizer, prompts, replies, batch_size)
-    # the mismatched prompts come from the whole list, so batches of it are scored against them
-    others = mismatched(prompts, empty_prompt_ids(tokenizer))
-    out: list[float | None] = []
-    for start in range(0, len(replies), batch_size):
-        part = slice(start, start + batch_size)
-        out.extend(_pmi(base_model, tokenizer, prompts[part], others[part], replies[part], batch_size))
-        on_batch(min(start + batch_size, len(replies)), len(replies))
-    return out
+    return pmi_per_token(base_model, tokenizer, [e.prompt_ids for e in enc], replies, batch_size, on_batch)
 
 
 def relevance_of_texts(base_model, tokenizer, contexts: Sequence[Sequence[dict[str, str]]], texts: Sequence[str],
