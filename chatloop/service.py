@@ -33,6 +33,7 @@ from chatloop.loop import Retrainer
 from chatloop.identity import CookieSigner, NewIdentityLimit, load_secret
 from chatloop.engine.weights import pack_for_serving, resolve_serve_weights
 from chatloop.models import LoadedModel, in_passing_thread, load_model
+from chatloop.train.configs import lora_config
 from chatloop.operations import Operations
 from chatloop.ratelimit import FailureBackoff, RateLimiter
 from chatloop.reconcile import reconcile
@@ -174,7 +175,9 @@ class Service(Operations):
                              probe_modules=settings.training.lora_target_modules,
                              merge_single_version=settings.merge_single_version,
                              prefill_chunk=settings.prefill_chunk_tokens,
-                             prefill_budget=settings.prefill_chunk_budget)
+                             prefill_budget=settings.prefill_chunk_budget,
+                             # a slot of the shape training publishes, ready for the next activation
+                             spare_lora=lora_config(settings.training))
         self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,
                                    activate=self.activate, active_version=lambda: self.engine.active_version)
 

@@ -3,6 +3,7 @@ per request across activations, bad adapters are refused, stop/cancel/back-press
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,95 @@ def test_a_hot_swap_into_slot_1_leaves_slot_10_alone(tiny_model_dir, tmp_path):
         after = engine._probe_logits([v2, v3, "base"])
     assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[1])
     assert not torch.allclose(after[1], after[2])  # v3 is served, not base
+
+
+def _new_slots_built(engine: Engine, monkeypatch) -> list[str]:
+    """The slots ``engine`` builds from here on by loading an adapter (not by hot-swapping one)."""
+    built: list[str] = []
+    load = engine.model.load_adapter
+
+    def counting(*args, **kwargs):
+        built.append(kwargs.get("adapter_name"))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "load_adapter", counting)
+    return built
+
+
+def _wait_for_spare(engine: Engine) -> None:
+    deadline = time.monotonic() + 30
+    while not engine.spare_ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.spare_ready, "no spare slot was built again"
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_a_spare_slot_of_the_training_shape_makes_every_activation_a_hot_swap(fold, tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
+    """Given the shape training publishes (``spare_lora``), the engine has a spare slot before it
+    serves and builds one again after an activation used it (here while a reply runs, between two
+    of its steps): every activation copies weights into a slot, none builds one. The zero spare
+    changes no reply, the one running across the activations and rebuilds included, and memory
+    stays at the versions in use plus one spare."""
+    loaded = load_model(str(tiny_model_dir), tmp_path / "models")
+    registry = AdapterRegistry(tmp_path / "adapters")
+    versions = [registry.publish(make_adapter(tiny_model_dir, tmp_path / f"a{i}", 50 + i), {}) for i in range(3)]
+    shape = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["v_proj", "q_proj"], task_type="CAUSAL_LM")
+    engine = Engine(loaded, registry, merge_single_version=fold, spare_lora=shape, spare_wait_s=0.0)
+    engine.start()
+    try:
+        assert engine.spare_ready and engine.adapter_slots == 1 and engine.loaded_adapters == set()
+        assert engine.generate(MSGS, greedy()).token_ids == reference_greedy(tiny_model_dir, None, 24, 1.15)
+        built = _new_slots_built(engine, monkeypatch)
+        running = engine.submit(MSGS, greedy(max_tokens=400))
+        pieces = iter(running)
+        next(pieces)
+        for version in versions:
+            engine.activate(version)
+            got = engine.generate(MSGS, greedy()).token_ids
+            assert got == reference_greedy(tiny_model_dir, registry.path(version), 24, 1.15), version
+            _wait_for_spare(engine)
+        assert not running.done, "the long reply should still run across the activations"
+        assert built == [], f"activations built slots {built} instead of hot-swapping into the spare"
+        list(pieces)
+        assert running.result().token_ids == reference_greedy(tiny_model_dir, None, 400, 1.15)
+        assert engine.loaded_adapters == {versions[-1]} and engine.adapter_slots == 2
+    finally:
+        engine.stop()
+    assert not getattr(loaded.model, "peft_config", {}), "the engine left LoRA slots in the model"
+
+
+def test_the_spare_slot_follows_the_shape_of_what_is_activated(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """A spare of another shape than the version activated is dropped for a slot of the version's
+    own; the next spare takes the version's shape, so the next activation is a hot-swap again. A
+    shape the model cannot take (no such layers) is given up on once, and serving goes on."""
+    loaded = load_model(str(tiny_model_dir), tmp_path / "models")
+    registry = AdapterRegistry(tmp_path / "adapters")
+    v1, v2 = (registry.publish(make_adapter(tiny_model_dir, tmp_path / f"a{i}", 60 + i), {}) for i in range(2))
+    engine = Engine(loaded, registry, spare_lora=LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"]))
+    engine.start()
+    try:
+        built = _new_slots_built(engine, monkeypatch)
+        engine.activate(v1)  # rank 4 on q and v: the rank-8 spare cannot take it
+        assert len(built) == 1 and engine.adapter_slots == 1
+        engine.generate(MSGS, greedy(max_tokens=2))
+        _wait_for_spare(engine)
+        engine.activate(v2)
+        assert len(built) == 1, "the second activation should have hot-swapped into the new spare"
+        assert engine.generate(MSGS, greedy()).token_ids == reference_greedy(tiny_model_dir, registry.path(v2), 24, 1.15)
+    finally:
+        engine.stop()
+
+    engine = Engine(loaded, registry, spare_lora=LoraConfig(r=4, target_modules=["no_such_proj"]))
+    with caplog.at_level("ERROR", logger="chatloop.engine"):
+        engine.start()
+        try:
+            assert not engine.spare_ready and engine.adapter_slots == 0
+            engine.activate(v1)
+            assert engine.generate(MSGS, greedy()).token_ids == reference_greedy(tiny_model_dir, registry.path(v1), 24, 1.15)
+        finally:
+            engine.stop()
+    assert sum("spare LoRA slot" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_unused_adapters_are_unloaded(setup):

@@ -25,8 +25,11 @@ Invariants:
 - Adapters live in LoRA "slots" (PEFT adapter names). A version that is neither active nor used
   by a running request frees its slot; a new version is hot-swapped into a free slot's weights
   when its shape allows, else gets a new slot. At most one free slot is kept, so memory does
-  not grow with the number of activations. A corrupt or mismatched adapter is refused and the
-  active one keeps serving.
+  not grow with the number of activations. Given ``spare_lora`` (the shape training publishes),
+  the engine keeps that free slot ready: built before serving starts and built again after an
+  activation used it (at once when idle, else ``spare_wait_s`` later, between two steps), so an
+  activation copies weights instead of building LoRA layers. A corrupt or mismatched adapter is
+  refused and the active one keeps serving.
 - Greedy decoding (temperature 0) equals ``model.generate(do_sample=False)`` token for token
   with the same repetition penalty, alone and inside a mixed batch; served folded, it equals the
   ``generate`` of PEFT's ``merge_and_unload`` model (tests check both).
@@ -39,10 +42,12 @@ import random
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 import torch
+from peft import LoraConfig
 from transformers.cache_utils import DynamicCache
 
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
@@ -95,6 +100,8 @@ class Engine(AdapterSlots, MergedWeights):
         merge_single_version: bool = True,
         prefill_chunk: int = 128,
         prefill_budget: float = 1.0,
+        spare_lora: LoraConfig | None = None,
+        spare_wait_s: float = 1.0,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -117,6 +124,12 @@ class Engine(AdapterSlots, MergedWeights):
         self._slots: dict[str, str | None] = {}
         self._slot_of: dict[str, str] = {}  # version -> slot
         self._slot_counter = 0
+        # the LoRA settings of the spare slot kept ready (None: none kept); after an activation,
+        # the settings of the version activated (the next one most likely has the same)
+        self._spare_shape = spare_lora
+        self.spare_wait_s = spare_wait_s
+        self._spare_missing_since: float | None = None
+        self.spare_build_ms: deque[float] = deque(maxlen=64)  # what each spare's build held the engine thread
         self._active = BASE_VERSION
         self._rows: list[_Row] = []
         self.peak_batch = 0  # the most rows that have shared one forward pass
@@ -160,6 +173,7 @@ class Engine(AdapterSlots, MergedWeights):
             except BaseException as exc:
                 checked.set_exception(exc)
                 return
+            self._keep_spare(busy=False)  # before the first activation, the registry's own
             checked.set_result(None)
             self._loop()
 
@@ -195,6 +209,11 @@ class Engine(AdapterSlots, MergedWeights):
     def adapter_slots(self) -> int:
         """LoRA slots in the model: versions in use plus at most one spare."""
         return len(self._slots)
+
+    @property
+    def spare_ready(self) -> bool:
+        """Whether a spare slot is ready for the next activation to hot-swap into."""
+        return any(held is None for held in list(self._slots.values()))
 
     def queue_depth(self) -> int:
         return self._requests.qsize()
@@ -269,6 +288,7 @@ class Engine(AdapterSlots, MergedWeights):
                 self._long += [r for r in joining if len(r.req.prompt) > self.prefill_chunk]
                 joining = [r for r in joining if len(r.req.prompt) <= self.prefill_chunk]
             if not joining and not self._rows and not self._long and not self._chunking:
+                self._keep_spare(busy=False)
                 continue
             try:
                 with torch.inference_mode():
@@ -287,6 +307,7 @@ class Engine(AdapterSlots, MergedWeights):
                 self._rows, self._cache, self._mask = [], None, None
                 self._long, self._chunking = [], None
             self._reap()
+            self._keep_spare(busy=True)
         # stopped: nobody will serve what is still queued, so say so instead of leaving callers waiting
         for row in [*self._rows, *self._in_prefill()]:
             row.handle._finish(None, RuntimeError("the engine has stopped"))

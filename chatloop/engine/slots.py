@@ -5,6 +5,7 @@ Owns: ``AdapterSlots``, the part of ``Engine`` (a mixin) that keeps versions in 
 "slots". Invariants: it runs on the engine thread only (or before it starts); a version that is
 neither active nor used by a running row frees its slot, and at most one spare slot is kept; a
 corrupt or mismatched adapter is refused (``AdapterError``) and the active one keeps serving.
+The spare kept ready (``_keep_spare``) holds a zero LoRA (B = 0) and is never any row's adapter.
 
 A new slot is built by transformers' ``load_adapter``; a hot-swap into a spare slot copies the
 version's weights with PEFT's own ``hotswap_adapter_from_state_dict`` (which also sets the
@@ -16,10 +17,12 @@ most of a hot-swap's time on the engine thread, where every running reply waits 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -159,6 +162,8 @@ class AdapterSlots:
     def _do_activate(self, version: str, files: AdapterFiles | None = None) -> str:
         if version != BASE_VERSION:
             self._ensure_loaded(version, files=files)
+            if self._spare_shape is not None:  # the next version most likely has this one's settings
+                self._spare_shape = self.model.peft_config.get(self._slot_of[version], self._spare_shape)
         previous, self._active = self._active, version
         self._unload_unused()
         return previous
@@ -193,9 +198,7 @@ class AdapterSlots:
                     raise
                 log.info("adapter %s cannot reuse slot %s (%s); loading it anew", version, spare, exc)
                 self._drop_slot(spare)
-        self._slot_counter += 1
-        # "slot1_" is not a part of "slot11_": PEFT's hot-swap finds a slot's keys by substring
-        slot = f"slot{self._slot_counter}_"
+        slot = self._new_slot_name()
         try:
             # transformers reports every other loaded adapter's weights as "missing" from this
             # checkpoint: noise for us (a real mismatch raises), so keep it out of the log
@@ -208,6 +211,54 @@ class AdapterSlots:
         self._assign(slot, version)
         self._hook_lora_layers()
         self._lora_on = None  # new LoRA layers start switched on: set the switch again
+
+    def _keep_spare(self, busy: bool) -> None:
+        """Build the spare slot the next activation hot-swaps into, when there is none: at once
+        while idle, and while busy once it has been missing ``spare_wait_s`` (so the step that
+        builds it, a few hundred ms of PEFT's layer building, comes after the new version's first
+        replies rather than before them)."""
+        if self._spare_shape is None or any(held is None for held in self._slots.values()):
+            self._spare_missing_since = None
+            return
+        now = time.perf_counter()
+        if self._spare_missing_since is None:
+            self._spare_missing_since = now
+        if busy and now - self._spare_missing_since < self.spare_wait_s:
+            return
+        self._spare_missing_since = None
+        t0 = time.perf_counter()
+        self._wrappers_in()
+        slot = self._new_slot_name()
+        # zero LoRA (B = 0), no dropout: a spare changes nothing, whatever happens to run through it
+        config = dataclasses.replace(self._spare_shape, lora_dropout=0.0, init_lora_weights=True,
+                                     inference_mode=True)
+        try:
+            self.model.add_adapter(config, adapter_name=slot)
+        except Exception:
+            log.exception("cannot build a spare LoRA slot of the training settings' shape; "
+                          "activations will build their slots as they come")
+            self._spare_shape = None
+            if slot in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(slot)
+            elif not getattr(self.model, "peft_config", None):
+                # transformers marks the model as holding adapters before PEFT injects any; left
+                # so, its next load_adapter looks for a peft_config that was never made
+                self.model._hf_peft_config_loaded = False
+            return
+        for name, module in self.model.named_modules():  # as load_adapter leaves a new slot
+            if name.endswith(f".{slot}"):  # lora_A.<slot>, lora_B.<slot>, lora_dropout.<slot>
+                module.eval()
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(False)
+        self._slots[slot] = None
+        self.spare_build_ms.append((time.perf_counter() - t0) * 1000)
+        self._hook_lora_layers()
+        self._lora_on = None  # new LoRA layers start switched on: set the switch again
+
+    def _new_slot_name(self) -> str:
+        self._slot_counter += 1
+        # "slot1_" is not a part of "slot11_": PEFT's hot-swap finds a slot's keys by substring
+        return f"slot{self._slot_counter}_"
 
     def _hotswap(self, slot: str, files: AdapterFiles) -> None:
         """Copy ``files``' weights into ``slot`` (PEFT's own hot-swap: weights, scaling, and
