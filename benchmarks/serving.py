@@ -4,7 +4,8 @@ these machines are shared and noisy):
 - single-stream decode tokens/s through the engine, and a bare KV-cache greedy loop over the same
   model (the ceiling for one stream in eager PyTorch);
 - aggregate decode tokens/s with 8 (and 16) concurrent streams, and TTFT p50/p95 at 8;
-- activation latency: publish a new adapter version -> first token from it, while 4 streams run;
+- activation latency: publish a new adapter version -> first token from it, while 4 streams run
+  (with the service's spare slot kept ready; the stall that building it again puts on the streams);
 - decode cost of a LoRA adapter (r=16 on every linear layer) vs the base model: as served alone
   (folded into the weights, ``merge_single_version``) and unmerged (the per-row forward of mixed
   batches);
@@ -22,7 +23,7 @@ these machines are shared and noisy):
 
 Prints a table, and with --json a last line holding one JSON object with the keys single_tok_s,
 bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, ttft_p50_ms, ttft_p95_ms,
-activation_ms_p50, lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked),
+activation_ms_p50 (and _p95, _max), lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked),
 long_join_ttft_s (and _unchunked), and when measured llamacpp_tok_s, single_vs_llamacpp,
 concurrent8_vs_llamacpp (plus a few more described in the table), and ``formats``: one object
 per weight format.
@@ -49,6 +50,7 @@ from chatloop.engine.weights import PackedLinear, pack_for_serving, resolve_serv
 from chatloop.importers import hh_pairs, held_out_index, oasst_reply_sets, oasst_trees
 from chatloop.oracles import SHARED_DATA, load_oracle, load_prompts
 from chatloop.models import LoadedModel, default_model_source, in_passing_thread, load_model
+from chatloop.train.configs import lora_config
 
 TOPICS = ["the printing press", "bees", "the Roman roads", "volcanoes", "the violin", "tea",
           "lighthouses", "glaciers", "the bicycle", "coral reefs", "paper money", "owls",
@@ -116,8 +118,13 @@ def make_lora(loaded: LoadedModel, out: Path) -> Path:
 
 
 def activation_ms(engine: Engine, registry: AdapterRegistry, adapter_dir: Path, trials: int,
-                  tokens: int) -> list[float]:
-    """Publish -> activate -> first token from the new version, while 4 streams keep decoding."""
+                  tokens: int) -> tuple[list[float], int]:
+    """Publish -> activate -> first token from the new version, while 4 streams keep decoding;
+    and how many of the trials found no spare slot (so built one inside the activation).
+
+    In the service, activations come a training cycle apart, and the engine builds its spare slot
+    again in the meantime (``spare_wait_s`` after an activation, between two steps): each trial
+    waits up to 10 s for that spare first, as an activation in the service would have had it."""
     stop = threading.Event()
 
     def background(i: int) -> None:
@@ -128,8 +135,12 @@ def activation_ms(engine: Engine, registry: AdapterRegistry, adapter_dir: Path, 
     for w in workers:
         w.start()
     time.sleep(2)
-    out = []
+    out, without_spare = [], 0
     for _ in range(trials):
+        deadline = time.monotonic() + 10
+        while not engine.spare_ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        without_spare += not engine.spare_ready
         t0 = time.perf_counter()
         version = registry.publish(adapter_dir, {"parent": "base", "algorithm": "benchmark"})
         engine.activate(version)
@@ -141,7 +152,7 @@ def activation_ms(engine: Engine, registry: AdapterRegistry, adapter_dir: Path, 
     stop.set()
     for w in workers:
         w.join(600)
-    return out
+    return out, without_spare
 
 
 def long_prompt(engine: Engine, tokens: int) -> list[dict[str, str]]:
@@ -369,7 +380,8 @@ def main() -> None:
     in_passing_thread(lambda: pack_for_serving(loaded.model, fmt))
     tmp = Path(tempfile.mkdtemp(prefix="chatloop-bench-"))
     registry = AdapterRegistry(tmp / "adapters")
-    engine = Engine(loaded, registry, max_batch=16, queue_size=64)
+    # as the service builds it: a spare slot of the training settings' LoRA shape kept ready
+    engine = Engine(loaded, registry, max_batch=16, queue_size=64, spare_lora=lora_config(settings.training))
     engine.start()
     engine.generate(essay(0), params(4))  # warm-up
     steps.update()
@@ -406,7 +418,9 @@ def main() -> None:
     engine.activate("base")
     steps.update()
 
-    act = activation_ms(engine, registry, adapter_dir, trials=5, tokens=args.tokens)
+    engine.spare_build_ms.clear()  # the builds during the trials only
+    act, act_without_spare = activation_ms(engine, registry, adapter_dir, trials=10, tokens=args.tokens)
+    spare_build_ms = list(engine.spare_build_ms)
     engine.activate("base")
     steps.update()
 
@@ -468,7 +482,10 @@ def main() -> None:
         "ttft_p50_ms": round(statistics.median(ttfts), 1),
         "ttft_p95_ms": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1),
         "activation_ms_p50": round(statistics.median(act), 1),
+        "activation_ms_p95": round(p95(act), 1),
         "activation_ms_max": round(max(act), 1),
+        "activations_without_spare": act_without_spare,  # these built their slot (others hot-swapped)
+        "spare_build_ms_max": round(max(spare_build_ms), 1) if spare_build_ms else None,  # a stall of the streams
         "long_prompt_tokens": args.long_prompt,
         "quiet_gap_p95_ms": round(quiet_gap, 1),
         "long_join_gap_p95_ms": round(join_gap, 1),
