@@ -146,6 +146,7 @@ def main() -> int:
         "eval_pairs": len(held), "epochs": args.epochs, "steps": marks["steps"],
         "batch_size": args.batch_size, "learning_rate": args.lr, "head_learning_rate": args.head_lr,
         "head_warm_start": cfg.head_warm_start, "probe_accuracy": metrics.get("probe_accuracy"),
+        "probe_l2": metrics.get("probe_l2"), "probe_cv_loss": metrics.get("probe_cv_loss"),
         "max_prompt_tokens": args.max_prompt_tokens, "max_reply_tokens": args.max_reply_tokens,
         "baseline_accuracy": None if baseline["accuracy"] is None else round(baseline["accuracy"], 4),
         "margin": round(trained["margin"], 4),

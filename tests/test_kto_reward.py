@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from chatloop.train.kto import KtoConfig, balanced_weights, kto_loss, thumb_accuracies, train_kto
@@ -123,10 +124,11 @@ def test_kto_raises_the_desirable_pattern(tiny_model_dir):
         train_kto(model, tok, [r for r in rows if r["label"]], [], KtoConfig())
 
 
-def test_head_warm_start_solves_the_regularised_logistic_regression(tiny_model_dir):
+@pytest.mark.parametrize("grid", [(), (0.05, 0.5)])
+def test_head_warm_start_solves_the_regularised_logistic_regression(tiny_model_dir, grid):
     """The linear probe's head is the optimum of mean(-log sigmoid(w . d)) + l2 |w|^2 over the
     frozen states' differences d: its gradient vanishes, checked here in closed form, and the
-    model's own scores give the same margins."""
+    model's own scores give the same margins. With a grid, at the l2 cross-validation chose."""
     from chatloop.train.common import collate_groups, encode_reply
     from chatloop.train.reward import _features, warm_start_head
 
@@ -136,8 +138,9 @@ def test_head_warm_start_solves_the_regularised_logistic_regression(tiny_model_d
     pairs = [(encode_reply(tok, [{"role": "user", "content": f"say something {i}"}], f"{words[i % 8]} {words[(i * 3) % 8]}", 64, 16),
               encode_reply(tok, [{"role": "user", "content": f"say something {i}"}], f"{words[(i + 5) % 8]}!", 64, 16))
              for i in range(10)]
-    l2 = 0.05
-    out = warm_start_head(rm, pairs, tok.pad_token_id, l2, batch_size=4)
+    out = warm_start_head(rm, pairs, tok.pad_token_id, 0.05, batch_size=4, l2_grid=grid, folds=5)
+    l2 = out["probe_l2"]
+    assert ("probe_cv_loss" in out) == bool(grid) and (l2 in grid if grid else l2 == 0.05)
     feats = _features(rm, pairs, tok.pad_token_id, batch_size=3).double()  # another batching
     d = feats[:, 0] - feats[:, 1]
     w = rm.head.weight.detach().double()[0]
@@ -147,6 +150,30 @@ def test_head_warm_start_solves_the_regularised_logistic_regression(tiny_model_d
     with torch.no_grad():  # the head's margins on the model's own forward, one batch of all pairs
         s = rm(collate_groups(pairs, tok.pad_token_id)).double()
     torch.testing.assert_close(s[:10] - s[10:], d @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_the_probe_l2_is_chosen_by_cross_validation_over_prompt_folds():
+    """Pairs of one prompt share a fold. On features that are noise, probes fitted with a small
+    l2 learn their folds by heart and lose on the others: the largest l2 wins; on a clean signal
+    in a few features the smallest does. (Scored on the folds they were fitted on, the smallest
+    would always win.)"""
+    from chatloop.train.common import Encoded
+    from chatloop.train.reward import _fit_probe, choose_probe_l2, prompt_folds
+
+    enc = [(Encoded([p, 7], [1]), Encoded([p, 7], [2])) for p in [3, 3, 4, 5, 5, 5, 6, 3]]
+    assert prompt_folds(enc, 3).tolist() == [0, 0, 1, 2, 2, 2, 0, 0]
+    gen = torch.Generator().manual_seed(0)
+    grid = (0.001, 0.1, 10.0)
+    noise = torch.randn(60, 200, generator=gen, dtype=torch.float64)
+    assert choose_probe_l2(noise, torch.arange(60) % 5, grid)[0] == 10.0
+    signal = torch.randn(400, 4, generator=gen, dtype=torch.float64)
+    signal[:, 0] = 3.0 + 0.5 * signal[:, 0]  # the chosen reply is ahead on feature 0, always
+    chosen, losses = choose_probe_l2(signal, torch.arange(400) % 5, grid)
+    assert chosen == 0.001 and losses[0.001] < losses[10.0]
+    # the pooled fold loss, recomputed by hand for one l2
+    fold = torch.arange(400) % 5
+    by_hand = torch.cat([-F.logsigmoid(signal[fold == k] @ _fit_probe(signal[fold != k], 0.1)) for k in range(5)]).mean()
+    assert losses[0.1] == pytest.approx(float(by_hand))
 
 
 @pytest.mark.parametrize("pooling", ["last", "last_mean"])

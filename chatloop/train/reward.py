@@ -8,11 +8,12 @@ loss_pairs  = -log sigmoid(r(chosen) - r(rejected) - margin)            (Bradley
             + center * mean((r(chosen) + r(rejected))^2)                (optional centring)
 loss_thumbs = pointwise_weight * BCE(sigmoid(r(reply)), thumb is up)    (optional, from thumbs)
 
-The head starts at zero, is first fitted alone on the frozen model's states (linear probing), and
-then trains with the LoRA at its own, higher learning rate. With held-out pairs the model handed
-back is the checkpoint (LoRA and head) with the lowest held-out pair loss, the probed head before
-any fine-tuning included, and training stops early as DPO's does (``common.HeldOutSelection``);
-the held-out metrics then describe the set it was chosen on.
+The head starts at zero, is first fitted alone on the frozen model's states (linear probing, its
+l2 chosen by cross-validation over the training pairs' prompts), and then trains with the LoRA at
+its own, higher learning rate. With held-out pairs the model handed back is the checkpoint (LoRA
+and head) with the lowest held-out pair loss, the probed head before any fine-tuning included,
+and training stops early as DPO's does (``common.HeldOutSelection``); the held-out metrics then
+describe the set it was chosen on.
 
 Artifact (a directory): ``adapter/`` (PEFT LoRA), ``head.safetensors``, ``reward.json`` (base
 model path, metrics). ``RewardModel.load`` rebuilds it on any copy of the base model.
@@ -116,6 +117,10 @@ class RewardConfig(TrainConfig):
     # Fit the head alone on the frozen model's states before fine-tuning (see warm_start_head).
     head_warm_start: bool = True
     head_warm_start_l2: float = 0.1
+    # the probe's l2 chosen among these by cross-validation on the training pairs (folds by prompt,
+    # lowest held-out fold loss); head_warm_start_l2 where the pairs are too few to fold
+    head_warm_start_l2_grid: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0)
+    head_warm_start_folds: int = 5
     epochs: int = 2
     batch_size: int = 8
     center_coefficient: float = 0.0
@@ -191,15 +196,8 @@ def _features(rm: RewardModel, groups: list[tuple[Encoded, ...]], pad_id: int, b
     return torch.stack(out)
 
 
-def warm_start_head(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id: int, l2: float,
-                    batch_size: int = 8, on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): fit the head alone, by L-BFGS,
-    to the Bradley-Terry loss on the frozen model's states, ``mean(-log sigmoid(w . (h_c - h_r)))
-    + l2 * |w|^2``; fine-tuning then starts from a head that already ranks pairs instead of one
-    that first has to find a direction while the LoRA chases a zero signal. Costs one forward pass
-    over the training pairs (``on_batch(done, total)`` reports it)."""
-    feats = _features(rm, enc, pad_id, batch_size, on_batch).double()
-    d = feats[:, 0] - feats[:, 1]
+def _fit_probe(d: torch.Tensor, l2: float) -> torch.Tensor:
+    """argmin_w mean(-log sigmoid(d @ w)) + l2 * |w|^2 by L-BFGS (``d``: chosen - rejected features)."""
     w = torch.zeros(d.shape[1], dtype=torch.float64, device=d.device, requires_grad=True)
     opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
 
@@ -210,11 +208,51 @@ def warm_start_head(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id:
         return loss
 
     opt.step(closure)
+    return w.detach()
+
+
+def prompt_folds(enc: Sequence[tuple[Encoded, ...]], folds: int) -> torch.Tensor:
+    """Each pair's cross-validation fold: pairs of one prompt share a fold (else a fold would be
+    scored on prompts it was fitted on), prompts dealt round-robin in order of appearance."""
+    seen: dict[tuple[int, ...], int] = {}
+    return torch.tensor([seen.setdefault(tuple(group[0].prompt_ids), len(seen)) % folds for group in enc])
+
+
+def choose_probe_l2(d: torch.Tensor, fold: torch.Tensor, grid: Sequence[float]) -> tuple[float, dict[float, float]]:
+    """The l2 of ``grid`` whose probes, fitted without each fold, give the lowest Bradley-Terry
+    loss on it (pooled over the folds); and every candidate's loss."""
+    losses = {}
+    for l2 in grid:
+        held = [-F.logsigmoid(d[fold == k] @ _fit_probe(d[fold != k], l2)) for k in fold.unique().tolist()]
+        losses[l2] = float(torch.cat(held).mean())
+    return min(losses, key=losses.get), losses
+
+
+def warm_start_head(rm: RewardModel, enc: list[tuple[Encoded, Encoded]], pad_id: int, l2: float,
+                    batch_size: int = 8, on_batch: Callable[[int, int], None] | None = None,
+                    l2_grid: Sequence[float] = (), folds: int = 5) -> dict[str, float]:
+    """Linear probing before fine-tuning (LP-FT, Kumar et al. 2022): fit the head alone, by L-BFGS,
+    to the Bradley-Terry loss on the frozen model's states, ``mean(-log sigmoid(w . (h_c - h_r)))
+    + l2 * |w|^2``; fine-tuning then starts from a head that already ranks pairs instead of one
+    that first has to find a direction while the LoRA chases a zero signal. Costs one forward pass
+    over the training pairs (``on_batch(done, total)`` reports it). With ``l2_grid`` and pairs of
+    at least ``2 * folds`` prompts, ``l2`` is chosen from the grid by cross-validation
+    (``choose_probe_l2``): the probe has more inputs than the pairs it learns from, and an l2 too
+    small fits them by heart."""
+    feats = _features(rm, enc, pad_id, batch_size, on_batch).double()
+    d = feats[:, 0] - feats[:, 1]
+    cv: dict[float, float] = {}
+    if l2_grid and folds >= 2 and len({tuple(g[0].prompt_ids) for g in enc}) >= 2 * folds:
+        l2, cv = choose_probe_l2(d, prompt_folds(enc, folds), l2_grid)
+    w = _fit_probe(d, l2)
     with torch.no_grad():
-        rm.head.weight.copy_(w.detach().to(rm.head.weight.dtype)[None])
-        margins = d @ w.detach()
-        return {"probe_accuracy": float((margins > 0).double().mean()),
-                "probe_loss": float(-F.logsigmoid(margins).mean())}
+        rm.head.weight.copy_(w.to(rm.head.weight.dtype)[None])
+        margins = d @ w
+        out = {"probe_accuracy": float((margins > 0).double().mean()),
+               "probe_loss": float(-F.logsigmoid(margins).mean()), "probe_l2": l2}
+        if cv:
+            out["probe_cv_loss"] = cv[l2]
+        return out
 
 
 PROBE_PHASE = "reward probe"  # progress lines of the head's warm start name this phase
@@ -243,7 +281,8 @@ def train_reward(
     def probe_progress(done: int, total: int) -> None:  # its own phase: one forward pass over the pairs
         on_step({"phase": PROBE_PHASE, "step": done, "total": total, "elapsed_s": time.perf_counter() - t0})
 
-    probe = (warm_start_head(rm, enc, pad_id, cfg.head_warm_start_l2, cfg.batch_size, probe_progress)
+    probe = (warm_start_head(rm, enc, pad_id, cfg.head_warm_start_l2, cfg.batch_size, probe_progress,
+                             cfg.head_warm_start_l2_grid, cfg.head_warm_start_folds)
              if cfg.head_warm_start else {})
 
     def step(idx: list[int]):
