@@ -96,3 +96,37 @@ def test_train_rloo_refuses_without_prompts(tiny_model_dir):
     with pytest.raises(ValueError, match="prompts"):
         train_rloo(_policy(tiny_model_dir), None, AutoTokenizer.from_pretrained(tiny_model_dir), [],
                    lambda items: [], RlooConfig())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_group_logps_equal_each_reply_on_its_own(tiny_model_dir, temperature):
+    """RLOO's prompt-once passes give, row for row in RLOO's order (``p * k + j``), the per-token
+    log-probs and entropies of running every (prompt, reply) alone, and the reference under
+    ``disable_adapter`` too; a wrong row order or a shifted position fails."""
+    from chatloop.train.common import Encoded, collate
+    from chatloop.train.ppo import token_forward
+    from chatloop.train.rloo import _group_logps
+
+    policy = _policy(tiny_model_dir)
+    with torch.no_grad():  # a LoRA that changes the outputs, so the adapter's on/off shows
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    policy.eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    k = 3
+    replies = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (4, 7, 1, 6, 2, 5, 3, 7, 4)]
+    rows = [Encoded(prompts[i // k], r) for i, r in enumerate(replies)]
+    with torch.no_grad():
+        lp, ent, mask = _group_logps(policy, prompts, replies, k, 0, temperature, torch.device("cpu"))
+        ref_lp, _, _ = _group_logps(policy, prompts, replies, k, 0, temperature, torch.device("cpu"),
+                                    policy.disable_adapter())
+        want_lp, want_ent, _, want_mask = token_forward(policy, None, collate(rows, 0), temperature)
+        with policy.disable_adapter():
+            want_ref, _, _, _ = token_forward(policy, None, collate(rows, 0), temperature)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(lp, want_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_lp, want_ref, atol=1e-5, rtol=1e-5)
+    assert (lp - ref_lp).abs().max() > 1e-2  # the adapter mattered

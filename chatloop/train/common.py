@@ -182,6 +182,23 @@ def grouped_hidden(model: torch.nn.Module, g: PromptGroups,
     return torch.cat([prompt_last, reply_hidden[:, :-1]], dim=1), reply_hidden
 
 
+def grouped_token_logprobs(model: torch.nn.Module, g: PromptGroups, temperature: float = 1.0,
+                           share_prompt: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per reply token of every reply row of ``g``: the log-prob of the sampling distribution
+    (logits / temperature) and its entropy, as (K*B, R) tensors, and the (float) reply mask; zeros
+    on padding. Equal to ``ppo.token_forward`` of each (prompt, reply) on its own."""
+    _, head = split_lm(model)
+    predicting, _ = grouped_hidden(model, g, share_prompt)
+    rows, cols = g.reply_mask.nonzero(as_tuple=True)
+    logprobs = F.log_softmax(head(predicting[rows, cols]).float() / temperature, dim=-1)
+    token_lp = logprobs.gather(1, g.reply_ids[rows, cols][:, None]).squeeze(1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    shape = tuple(g.reply_ids.shape)
+    lp = torch.zeros(shape, device=token_lp.device).index_put((rows, cols), token_lp)
+    ent = torch.zeros(shape, device=token_lp.device).index_put((rows, cols), entropy)
+    return lp, ent, g.reply_mask.float()
+
+
 def grouped_reply_logprobs(model: torch.nn.Module, g: PromptGroups, average: bool = False,
                            share_prompt: bool | None = None) -> torch.Tensor:
     """Sum (or mean) of reply-token log-probs for every reply row of ``g`` (K*B values), the LM

@@ -16,6 +16,10 @@ Per step:
 5. ``epochs`` passes of minibatches minimising -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
    with ratio = exp(log pi(y) - log pi_old(y)) over the whole reply, averaged over replies.
 
+Every forward pass (old policy, reference, each minibatch) runs a prompt once for its k replies
+(``common.PromptGroups``: on a CPU the replies continue from the prompt's cache), so a minibatch
+holds whole prompts' replies.
+
 Invariants: the reference is frozen (the active adapter); log-probs cover reply tokens only and
 padding never counts; every step logs what moves (mean score, KL, entropy, gradient norm,
 advantage spread, replies seen) so a run that does not learn says why.
@@ -30,8 +34,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from chatloop.train.common import Encoded, collate, sample_replies
-from chatloop.train.ppo import masked_mean, token_forward
+from chatloop.train.common import Encoded, collate_groups, grouped_token_logprobs, sample_replies
+from chatloop.train.ppo import masked_mean
 
 
 # ---- the math ------------------------------------------------------------------------------------
@@ -68,7 +72,7 @@ class RlooConfig:
     k: int = 4  # replies per prompt
     steps: int = 12  # rollout batches per cycle: steps * prompts_per_step * k replies in all
     epochs: int = 1  # optimisation passes over each rollout batch (TRL's num_iterations)
-    minibatch_size: int = 16  # replies per optimiser step
+    minibatch_size: int = 16  # replies per optimiser step, in whole prompts' k replies (at least one prompt)
     max_new_tokens: int = 48
     max_prompt_tokens: int = 384
     temperature: float = 1.0
@@ -80,10 +84,16 @@ class RlooConfig:
     seed: int = 0
 
 
-def _seq_logps(model, batch, temperature: float, ctx=None):
+def _group_logps(model, prompt_ids: list[list[int]], replies: list[list[int]], k: int, pad_id: int,
+                 temperature: float, device, ctx=None):
+    """Per-token log-probs, entropies and mask of replies laid out as RLOO rows (row ``p * k + j`` is
+    reply ``j`` to ``prompt_ids[p]``), each prompt run once for its k replies (``PromptGroups``)."""
+    groups = [[Encoded(p, replies[q * k + j]) for j in range(k)] for q, p in enumerate(prompt_ids)]
+    n = len(prompt_ids)
+    order = torch.tensor([j * n + q for q in range(n) for j in range(k)], device=device)  # group row -> RLOO row
     with ctx or nullcontext():
-        lp, ent, _, mask = token_forward(model, None, batch, temperature)
-    return lp, ent, mask
+        lp, ent, mask = grouped_token_logprobs(model, collate_groups(groups, pad_id).to(device), temperature)
+    return lp[order], ent[order], mask[order]
 
 
 def train_rloo(
@@ -126,24 +136,32 @@ def train_rloo(
         texts = [tokenizer.decode(y, skip_special_tokens=True) for y in replies]
         scores = torch.tensor(reward_fn([(list(prompts[i]), t) for i, t in zip(rows, texts)]),
                               dtype=torch.float, device=device)
-        batch = collate([Encoded(encoded[i], y) for i, y in zip(rows, replies)], tokenizer.pad_token_id).to(device)
+        prompt_ids = [encoded[i] for i in pick]
+        pad = tokenizer.pad_token_id
+
+        def logps(model, q: list[int], ctx=None):  # the replies of prompts q (positions in pick)
+            return _group_logps(model, [prompt_ids[i] for i in q], [replies[i * cfg.k + j] for i in q for j in range(cfg.k)],
+                                cfg.k, pad, cfg.temperature, device, ctx)
+
+        everyone = list(range(len(pick)))
         with torch.no_grad():
-            old_lp, _, mask = _seq_logps(policy, batch, cfg.temperature)
+            old_lp, _, mask = logps(policy, everyone)
             if reference is None:
-                ref_lp, _, _ = _seq_logps(policy, batch, cfg.temperature, policy.disable_adapter())
+                ref_lp, _, _ = logps(policy, everyone, policy.disable_adapter())
             else:
-                ref_lp, _, _ = _seq_logps(reference, batch, cfg.temperature)
+                ref_lp, _, _ = logps(reference, everyone)
             seq_kl = ((old_lp - ref_lp) * mask).sum(dim=1)
             adv, rewards = rloo_advantages(scores, seq_kl, cfg.k, cfg.beta, cfg.normalize_advantages)
         old_seq = (old_lp * mask).sum(dim=1)
         rollout_s = time.perf_counter() - t_roll
         stats = []  # the policy stays in eval mode: no dropout, as TRL's disable_dropout
+        per_minibatch = max(1, cfg.minibatch_size // cfg.k)  # whole prompts: each is run once for its k replies
         for _ in range(cfg.epochs):
-            perm = torch.randperm(len(rows), generator=gen).tolist()
-            for s in range(0, len(rows), cfg.minibatch_size):
-                idx = perm[s:s + cfg.minibatch_size]
-                sub = collate([Encoded(encoded[rows[i]], replies[i]) for i in idx], tokenizer.pad_token_id).to(device)
-                lp, ent, m = _seq_logps(policy, sub, cfg.temperature)
+            perm = torch.randperm(len(pick), generator=gen).tolist()
+            for s in range(0, len(pick), per_minibatch):
+                q = perm[s:s + per_minibatch]
+                idx = [i * cfg.k + j for i in q for j in range(cfg.k)]
+                lp, ent, m = logps(policy, q)
                 loss, frac = rloo_loss((lp * m).sum(dim=1), old_seq[idx], adv[idx], cfg.epsilon, cfg.epsilon_high)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
