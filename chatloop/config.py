@@ -59,6 +59,10 @@ class TrainingDefaults:
     select_best: bool = True
     evals_per_epoch: int = 2
     early_stop_patience: int = 2  # 0 = never stop early
+    # ... but only with at least this many held-out pairs (KTO: thumbs); fewer cannot tell a step from
+    # noise: with 6 held-out pairs the concise loop's DPO kept its starting point (docs/LOG.md 2026-12-04),
+    # so with fewer every epoch is trained and the gate's other checks decide
+    select_min_heldout: int = 16
     # DPO also learns from the snapshot's thumbs (KTO's loss with z = 0, see chatloop/train/dpo.py) at this
     # weight; 0 = pairs only. Opt-in: it helped the sentiment log but sent the concise log off-topic (docs/LOG.md)
     dpo_thumbs_weight: float = 0.0

@@ -351,3 +351,20 @@ def test_rpo_nll_is_the_chosen_replies_per_token_cross_entropy(tiny_model_dir, l
     assert h["nll"] == pytest.approx(total / tokens, rel=1e-4)
     assert h["loss"] == pytest.approx(h["pairs_loss"] + 0.5 * h["nll"], rel=1e-5)
     assert "nll" not in train_dpo(model, tok, pairs, [], DpoConfig(epochs=1, batch_size=4, learning_rate=0.0))["history"][0]
+
+
+def test_too_few_held_out_pairs_do_not_choose_the_checkpoint(tiny_model_dir):
+    """With fewer held-out pairs than ``select_min_heldout`` the held-out loss is noise: no early
+    stop, every epoch is trained, and the held-out figures are those of the weights handed back."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    pairs = [{"prompt": [{"role": "user", "content": f"Tell me about topic {i}"}],
+              "chosen": "Sure, happy to help.", "rejected": "Go away."} for i in range(8)]
+    flipped = [{"prompt": [{"role": "user", "content": f"Tell me about thing {i}"}],
+                "chosen": "Go away.", "rejected": "Sure, happy to help."} for i in range(2)]
+    cfg = DpoConfig(epochs=3, batch_size=4, learning_rate=5e-3, beta=0.1, evals_per_epoch=2, patience=1,
+                    select_min_heldout=3)
+    m = train_dpo(_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir)), tok, pairs, flipped, cfg)
+    assert m["selection"] is None and m["steps"] == 6  # 3 epochs of 2 batches, no early stop
+    assert m["held_out"]["pairs"] == 2 and m["held_out"]["loss"] > math.log(2)  # the trained weights, scored

@@ -39,6 +39,7 @@ class TrainConfig:
     max_reply_tokens: int = 256  # a longer reply is cut
     seed: int = 0
     select_best: bool = True  # keep the checkpoint with the lowest held-out loss (when anything is held out)
+    select_min_heldout: int = 1  # DPO/KTO select (and stop early) only with at least this many held-out examples
     evals_per_epoch: int = 2  # held-out scores an epoch (and one before the first step)
     patience: int = 2  # stop after this many held-out scores without a new best (0 = never)
 

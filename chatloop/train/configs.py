@@ -29,7 +29,8 @@ def training_settings(settings: dict[str, Any]) -> TrainingDefaults:
 def _shared(t: TrainingDefaults) -> dict[str, Any]:
     return {"learning_rate": t.learning_rate, "epochs": t.epochs, "batch_size": t.batch_size,
             "max_prompt_tokens": t.max_prompt_tokens, "max_reply_tokens": t.max_reply_tokens, "seed": t.seed,
-            "select_best": t.select_best, "evals_per_epoch": t.evals_per_epoch, "patience": t.early_stop_patience}
+            "select_best": t.select_best, "select_min_heldout": t.select_min_heldout,
+            "evals_per_epoch": t.evals_per_epoch, "patience": t.early_stop_patience}
 
 
 def dpo_config(t: TrainingDefaults):

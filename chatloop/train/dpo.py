@@ -11,9 +11,9 @@ Invariants:
   one pass over their prompt (see ``common``).
 - IPO uses length-averaged log-probs (as in the IPO paper's and TRL's implementations);
   sigmoid DPO uses summed log-probs.
-- With held-out pairs and ``select_best`` the adapter handed back is the one with the lowest
-  held-out DPO loss among the starting point and ``evals_per_epoch`` checkpoints per epoch
-  (``common.HeldOutSelection``); the held-out metrics then describe the set it was chosen on.
+- With at least ``select_min_heldout`` held-out pairs and ``select_best`` the adapter handed back
+  is the one with the lowest held-out DPO loss among the starting point and ``evals_per_epoch``
+  checkpoints per epoch (``common.HeldOutSelection``); the held-out metrics then describe the set it was chosen on.
 
 Thumbs (``thumbs_weight`` > 0): a lone thumb on a reply makes no pair, yet thumbs are about half of
 what users give. Each step then also takes ``thumbs_per_step`` of the snapshot's thumbs, in a seeded
@@ -272,7 +272,7 @@ def train_dpo(
         return loss, metrics
 
     selection = None
-    if held and cfg.select_best:
+    if held and cfg.select_best and len(held) >= cfg.select_min_heldout:
         zero = torch.zeros(1)  # the policy is its reference at the start: every log-ratio is 0
         start = float(dpo_loss(zero, zero, zero, zero, cfg.beta, cfg.loss_type, cfg.label_smoothing)[0][0])
         selection = HeldOutSelection.per_epoch(

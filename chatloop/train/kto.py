@@ -13,8 +13,8 @@ Invariants: as in DPO, the reference is the policy before the first update, so r
 log-probs (matched and mismatched) are computed once per example before training. The
 mismatched reply of each example is fixed at preparation (rotation by one inside consecutive
 chunks of ``batch_size``, as TRL does), so its reference log-prob stays valid across epochs.
-With held-out thumbs and ``select_best`` the adapter handed back is the checkpoint with the lowest
-held-out KTO loss (``common.HeldOutSelection``), as in DPO.
+With at least ``select_min_heldout`` held-out thumbs and ``select_best`` the adapter handed back is
+the checkpoint with the lowest held-out KTO loss (``common.HeldOutSelection``), as in DPO.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def train_kto(
         }
 
     selection = None
-    if held and cfg.select_best:
+    if held and cfg.select_best and len(held) >= cfg.select_min_heldout:
         # at the start every log-ratio and z are 0: each example's loss is half its weight, every
         # reward ties (accuracies 0.5)
         start = sum(cfg.desirable_weight if e.desirable else cfg.undesirable_weight for e in held) / 2 / len(held)
