@@ -114,7 +114,9 @@ class TrainingDefaults:
     ppo_init_kl_coef: float = 0.05
     ppo_target_kl: float = 6.0
     # RLOO (chatloop/train/rloo.py): steps x prompts_per_step x k sampled replies a cycle
-    rloo_learning_rate: float = 1e-4
+    # at 1e-4 (24 optimiser steps a cycle) it did not move even with the oracle as its reward; at 1e-3 the
+    # oracle's score rose 0.12 -> 0.69 over 12 steps (docs/LOG.md 2026-12-04, late)
+    rloo_learning_rate: float = 1e-3
     rloo_steps: int = 12
     rloo_prompts_per_step: int = 8
     rloo_k: int = 4  # replies per prompt; the leave-one-out baseline is the other k - 1's mean reward
@@ -123,6 +125,9 @@ class TrainingDefaults:
     rloo_beta: float = 0.05  # KL penalty per nat of sequence log-ratio to the reference
     rloo_max_new_tokens: int = 48
     rloo_normalize_advantages: bool = False
+    # plus this times each sampled reply's task relevance (the gate's PMI, nats/token) in its reward: at
+    # 0 RLOO at lr 1e-3 learned its reward model's taste for upbeat assistant talk (docs/LOG.md)
+    rloo_relevance_coef: float = 0.0
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
     gate_prompts: int = 32  # held-out prompts both sides answer (0 = no behavioural checks); 16 left the
     #                         relevance figure too noisy (docs/LOG.md 2026-12-03)

@@ -130,3 +130,35 @@ def test_group_logps_equal_each_reply_on_its_own(tiny_model_dir, temperature):
     torch.testing.assert_close(ent, want_ent, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref_lp, want_ref, atol=1e-5, rtol=1e-5)
     assert (lp - ref_lp).abs().max() > 1e-2  # the adapter mattered
+
+
+def test_relevance_in_the_reward_is_the_gates_pmi(tiny_model_dir):
+    """The relevance RLOO adds to a reply's reward is ``relevance.pmi_per_token`` of the base model
+    (the policy with its adapter off), reusing the reference pass or not, and 0 for an empty reply."""
+    from transformers import AutoTokenizer
+
+    from chatloop.train.relevance import pmi_per_token
+    from chatloop.train.rloo import _group_logps, _relevance
+
+    policy = _policy(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # the adapter must not leak into the base's figure
+    policy.eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (6, 4, 8)]
+    k, eos = 2, tok.eos_token_id
+    replies = [torch.randint(3, 60, (n,), generator=g).tolist() + [eos] for n in (3, 5, 2, 4, 6)] + [[eos]]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        base_lp, _, mask = _group_logps(policy, prompts, replies, k, tok.pad_token_id, 1.0, cpu, policy.disable_adapter())
+        got = _relevance(policy, None, prompts, replies, mask, tok, k, cpu)
+        reused = _relevance(policy, base_lp, prompts, replies, mask, tok, k, cpu)
+        with policy.disable_adapter():
+            want = pmi_per_token(policy, tok, [prompts[i // k] for i in range(len(replies))], replies)
+    assert want[-1] is None and float(got[-1]) == 0.0
+    torch.testing.assert_close(got[:-1], torch.tensor(want[:-1]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reused, got)
+    assert got[:-1].abs().max() > 1e-3

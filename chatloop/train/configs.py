@@ -80,7 +80,8 @@ def rloo_config(t: TrainingDefaults):
     return RlooConfig(learning_rate=t.rloo_learning_rate, steps=t.rloo_steps, prompts_per_step=t.rloo_prompts_per_step,
                       k=t.rloo_k, epochs=t.rloo_epochs, minibatch_size=t.rloo_minibatch_size, beta=t.rloo_beta,
                       max_new_tokens=t.rloo_max_new_tokens, max_prompt_tokens=t.max_prompt_tokens,
-                      normalize_advantages=t.rloo_normalize_advantages, seed=t.seed)
+                      normalize_advantages=t.rloo_normalize_advantages,
+                      relevance_coef=t.rloo_relevance_coef, seed=t.seed)
 
 
 def lora_config(t: TrainingDefaults):

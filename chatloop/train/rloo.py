@@ -81,6 +81,8 @@ class RlooConfig:
     epsilon_high: float | None = None
     normalize_advantages: bool = False
     max_grad_norm: float = 1.0
+    # plus this times each reply's task relevance (nats/token, chatloop/train/relevance.py) in its reward
+    relevance_coef: float = 0.0
     seed: int = 0
 
 
@@ -94,6 +96,24 @@ def _group_logps(model, prompt_ids: list[list[int]], replies: list[list[int]], k
     with ctx or nullcontext():
         lp, ent, mask = grouped_token_logprobs(model, collate_groups(groups, pad_id).to(device), temperature)
     return lp[order], ent[order], mask[order]
+
+
+def _relevance(policy, base_lp: torch.Tensor | None, prompt_ids: list[list[int]], replies: list[list[int]],
+               mask: torch.Tensor, tokenizer, k: int, device) -> torch.Tensor:
+    """Each reply's task relevance (``relevance.py``: the base model's PMI of reply and prompt per
+    token, against another prompt of the step; the base is the policy under ``disable_adapter``),
+    given the base's log-probs after the replies' own prompts when already computed; 0 for an
+    empty reply."""
+    from chatloop.train.relevance import empty_prompt_ids, mismatched
+
+    def base(prompts: list[list[int]]) -> torch.Tensor:
+        return _group_logps(policy, prompts, replies, k, tokenizer.pad_token_id, 1.0, device, policy.disable_adapter())[0]
+
+    own = base(prompt_ids) if base_lp is None else base_lp
+    other_lp = base(mismatched(prompt_ids, empty_prompt_ids(tokenizer)))
+    pmi = ((own - other_lp) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    empty = torch.tensor([all(t == tokenizer.eos_token_id for t in r) for r in replies], device=device)
+    return pmi.masked_fill(empty, 0.0)
 
 
 def train_rloo(
@@ -151,6 +171,12 @@ def train_rloo(
             else:
                 ref_lp, _, _ = logps(reference, everyone)
             seq_kl = ((old_lp - ref_lp) * mask).sum(dim=1)
+            relevance = None
+            if cfg.relevance_coef:
+                reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
+                relevance = _relevance(policy, ref_lp if reusable else None, prompt_ids, replies, mask, tokenizer,
+                                       cfg.k, device)
+                scores = scores + cfg.relevance_coef * relevance
             adv, rewards = rloo_advantages(scores, seq_kl, cfg.k, cfg.beta, cfg.normalize_advantages)
         old_seq = (old_lp * mask).sum(dim=1)
         rollout_s = time.perf_counter() - t_roll
@@ -173,6 +199,7 @@ def train_rloo(
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         grouped = scores.view(-1, cfg.k)
         m_out = {"step": step + 1, "total": cfg.steps, **mean, "mean_reward": float(scores.mean()),
+                 **({"mean_relevance": float(relevance.mean())} if relevance is not None else {}),
                  "kl": float(((old_lp - ref_lp) * mask).sum() / mask.sum().clamp(min=1)),
                  "penalised_reward": float(rewards.mean()), "advantage_std": float(adv.std()),
                  "within_prompt_score_std": float(grouped.std(dim=1).mean()),
