@@ -125,8 +125,9 @@ class TrainingDefaults:
     rloo_beta: float = 0.05  # KL penalty per nat of sequence log-ratio to the reference
     rloo_max_new_tokens: int = 48
     rloo_normalize_advantages: bool = False
-    # plus this times each sampled reply's task relevance (the gate's PMI, nats/token) in its reward: at
-    # 0 RLOO at lr 1e-3 learned its reward model's taste for upbeat assistant talk (docs/LOG.md)
+    # minus this times how far each sampled reply's task relevance (the gate's PMI, nats/token) falls below
+    # where the policy started, in its reward: at 0 RLOO at lr 1e-3 learned its reward model's taste for
+    # upbeat assistant talk (docs/LOG.md)
     rloo_relevance_coef: float = 0.0
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
     gate_prompts: int = 32  # held-out prompts both sides answer (0 = no behavioural checks); 16 left the

@@ -81,7 +81,9 @@ class RlooConfig:
     epsilon_high: float | None = None
     normalize_advantages: bool = False
     max_grad_norm: float = 1.0
-    # plus this times each reply's task relevance (nats/token, chatloop/train/relevance.py) in its reward
+    # minus this times how far each reply's task relevance (nats/token, chatloop/train/relevance.py) falls
+    # below the first step's mean (where the policy started), in its reward; relevance above that earns
+    # nothing: rewarded without a ceiling, RLOO learned to copy its prompt (docs/LOG.md 2026-12-04, late)
     relevance_coef: float = 0.0
     seed: int = 0
 
@@ -142,6 +144,7 @@ def train_rloo(
     history: list[dict] = []
     t0 = time.perf_counter()
     seen = 0
+    floor: float | None = None  # the relevance the policy started at (first step's mean)
     for step in range(cfg.steps):
         if should_stop():
             raise InterruptedError("training cancelled")
@@ -176,7 +179,9 @@ def train_rloo(
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
                 relevance = _relevance(policy, ref_lp if reusable else None, prompt_ids, replies, mask, tokenizer,
                                        cfg.k, device)
-                scores = scores + cfg.relevance_coef * relevance
+                if floor is None:
+                    floor = float(relevance.mean())
+                scores = scores + cfg.relevance_coef * (relevance - floor).clamp(max=0.0)
             adv, rewards = rloo_advantages(scores, seq_kl, cfg.k, cfg.beta, cfg.normalize_advantages)
         old_seq = (old_lp * mask).sum(dim=1)
         rollout_s = time.perf_counter() - t_roll
@@ -199,7 +204,7 @@ def train_rloo(
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         grouped = scores.view(-1, cfg.k)
         m_out = {"step": step + 1, "total": cfg.steps, **mean, "mean_reward": float(scores.mean()),
-                 **({"mean_relevance": float(relevance.mean())} if relevance is not None else {}),
+                 **({"mean_relevance": float(relevance.mean()), "relevance_floor": floor} if relevance is not None else {}),
                  "kl": float(((old_lp - ref_lp) * mask).sum() / mask.sum().clamp(min=1)),
                  "penalised_reward": float(rewards.mean()), "advantage_std": float(adv.std()),
                  "within_prompt_score_std": float(grouped.std(dim=1).mean()),
