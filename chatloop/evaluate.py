@@ -23,7 +23,7 @@ A candidate is promoted only when every check passes:
    through (it did: docs/LOG.md); an unchanged adapter ties everywhere and has the same mean. The check is skipped, and says so, when no reward model could be trained or no prompts
    were held out;
 4. KL to the base model on the candidate's own replies is at most ``gate_max_kl`` nats per token;
-5. its share of degenerate replies (empty or repetitive) exceeds the reference's by at most
+5. its share of degenerate replies (empty, repetitive or echoing the prompt) exceeds the reference's by at most
    ``gate_max_degenerate_increase``;
 6. task relevance (``chatloop.train.relevance``: how much likelier the base model finds each reply
    after its own prompt than after another held-out prompt, in nats per token) falls at most
@@ -142,9 +142,9 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
                       kl, t.gate_max_kl))
     deg = judged["degenerate"]
     ok = deg["candidate"] <= deg["reference"] + t.gate_max_degenerate_increase
-    verdict.add(Check("degenerate", ok, f"degenerate replies {deg['candidate']:.2f} vs reference "
-                                        f"{deg['reference']:.2f} ({'within' if ok else 'beyond'} "
-                                        f"+{t.gate_max_degenerate_increase:g})",
+    verdict.add(Check("degenerate", ok, f"degenerate replies (empty, repetitive or echoing the prompt) "
+                                        f"{deg['candidate']:.2f} vs reference {deg['reference']:.2f} "
+                                        f"({'within' if ok else 'beyond'} +{t.gate_max_degenerate_increase:g})",
                       deg["candidate"] - deg["reference"], t.gate_max_degenerate_increase))
     return verdict.add(relevance_check(judged.get("relevance"), t))
 

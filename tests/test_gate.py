@@ -143,3 +143,20 @@ def test_a_candidate_whose_best_checkpoint_is_its_start_is_rejected():
     m["selection"]["best_step"] = 6
     m["held_out"]["accuracy"] = 0.7
     assert gate(m).promote
+
+
+def test_a_reply_that_echoes_its_prompt_is_degenerate():
+    """RLOO paid for relevance without a ceiling learned to copy the review opening it was asked
+    to continue (docs/LOG.md 2026-12-04, late): 8 consecutive prompt tokens make a reply degenerate,
+    7 or a scattered reuse of the prompt's tokens do not."""
+    from chatloop.train.judge import ECHO_TOKENS, is_degenerate
+
+    eos = 0
+    prompt = list(range(100, 120))
+    fresh = list(range(200, 230))
+    assert not is_degenerate(fresh + [eos], eos, prompt)
+    assert is_degenerate(fresh[:5] + prompt[3:3 + ECHO_TOKENS] + fresh[5:] + [eos], eos, prompt)
+    assert not is_degenerate(fresh[:5] + prompt[3:3 + ECHO_TOKENS - 1] + fresh[5:] + [eos], eos, prompt)
+    scattered = [t for pair in zip(prompt[::2], fresh) for t in pair]  # prompt tokens, never 2 in a row
+    assert not is_degenerate(scattered, eos, prompt)
+    assert not is_degenerate(prompt[:ECHO_TOKENS] + fresh, eos)  # no prompt given: not an echo

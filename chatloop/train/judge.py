@@ -5,7 +5,7 @@ seed, the serving defaults' temperature and top-p), and the gate's behavioural m
 - the reward model's mean score of each side and the candidate's win rate (ties count half);
 - KL to the base model: the mean per-token log-ratio log p_candidate - log p_base over the
   candidate's own sampled replies (the usual sample estimate);
-- the share of degenerate replies on each side (empty, or mostly repeated 3-grams);
+- the share of degenerate replies on each side (empty, mostly repeated 3-grams, or echoing the prompt);
 - mean reply length on each side (length gaming shows up here);
 - task relevance: the base model's prompt-reply PMI per token of the candidate's, the reference's
   and the base model's replies (``chatloop.train.relevance``); off-topic drift shows up here.
@@ -29,14 +29,24 @@ from chatloop.train.relevance import pmi_per_token, summary
 TEMPERATURE, TOP_P = 0.7, 0.9  # the serving defaults: judge what users would see
 
 
-def is_degenerate(tokens: Sequence[int], eos_id: int | None) -> bool:
-    """Empty, or (8+ tokens) fewer than half of its 3-grams distinct."""
+ECHO_TOKENS = 8  # a reply holding this many consecutive tokens of its prompt echoes it
+
+
+def is_degenerate(tokens: Sequence[int], eos_id: int | None, prompt: Sequence[int] = ()) -> bool:
+    """Empty; or (8+ tokens) fewer than half of its 3-grams distinct; or echoing its ``prompt``:
+    ``ECHO_TOKENS`` consecutive tokens of it verbatim (a policy paid for relevance learned to copy
+    the review opening it was asked to continue, docs/LOG.md 2026-12-04, late)."""
     body = [t for t in tokens if t != eos_id]
     if not body:
         return True
     if len(body) >= 8:
         grams = [tuple(body[i:i + 3]) for i in range(len(body) - 2)]
-        return len(set(grams)) / len(grams) < 0.5
+        if len(set(grams)) / len(grams) < 0.5:
+            return True
+    n = ECHO_TOKENS
+    if len(body) >= n and len(prompt) >= n:
+        quoted = {tuple(prompt[i:i + n]) for i in range(len(prompt) - n + 1)}
+        return any(tuple(body[i:i + n]) in quoted for i in range(len(body) - n + 1))
     return False
 
 
@@ -102,7 +112,7 @@ def judge(candidate, reference, tokenizer, contexts: list[list[dict[str, str]]],
         "relevance": relevance,
         "prompts": n,
         "kl_to_base": kl_to_base(candidate, tokenizer, enc, replies["candidate"]),
-        "degenerate": {s: sum(is_degenerate(r, eos) for r in rs) / n for s, rs in replies.items()},
+        "degenerate": {s: sum(is_degenerate(r, eos, p) for r, p in zip(rs, enc)) / n for s, rs in replies.items()},
         "mean_reply_tokens": {s: sum(len([t for t in r if t != eos]) for r in rs) / n for s, rs in replies.items()},
     }
     texts = {s: [tokenizer.decode(r, skip_special_tokens=True) for r in rs] for s, rs in replies.items()}
