@@ -162,3 +162,26 @@ def test_relevance_in_the_reward_is_the_gates_pmi(tiny_model_dir):
     torch.testing.assert_close(got[:-1], torch.tensor(want[:-1]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(reused, got)
     assert got[:-1].abs().max() > 1e-3
+
+
+def test_the_relevance_term_only_penalises_falling_below_the_start(monkeypatch):
+    """With ``relevance_coef`` each reward loses coef x (relevance - the first step's mean) where
+    that is negative, and gains nothing above it; the floor and the mean relevance are logged."""
+    from chatloop.train import rloo
+
+    policy, tok = _word_model()
+    prompts = [[{"role": "user", "content": f"w{i} w{i + 1}"}] for i in range(10, 14)]
+    relevances = iter([torch.tensor([0.0, 1.0, 2.0, 3.0] * 2), torch.tensor([-1.0, 1.5, 5.0, 1.5] * 2)])
+    monkeypatch.setattr(rloo, "_relevance", lambda *a, **k: next(relevances))
+    seen_scores = []
+    real = rloo.rloo_advantages
+    monkeypatch.setattr(rloo, "rloo_advantages", lambda scores, *a, **k: (seen_scores.append(scores.clone()),
+                                                                          real(scores, *a, **k))[1])
+    cfg = RlooConfig(learning_rate=1e-3, prompts_per_step=2, k=4, steps=2, minibatch_size=8, max_new_tokens=4,
+                     relevance_coef=2.0)
+    seen = []
+    train_rloo(policy, None, tok, prompts, lambda items: [1.0] * len(items), cfg, on_step=seen.append)
+    assert [h["relevance_floor"] for h in seen] == [1.5, 1.5]  # the first step's mean, kept
+    assert [h["mean_relevance"] for h in seen] == [1.5, 1.75]
+    assert seen_scores[0].tolist() == [1 - 3.0, 1 - 1.0, 1.0, 1.0] * 2
+    assert seen_scores[1].tolist() == [1 - 5.0, 1.0, 1.0, 1.0] * 2
