@@ -127,8 +127,9 @@ class TrainingDefaults:
     rloo_normalize_advantages: bool = False
     # minus this times how far each sampled reply's task relevance (the gate's PMI, nats/token) falls below
     # where the policy started, in its reward: at 0 RLOO at lr 1e-3 learned its reward model's taste for
-    # upbeat assistant talk (docs/LOG.md)
-    rloo_relevance_coef: float = 0.0
+    # upbeat assistant talk (relevance 0.21 vs base 0.59, rejected); at 5, +29 points on topic, promoted
+    # (docs/LOG.md 2026-12-04, late; 0 = off)
+    rloo_relevance_coef: float = 5.0
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
     gate_prompts: int = 32  # held-out prompts both sides answer (0 = no behavioural checks); 16 left the
     #                         relevance figure too noisy (docs/LOG.md 2026-12-03)
