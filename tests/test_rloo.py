@@ -183,5 +183,7 @@ def test_the_relevance_term_only_penalises_falling_below_the_start(monkeypatch):
     train_rloo(policy, None, tok, prompts, lambda items: [1.0] * len(items), cfg, on_step=seen.append)
     assert [h["relevance_floor"] for h in seen] == [1.5, 1.5]  # the first step's mean, kept
     assert [h["mean_relevance"] for h in seen] == [1.5, 1.75]
+    assert [h["mean_reward"] for h in seen] == [1.0, 1.0]  # the reward model's, as logged
+    assert [h["mean_shaped_reward"] for h in seen] == [0.0, -0.25]  # what the advantages came from
     assert seen_scores[0].tolist() == [1 - 3.0, 1 - 1.0, 1.0, 1.0] * 2
     assert seen_scores[1].tolist() == [1 - 5.0, 1.0, 1.0, 1.0] * 2

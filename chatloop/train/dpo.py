@@ -13,7 +13,8 @@ Invariants:
   sigmoid DPO uses summed log-probs.
 - With at least ``select_min_heldout`` held-out pairs and ``select_best`` the adapter handed back
   is the one with the lowest held-out DPO loss among the starting point and ``evals_per_epoch``
-  checkpoints per epoch (``common.HeldOutSelection``); the held-out metrics then describe the set it was chosen on.
+  checkpoints per epoch (``common.HeldOutSelection``); the held-out metrics then describe the set
+  it was chosen on.
 
 Thumbs (``thumbs_weight`` > 0): a lone thumb on a reply makes no pair, yet thumbs are about half of
 what users give. Each step then also takes ``thumbs_per_step`` of the snapshot's thumbs, in a seeded

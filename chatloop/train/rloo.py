@@ -109,7 +109,8 @@ def _relevance(policy, base_lp: torch.Tensor | None, prompt_ids: list[list[int]]
     from chatloop.train.relevance import empty_prompt_ids, mismatched
 
     def base(prompts: list[list[int]]) -> torch.Tensor:
-        return _group_logps(policy, prompts, replies, k, tokenizer.pad_token_id, 1.0, device, policy.disable_adapter())[0]
+        return _group_logps(policy, prompts, replies, k, tokenizer.pad_token_id, 1.0, device,
+                            policy.disable_adapter())[0]
 
     own = base(prompt_ids) if base_lp is None else base_lp
     other_lp = base(mismatched(prompt_ids, empty_prompt_ids(tokenizer)))
@@ -174,6 +175,7 @@ def train_rloo(
             else:
                 ref_lp, _, _ = logps(reference, everyone)
             seq_kl = ((old_lp - ref_lp) * mask).sum(dim=1)
+            reward_scores = scores  # the reward model's (logged), before the relevance term
             relevance = None
             if cfg.relevance_coef:
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
@@ -202,9 +204,10 @@ def train_rloo(
                               "entropy": float(masked_mean(ent.detach(), m)), "grad_norm": float(grad_norm)})
         seen += len(rows)
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        grouped = scores.view(-1, cfg.k)
-        m_out = {"step": step + 1, "total": cfg.steps, **mean, "mean_reward": float(scores.mean()),
-                 **({"mean_relevance": float(relevance.mean()), "relevance_floor": floor} if relevance is not None else {}),
+        grouped = reward_scores.view(-1, cfg.k)
+        shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor,
+                    "mean_shaped_reward": float(scores.mean())} if relevance is not None else {})
+        m_out = {"step": step + 1, "total": cfg.steps, **mean, "mean_reward": float(reward_scores.mean()), **shaping,
                  "kl": float(((old_lp - ref_lp) * mask).sum() / mask.sum().clamp(min=1)),
                  "penalised_reward": float(rewards.mean()), "advantage_std": float(adv.std()),
                  "within_prompt_score_std": float(grouped.std(dim=1).mean()),
