@@ -217,7 +217,7 @@ class AdapterSlots:
         while idle, and while busy once it has been missing ``spare_wait_s`` (so the step that
         builds it, a few hundred ms of PEFT's layer building, comes after the new version's first
         replies rather than before them)."""
-        if self._spare_shape is None or any(held is None for held in self._slots.values()):
+        if self._spare_shape is None or self.spare_ready:
             self._spare_missing_since = None
             return
         now = time.perf_counter()
