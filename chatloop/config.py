@@ -105,7 +105,9 @@ class TrainingDefaults:
     # PPO
     # LoRA takes 10-100x a full fine-tune's rate; at 1e-5 and 4 x 8 = 32 replies a cycle the policy
     # did not move (approximate KL 6e-6 to 5e-5 per update): 12 x 32 = 384 replies, sampled 32 at once
-    ppo_learning_rate: float = 1e-4
+    # at 1e-4 approximate KL per update stayed 3e-4-1e-3 and the cycle gained little; at 1e-3 it learned
+    # (+32 points), but persona talk until the relevance term below (docs/LOG.md 2026-12-04 late, 12-05)
+    ppo_learning_rate: float = 1e-3
     ppo_rollouts: int = 12
     ppo_rollout_batch_size: int = 32
     ppo_minibatch_size: int = 8
@@ -113,6 +115,7 @@ class TrainingDefaults:
     ppo_max_new_tokens: int = 48
     ppo_init_kl_coef: float = 0.05
     ppo_target_kl: float = 6.0
+    ppo_relevance_coef: float = 5.0  # as rloo_relevance_coef below (0 = off)
     # RLOO (chatloop/train/rloo.py): steps x prompts_per_step x k sampled replies a cycle
     # at 1e-4 (24 optimiser steps a cycle) it did not move even with the oracle as its reward; at 1e-3 the
     # oracle's score rose 0.12 -> 0.69 over 12 steps (docs/LOG.md 2026-12-04, late)

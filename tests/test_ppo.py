@@ -140,3 +140,69 @@ def test_train_ppo_runs_with_kl_tracking_and_reports_metrics(tiny_model_dir):
         assert all(math.isfinite(h[key]) for h in seen), key
     assert seen[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the policy starts equal to the reference
     assert m["final_kl"] != 0.0
+
+
+def test_relevance_in_the_reward_is_the_gates_pmi(tiny_model_dir):
+    """The relevance PPO adds to a reply's score is ``relevance.pmi_per_token`` of the base model
+    (the policy with its adapter off), reusing the reference pass or not, and 0 for an empty reply."""
+    from transformers import AutoTokenizer
+
+    from chatloop.train.ppo import _relevance
+    from chatloop.train.relevance import pmi_per_token
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = _policy(tiny_model_dir)
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # the adapter must not leak into the base's figure
+    policy.eval()
+    g = torch.Generator().manual_seed(3)
+    eos = tok.eos_token_id
+    prompts = [torch.randint(3, 60, (n,), generator=g).tolist() for n in (6, 4, 6, 8)]
+    prompts[2] = prompts[0]  # a prompt drawn twice: compared with another prompt, not itself
+    replies = [torch.randint(3, 60, (n,), generator=g).tolist() + [eos] for n in (3, 5, 2)] + [[eos]]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        with policy.disable_adapter():
+            base_lp, _, _, mask = token_forward(policy, None, collate([Encoded(p, y) for p, y in zip(prompts, replies)],
+                                                                      tok.pad_token_id))
+        got = _relevance(policy, None, prompts, replies, mask, tok, cpu)
+        reused = _relevance(policy, base_lp, prompts, replies, mask, tok, cpu)
+        with policy.disable_adapter():
+            want = pmi_per_token(policy, tok, prompts, replies)
+    assert want[-1] is None and float(got[-1]) == 0.0
+    torch.testing.assert_close(got[:-1], torch.tensor(want[:-1]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(reused, got)
+    assert got[:-1].abs().max() > 1e-3
+
+
+def test_the_relevance_term_only_penalises_falling_below_the_start(tiny_model_dir, monkeypatch):
+    """With ``relevance_coef`` each score loses coef x (relevance - the first rollout's mean) where
+    that is negative, and gains nothing above it; with no reference model the base (the policy's
+    adapter off) is the reference, so the first rollout's KL is 0."""
+    from transformers import AutoTokenizer
+
+    from chatloop.train import ppo
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = _policy(tiny_model_dir)
+    relevances = iter([torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([-1.0, 1.5, 5.0, 1.5])])
+    monkeypatch.setattr(ppo, "_relevance", lambda *a, **k: next(relevances))
+    seen_scores = []
+    real = ppo.kl_penalized_rewards
+    monkeypatch.setattr(ppo, "kl_penalized_rewards",
+                        lambda logp, ref, mask, scores, coef: (seen_scores.append(scores.clone()),
+                                                               real(logp, ref, mask, scores, coef))[1])
+    cfg = PpoConfig(rollout_batch_size=4, minibatch_size=4, ppo_epochs=1, rollouts=2, max_new_tokens=4,
+                    learning_rate=1e-3, relevance_coef=2.0)
+    seen = []
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    train_ppo(policy, None, tok, prompts, lambda items: [1.0] * len(items), cfg, on_step=seen.append)
+    assert [h["relevance_floor"] for h in seen] == [1.5, 1.5]  # the first rollout's mean, kept
+    assert [h["mean_relevance"] for h in seen] == [1.5, 1.75]
+    assert [h["mean_reward"] for h in seen] == [1.0, 1.0]  # the reward model's, as logged
+    assert [h["mean_shaped_reward"] for h in seen] == [0.0, -0.25]
+    assert seen_scores[0].tolist() == [1 - 3.0, 1 - 1.0, 1.0, 1.0]
+    assert seen_scores[1].tolist() == [1 - 5.0, 1.0, 1.0, 1.0]
+    assert seen[0]["kl"] == pytest.approx(0.0, abs=1e-5)

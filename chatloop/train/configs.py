@@ -71,7 +71,8 @@ def ppo_config(t: TrainingDefaults):
     return PpoConfig(learning_rate=t.ppo_learning_rate, rollout_batch_size=t.ppo_rollout_batch_size,
                      minibatch_size=t.ppo_minibatch_size, ppo_epochs=t.ppo_epochs, rollouts=t.ppo_rollouts,
                      max_new_tokens=t.ppo_max_new_tokens, max_prompt_tokens=t.max_prompt_tokens,
-                     init_kl_coef=t.ppo_init_kl_coef, target_kl=t.ppo_target_kl, seed=t.seed)
+                     init_kl_coef=t.ppo_init_kl_coef, target_kl=t.ppo_target_kl,
+                     relevance_coef=t.ppo_relevance_coef, seed=t.seed)
 
 
 def rloo_config(t: TrainingDefaults):

@@ -13,7 +13,11 @@ Per rollout batch:
 5. ``ppo_epochs`` passes of minibatches with the clipped policy loss and the clipped value loss;
 6. the KL coefficient adapts towards ``target_kl`` (proportional controller, clipped to +-20%).
 
-Invariants: the reference is a frozen copy of the policy as it started (the active adapter);
+With ``relevance_coef``, step 2's score also loses that much times how far the reply's task
+relevance (the gate's PMI, ``relevance.py``) falls below the first rollout's mean, as RLOO's does.
+
+Invariants: the reference is frozen (the active adapter; None: the base model, the policy under
+``disable_adapter``);
 log-probs, values and entropies cover reply tokens only; padding never counts.
 """
 
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from chatloop.train.common import Batch, Encoded, collate, sample_replies, split_lm
+from chatloop.train.relevance import relevance_penalty
 
 
 # ---- the math ------------------------------------------------------------------------------------
@@ -129,6 +134,7 @@ class PpoConfig:
     target_kl: float = 6.0
     kl_horizon: int = 10000
     whiten_rewards: bool = False
+    relevance_coef: float = 0.0  # as RlooConfig's: the hinge on the reply's relevance (0 = off)
     seed: int = 0
 
 
@@ -173,6 +179,24 @@ def token_forward(model: torch.nn.Module, value_head: torch.nn.Module | None, ba
     return lp, ent, val, mask
 
 
+def _relevance(policy, base_lp: torch.Tensor | None, prompt_ids: list[list[int]], replies: list[list[int]],
+               mask: torch.Tensor, tokenizer, device) -> torch.Tensor:
+    """Each reply's task relevance (``relevance.py``: the base model's PMI of reply and prompt per
+    token against another prompt of the batch; the base is the policy under ``disable_adapter``),
+    given the base's log-probs after the replies' own prompts at T = 1 when already computed."""
+    from chatloop.train.relevance import empty_prompt_ids, mismatched, per_token_pmi
+
+    def base(prompts: list[list[int]]) -> torch.Tensor:
+        batch = collate([Encoded(p, y) for p, y in zip(prompts, replies)], tokenizer.pad_token_id).to(device)
+        with policy.disable_adapter():
+            return token_forward(policy, None, batch)[0]
+
+    own = base(prompt_ids) if base_lp is None else base_lp
+    other_lp = base(mismatched(prompt_ids, empty_prompt_ids(tokenizer)))
+    empty = torch.tensor([all(t == tokenizer.eos_token_id for t in r) for r in replies], device=device)
+    return per_token_pmi(own, other_lp, mask, empty)
+
+
 def ppo_update(policy, value_head, opt, params, ro: Rollout, cfg: PpoConfig, gen: torch.Generator,
                should_stop: Callable[[], bool] = lambda: False) -> list[dict]:
     """``ppo_epochs`` passes of minibatch updates on one rollout batch; per-minibatch stats."""
@@ -207,7 +231,7 @@ def ppo_update(policy, value_head, opt, params, ro: Rollout, cfg: PpoConfig, gen
 
 def train_ppo(
     policy: torch.nn.Module,
-    reference: torch.nn.Module,
+    reference: torch.nn.Module | None,
     tokenizer,
     prompts: Sequence[list[dict]],
     reward_fn: Callable[[list[tuple[list[dict], str]]], list[float]],
@@ -215,7 +239,8 @@ def train_ppo(
     on_step: Callable[[dict], None] = lambda m: None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
-    """Optimise the policy's trainable (LoRA) parameters and a value head with PPO."""
+    """Optimise the policy's trainable (LoRA) parameters and a value head with PPO.
+    ``reference`` None means the base model under the policy's adapter (``disable_adapter``)."""
     if not prompts:
         raise ValueError("PPO needs logged prompts to roll out on")
     device = next(policy.parameters()).device
@@ -235,6 +260,7 @@ def train_ppo(
     history: list[dict] = []
     t0 = time.perf_counter()
     step = 0
+    floor: float | None = None  # the relevance the policy started at (first rollout's mean)
     gen = torch.Generator().manual_seed(cfg.seed)
     for r in range(cfg.rollouts):
         if should_stop():
@@ -249,7 +275,19 @@ def train_ppo(
                               dtype=torch.float, device=device)
         with torch.no_grad():
             old_logp, _, old_values, mask = token_forward(policy, value_head, batch, cfg.temperature)
-            ref_logp, _, _, _ = token_forward(reference, None, batch, cfg.temperature)
+            if reference is None:
+                with policy.disable_adapter():
+                    ref_logp, _, _, _ = token_forward(policy, None, batch, cfg.temperature)
+            else:
+                ref_logp, _, _, _ = token_forward(reference, None, batch, cfg.temperature)
+            reward_scores, relevance = scores, None  # the reward model's (logged), before the relevance term
+            if cfg.relevance_coef:
+                reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
+                relevance = _relevance(policy, ref_logp if reusable else None, [encoded[i] for i in pick], replies,
+                                       mask, tokenizer, device)
+                if floor is None:
+                    floor = float(relevance.mean())
+                scores = scores + relevance_penalty(relevance, floor, cfg.relevance_coef)
             rewards, kl = kl_penalized_rewards(old_logp, ref_logp, mask, scores, kl_ctl.value)
             if cfg.whiten_rewards:
                 rewards = whiten(rewards, mask, shift_mean=False)
@@ -261,7 +299,9 @@ def train_ppo(
         step += len(stats)
         kl_ctl.update(rollout_kl, cfg.rollout_batch_size)
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        m_out = {"step": step, "total": total, "rollout": r, **mean, "mean_reward": float(scores.mean()),
+        shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor,
+                    "mean_shaped_reward": float(scores.mean())} if relevance is not None else {})
+        m_out = {"step": step, "total": total, "rollout": r, **mean, "mean_reward": float(reward_scores.mean()), **shaping,
                  "kl": rollout_kl, "kl_coef": kl_ctl.value,
                  "reply_tokens": float(mask.sum(dim=1).mean()), "elapsed_s": time.perf_counter() - t0}
         history.append(m_out)

@@ -116,6 +116,21 @@ def relevance_of_texts(base_model, tokenizer, contexts: Sequence[Sequence[dict[s
     return summary(pmi_of_texts(base_model, tokenizer, contexts, texts, max_prompt_tokens, max_reply_tokens))
 
 
+def per_token_pmi(own_lp: torch.Tensor, other_lp: torch.Tensor, mask: torch.Tensor,
+                  empty: torch.Tensor) -> torch.Tensor:
+    """Each row's PMI per reply token from (B, R) per-token log-probs after its own prompt and after
+    the mismatched one (``mask`` marks reply tokens); 0 where ``empty`` (a reply of EOS only)."""
+    pmi = ((own_lp - other_lp) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    return pmi.masked_fill(empty, 0.0)
+
+
+def relevance_penalty(relevance: torch.Tensor, floor: float, coef: float) -> torch.Tensor:
+    """The hinge a policy-gradient reward adds: ``coef`` x how far each reply's relevance falls below
+    ``floor`` (where the policy started), nothing above it. Rewarded without a ceiling, RLOO learned
+    to copy its prompt (docs/LOG.md 2026-12-04, late)."""
+    return coef * (relevance - floor).clamp(max=0.0)
+
+
 def relevant_pairs(values: Sequence[float | None], min_share: float,
                    threshold: float | None = None) -> tuple[list[bool], dict[str, Any]]:
     """Which preference pairs to learn from, given each pair's chosen reply's PMI per token

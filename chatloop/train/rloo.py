@@ -36,6 +36,7 @@ import torch
 
 from chatloop.train.common import Encoded, collate_groups, grouped_token_logprobs, sample_replies
 from chatloop.train.ppo import masked_mean
+from chatloop.train.relevance import relevance_penalty
 
 
 # ---- the math ------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def _relevance(policy, base_lp: torch.Tensor | None, prompt_ids: list[list[int]]
     token, against another prompt of the step; the base is the policy under ``disable_adapter``),
     given the base's log-probs after the replies' own prompts when already computed; 0 for an
     empty reply."""
-    from chatloop.train.relevance import empty_prompt_ids, mismatched
+    from chatloop.train.relevance import empty_prompt_ids, mismatched, per_token_pmi
 
     def base(prompts: list[list[int]]) -> torch.Tensor:
         return _group_logps(policy, prompts, replies, k, tokenizer.pad_token_id, 1.0, device,
@@ -114,9 +115,8 @@ def _relevance(policy, base_lp: torch.Tensor | None, prompt_ids: list[list[int]]
 
     own = base(prompt_ids) if base_lp is None else base_lp
     other_lp = base(mismatched(prompt_ids, empty_prompt_ids(tokenizer)))
-    pmi = ((own - other_lp) * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     empty = torch.tensor([all(t == tokenizer.eos_token_id for t in r) for r in replies], device=device)
-    return pmi.masked_fill(empty, 0.0)
+    return per_token_pmi(own, other_lp, mask, empty)
 
 
 def train_rloo(
@@ -183,7 +183,7 @@ def train_rloo(
                                        cfg.k, device)
                 if floor is None:
                     floor = float(relevance.mean())
-                scores = scores + cfg.relevance_coef * (relevance - floor).clamp(max=0.0)
+                scores = scores + relevance_penalty(relevance, floor, cfg.relevance_coef)
             adv, rewards = rloo_advantages(scores, seq_kl, cfg.k, cfg.beta, cfg.normalize_advantages)
         old_seq = (old_lp * mask).sum(dim=1)
         rollout_s = time.perf_counter() - t_roll

@@ -199,20 +199,16 @@ def train_reward_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict)
     return metrics, rm
 
 
-def _rollout_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict, train, cfg,
-                 needs_reference_model: bool) -> dict:
+def _rollout_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict, train, cfg) -> dict:
     """Reward model first, then the policy-gradient ``train`` against it on the training prompts;
     the candidate is compared with the reference by that reward model on held-out prompts
-    (sampled replies, same seeds). ``needs_reference_model``: a base-model reference is loaded
-    as its own model (PPO) instead of the policy with its adapter disabled (RLOO)."""
+    (sampled replies, same seeds). A base-model reference is the policy with its adapter disabled."""
     from chatloop.prefs import read_jsonl
 
     reward_metrics, rm = train_reward_job(job_dir, job, t, in_phase(hooks, "reward model"))
     loaded = _load(job)
     policy = _policy(loaded, job, t)
     reference = _reference(job)
-    if reference is None and needs_reference_model:
-        reference = _load(job).model.eval().requires_grad_(False)
     tok = loaded.tokenizer
     prompts = [p["prompt"] for p in read_jsonl(job_dir / "train_prompts.jsonl")]
     metrics = train(policy, reference, tok, prompts, _reward_fn(rm, tok, t), cfg, **hooks)
@@ -225,13 +221,13 @@ def _rollout_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict, tra
 def train_ppo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
     from chatloop.train.ppo import train_ppo
 
-    return _rollout_job(job_dir, job, t, hooks, train_ppo, configs.ppo_config(t), needs_reference_model=True)
+    return _rollout_job(job_dir, job, t, hooks, train_ppo, configs.ppo_config(t))
 
 
 def train_rloo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
     from chatloop.train.rloo import train_rloo
 
-    return _rollout_job(job_dir, job, t, hooks, train_rloo, configs.rloo_config(t), needs_reference_model=False)
+    return _rollout_job(job_dir, job, t, hooks, train_rloo, configs.rloo_config(t))
 
 
 TRAINERS = {Algorithm.DPO: train_dpo_job, Algorithm.KTO: train_kto_job, Algorithm.PPO: train_ppo_job,
