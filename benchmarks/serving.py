@@ -3,7 +3,8 @@ these machines are shared and noisy):
 
 - single-stream decode tokens/s through the engine, and a bare KV-cache greedy loop over the same
   model (the ceiling for one stream in eager PyTorch);
-- aggregate decode tokens/s with 8 (and 16) concurrent streams, and TTFT p50/p95 at 8;
+- aggregate decode tokens/s with 8 (and 16) concurrent streams, and TTFT p50/p95 at 8; at 8 also
+  with sdpa over the whole padded batch instead of the engine's row-invariant attention (its cost);
 - activation latency: publish a new adapter version -> first token from it, while 4 streams run
   (with the service's spare slot kept ready; the stall that building it again puts on the streams);
 - decode cost of a LoRA adapter (r=16 on every linear layer) vs the base model: as served alone
@@ -22,8 +23,8 @@ these machines are shared and noisy):
     python benchmarks/serving.py [--tokens 64] [--rounds 3] [--serve-weights auto] [--formats fp32,bf16,int8,int4] [--json]
 
 Prints a table, and with --json a last line holding one JSON object with the keys single_tok_s,
-bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, ttft_p50_ms, ttft_p95_ms,
-activation_ms_p50 (and _p95, _max), lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked),
+bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, row_invariant_vs_batched_attention,
+ttft_p50_ms, ttft_p95_ms, activation_ms_p50 (and _p95, _max), lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked),
 long_join_ttft_s (and _unchunked), and when measured llamacpp_tok_s, single_vs_llamacpp,
 concurrent8_vs_llamacpp (plus a few more described in the table), and ``formats``: one object
 per weight format.
@@ -46,6 +47,7 @@ from _report import print_report
 from chatloop.adapters import AdapterRegistry
 from chatloop.config import GenerationDefaults, Settings
 from chatloop.engine import Completion, Engine, GenerationParams
+from chatloop.engine.attention import use_row_invariant_attention
 from chatloop.engine.weights import PackedLinear, pack_for_serving, resolve_serve_weights
 from chatloop.importers import hh_pairs, held_out_index, oasst_reply_sets, oasst_trees
 from chatloop.oracles import SHARED_DATA, load_oracle, load_prompts
@@ -396,11 +398,15 @@ def main() -> None:
     single_tok_s, bare_tok_s = statistics.median(singles), statistics.median(bares)
     steps.update()
 
-    c8, ttfts = [], []
+    c8, c8_batched_attention, ttfts = [], [], []
     for r in range(args.rounds):
         rate, t = concurrent(engine, 8, args.tokens, r)
         c8.append(rate)
         ttfts += t
+        # the same with sdpa over the whole padded batch (not row-invariant: engine/attention.py)
+        engine._call(lambda: use_row_invariant_attention(engine.model, False), 60)
+        c8_batched_attention.append(concurrent(engine, 8, args.tokens, r)[0])
+        engine._call(lambda: use_row_invariant_attention(engine.model, True), 60)
     c16 = [concurrent(engine, 16, args.tokens, r)[0] for r in range(max(1, args.rounds - 1))]
     ttfts.sort()
     steps.update()
@@ -478,6 +484,9 @@ def main() -> None:
         "single_vs_bare": round(single_tok_s / bare_tok_s, 3),
         "concurrent8_tok_s": round(c8_rate, 2),
         "concurrent8_vs_single": round(c8_rate / single_tok_s, 2),
+        "concurrent8_batched_attention_tok_s": round(statistics.median(c8_batched_attention), 2),
+        # the cost of row-invariant attention (each row alone on its own keys) at 8 streams
+        "row_invariant_vs_batched_attention": round(c8_rate / statistics.median(c8_batched_attention), 3),
         "concurrent16_tok_s": round(statistics.median(c16), 2),
         "ttft_p50_ms": round(statistics.median(ttfts), 1),
         "ttft_p95_ms": round(ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))], 1),

@@ -124,18 +124,11 @@ def packed_reference(model_dir, fmt, adapter, max_tokens, messages, dense=None):
     return toks[:-1] if toks and toks[-1] == tok.eos_token_id else toks
 
 
-# each format, prefilling through either dense copy (a machine has one of them by default)
-# Where oneDNN has native bf16 (AVX-512 bf16), int4 with its bf16 prefill copy diverges in the mixed
-# batch below: the base row's 26th token differs from generate's (found 2026-12-04 late on such a machine,
-# also at the commit that passed CI before; its cause is not found yet: docs/LOG.md). It still runs there,
-# and must pass everywhere else.
-_NATIVE_BF16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-_INT4_BF16 = pytest.param("int4", torch.bfloat16, marks=pytest.mark.xfail(
-    _NATIVE_BF16, reason="open defect on native-bf16 CPUs: a mixed batch's base row diverges (docs/LOG.md)", strict=False))
-
-
+# each format, prefilling through either dense copy (a machine has one of them by default). int4 with
+# its bf16 copy once diverged here on native-bf16 CPUs (a one-bf16-step logit difference from batched
+# attention flipped an exact tie; docs/LOG.md 2026-12-05): the engine's row-invariant attention fixed it
 @pytest.mark.parametrize("fmt, dense", [("bf16", None), ("int8", torch.float32), ("int8", torch.bfloat16),
-                                        ("int4", torch.float32), _INT4_BF16])
+                                        ("int4", torch.float32), ("int4", torch.bfloat16)])
 def test_engine_greedy_equals_generate_of_the_same_packed_weights(fmt, dense, tiny_model_dir, tmp_path):
     loaded = load_model(str(tiny_model_dir), tmp_path / "models")
     pack_for_serving(loaded.model, fmt, dense)

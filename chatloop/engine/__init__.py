@@ -32,7 +32,9 @@ Invariants:
   refused and the active one keeps serving.
 - Greedy decoding (temperature 0) equals ``model.generate(do_sample=False)`` token for token
   with the same repetition penalty, alone and inside a mixed batch; served folded, it equals the
-  ``generate`` of PEFT's ``merge_and_unload`` model (tests check both).
+  ``generate`` of PEFT's ``merge_and_unload`` model (tests check both). On a CPU each row's
+  attention runs alone on its own keys (attention.py), so that holds bit for bit, not only
+  where a rounding difference happens not to flip a token.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
 from chatloop.engine.requests import (Completion, ContextTooLong, EngineBusy, GenerationFailed, GenerationParams,
                                       InvalidRequest, StreamHandle, _Request, _StopMatcher)
 from chatloop.engine import kvcache
+from chatloop.engine.attention import use_row_invariant_attention
 from chatloop.engine.merged import MergedWeights
 from chatloop.engine.pacing import PrefillPacer
 from chatloop.engine.slots import AdapterSlots, read_adapter
@@ -102,6 +105,7 @@ class Engine(AdapterSlots, MergedWeights):
         prefill_budget: float = 1.0,
         spare_lora: LoraConfig | None = None,
         spare_wait_s: float = 1.0,
+        row_invariant_attention: bool | None = None,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -109,6 +113,10 @@ class Engine(AdapterSlots, MergedWeights):
             raise ValueError("prefill_chunk must be at least 1")
         self.loaded = loaded
         self.model = loaded.model
+        if row_invariant_attention is None:  # on by default on a CPU (attention.py says why)
+            row_invariant_attention = loaded.device.type == "cpu"
+        if row_invariant_attention:
+            use_row_invariant_attention(self.model)
         self.tokenizer = loaded.tokenizer
         self.registry = registry
         self.max_context_tokens = max_context_tokens
