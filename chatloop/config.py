@@ -201,6 +201,10 @@ class Settings:
     # while every request in flight uses one adapter version, fold its LoRA into the weights
     # (the base model's speed; costs one copy of the adapted layers' weights); false: always unmerged
     merge_single_version: bool = True
+    # on a CPU, each row's attention runs alone on its own keys, so a reply does not depend on who else
+    # is in the batch (greedy replies equal generate's bit for bit); costs ~10 % of 8 streams' tokens/s
+    # (docs/LOG.md 2026-12-05); false: torch's attention over the whole padded batch
+    row_invariant_attention: bool = True
     # a longer prompt that arrives while others decode is prefilled in chunks of at most this
     # many tokens, one between each two decode steps of the others, so their replies keep streaming
     prefill_chunk_tokens: int = 128

@@ -176,6 +176,7 @@ class Service(Operations):
                              merge_single_version=settings.merge_single_version,
                              prefill_chunk=settings.prefill_chunk_tokens,
                              prefill_budget=settings.prefill_chunk_budget,
+                             row_invariant_attention=settings.row_invariant_attention,
                              # a slot of the shape training publishes, ready for the next activation
                              spare_lora=lora_config(settings.training))
         self.retrainer = Retrainer(settings, self.store, self.registry, self.loaded.path,

@@ -105,7 +105,7 @@ class Engine(AdapterSlots, MergedWeights):
         prefill_budget: float = 1.0,
         spare_lora: LoraConfig | None = None,
         spare_wait_s: float = 1.0,
-        row_invariant_attention: bool | None = None,
+        row_invariant_attention: bool = True,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -113,9 +113,7 @@ class Engine(AdapterSlots, MergedWeights):
             raise ValueError("prefill_chunk must be at least 1")
         self.loaded = loaded
         self.model = loaded.model
-        if row_invariant_attention is None:  # on by default on a CPU (attention.py says why)
-            row_invariant_attention = loaded.device.type == "cpu"
-        if row_invariant_attention:
+        if row_invariant_attention and loaded.device.type == "cpu":  # attention.py says why
             use_row_invariant_attention(self.model)
         self.tokenizer = loaded.tokenizer
         self.registry = registry

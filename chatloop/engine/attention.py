@@ -22,7 +22,10 @@ Invariants:
 
 from __future__ import annotations
 
+import weakref
+
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -30,21 +33,34 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 ROW_INVARIANT = "chatloop_row_invariant"
 
 
+_starts_memo: tuple[weakref.ref | None, list[int] | None] = (None, None)  # one forward's mask: every layer reads it
+
+
 def _first_key(mask: torch.Tensor) -> list[int] | None:
     """Each row's first attended key when every row attends one contiguous run of keys that ends
     at the last one (left padding), judged on the last query position; None otherwise."""
+    global _starts_memo
+    ref, starts = _starts_memo
+    if ref is not None and ref() is mask:
+        return starts
     last = mask[:, 0, -1, :]  # (B, kv) bool: True = attend
     if last.dtype != torch.bool:
         last = last == 0  # an additive float mask: 0 attends, -inf does not
     n = last.shape[1]
-    starts = []
-    for row in last:
-        kept = int(row.sum())
-        start = n - kept
-        if kept == 0 or not bool(row[start:].all()):
-            return None
-        starts.append(start)
+    first = n - last.sum(dim=1)
+    run = torch.arange(n, device=last.device)[None, :] >= first[:, None]
+    starts = first.tolist() if bool((run == last).all()) and int(first.max()) < n else None
+    _starts_memo = (weakref.ref(mask), starts)
     return starts
+
+
+def _decode_row(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                scaling: float | None) -> torch.Tensor:
+    """One row's decode attention, as ``sdpa_attention_forward`` computes it for one query position
+    with no mask on a CPU (its grouped-query path, no causal flag), without its per-call checks."""
+    groups = getattr(module, "num_key_value_groups", 1) > 1
+    out = F.scaled_dot_product_attention(query, key, value, scale=scaling, **({"enable_gqa": True} if groups else {}))
+    return out.transpose(1, 2)
 
 
 def row_invariant_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -63,8 +79,14 @@ def row_invariant_attention(module, query: torch.Tensor, key: torch.Tensor, valu
     if starts is None or (q_len > 1 and kv_len != q_len):  # a chunk of a prompt on its cached part
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     out = query.new_zeros(batch, q_len, query.shape[1], value.shape[-1])
+    direct = q_len == 1 and key.device.type == "cpu" and key.shape[-1] == value.shape[-1] <= 256 \
+        and not kwargs.get("dropout") and kwargs.get("position_bias") is None
     for i, start in enumerate(starts):
-        # a prompt's padded queries sit before its first key; decode (q_len 1) has none
+        if direct:
+            out[i:i + 1] = _decode_row(module, query[i:i + 1], key[i:i + 1, :, start:], value[i:i + 1, :, start:],
+                                       kwargs.get("scaling"))
+            continue
+        # a prompt's padded queries sit before its first key
         q_from = start if q_len == kv_len else 0
         row, _ = sdpa_attention_forward(module, query[i:i + 1, :, q_from:], key[i:i + 1, :, start:],
                                         value[i:i + 1, :, start:], None, **kwargs)
