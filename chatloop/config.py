@@ -116,6 +116,10 @@ class TrainingDefaults:
     ppo_init_kl_coef: float = 0.05
     ppo_target_kl: float = 6.0
     ppo_relevance_coef: float = 5.0  # as rloo_relevance_coef below (0 = off)
+    # the policy's sampling temperature for rollouts (their log-probs use the same); at 1 the base model's
+    # own replies are barely relevant (0.28 nats/token vs 0.59 at the serving 0.7), so the relevance floor
+    # is low (docs/LOG.md 2026-12-05); not yet measured below 1
+    ppo_temperature: float = 1.0
     # RLOO (chatloop/train/rloo.py): steps x prompts_per_step x k sampled replies a cycle
     # at 1e-4 (24 optimiser steps a cycle) it did not move even with the oracle as its reward; at 1e-3 the
     # oracle's score rose 0.12 -> 0.69 over 12 steps (docs/LOG.md 2026-12-04, late)
@@ -128,6 +132,7 @@ class TrainingDefaults:
     rloo_beta: float = 0.05  # KL penalty per nat of sequence log-ratio to the reference
     rloo_max_new_tokens: int = 48
     rloo_normalize_advantages: bool = False
+    rloo_temperature: float = 1.0  # as ppo_temperature
     # minus this times how far each sampled reply's task relevance (the gate's PMI, nats/token) falls below
     # where the policy started, in its reward: at 0 RLOO at lr 1e-3 learned its reward model's taste for
     # upbeat assistant talk (relevance 0.21 vs base 0.59, rejected); at 5, +29 points on topic, promoted
@@ -350,6 +355,10 @@ def load_settings(
     if not 0 <= settings.training.pair_min_relevance <= 1:
         raise ConfigError(f"setting 'training.pair_min_relevance': {settings.training.pair_min_relevance} must be "
                           "between 0 (learn from every pair) and 1 (a share of the median chosen reply's relevance)")
+    for name in ("ppo_temperature", "rloo_temperature"):
+        if not 0 < getattr(settings.training, name) <= 2:
+            raise ConfigError(f"setting 'training.{name}': {getattr(settings.training, name)} must be above 0 "
+                              "and at most 2")
     if settings.training.reward_pooling not in REWARD_POOLINGS:
         raise ConfigError(f"setting 'training.reward_pooling': {settings.training.reward_pooling!r} is not one of "
                           f"{', '.join(REWARD_POOLINGS)}")

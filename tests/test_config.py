@@ -34,7 +34,8 @@ def test_data_dir_config_file_is_read(tmp_path):
                                  {"CHATLOOP_TRAINING__NOPE": "1"}, {"CHATLOOP_TRAINING__REWARD_POOLING": "first"},
                                  {"CHATLOOP_PREFILL_CHUNK_TOKENS": "0"}, {"CHATLOOP_PREFILL_CHUNK_BUDGET": "-0.5"},
                                  {"CHATLOOP_PREFILL_CHUNK_BUDGET": "nan"}, {"CHATLOOP_TRAINING__PAIR_MIN_RELEVANCE": "1.5"},
-                                 {"CHATLOOP_TRAINING__PAIR_MIN_RELEVANCE": "nan"}])
+                                 {"CHATLOOP_TRAINING__PAIR_MIN_RELEVANCE": "nan"}, {"CHATLOOP_TRAINING__PPO_TEMPERATURE": "0"},
+                                 {"CHATLOOP_TRAINING__RLOO_TEMPERATURE": "nan"}, {"CHATLOOP_ROW_INVARIANT_ATTENTION": "maybe"}])
 def test_bad_settings_are_clear_errors(env):
     with pytest.raises(ConfigError):
         load_settings(environ=env)
