@@ -149,7 +149,7 @@ def test_a_reply_that_echoes_its_prompt_is_degenerate():
     """RLOO paid for relevance without a ceiling learned to copy the review opening it was asked
     to continue (docs/LOG.md 2026-12-04, late): 8 consecutive prompt tokens make a reply degenerate,
     7 or a scattered reuse of the prompt's tokens do not."""
-    from chatloop.train.judge import ECHO_TOKENS, is_degenerate
+    from chatloop.train.degenerate import ECHO_TOKENS, is_degenerate
 
     eos = 0
     prompt = list(range(100, 120))
@@ -160,3 +160,18 @@ def test_a_reply_that_echoes_its_prompt_is_degenerate():
     scattered = [t for pair in zip(prompt[::2], fresh) for t in pair]  # prompt tokens, never 2 in a row
     assert not is_degenerate(scattered, eos, prompt)
     assert not is_degenerate(prompt[:ECHO_TOKENS] + fresh, eos)  # no prompt given: not an echo
+
+
+def test_the_trainers_degenerate_penalty_is_the_gates_rule():
+    """RLOO's and PPO's rewards lose ``coef`` exactly for the replies the gate counts as degenerate
+    (each against its own prompt), and the share is reported."""
+    from chatloop.train.degenerate import ECHO_TOKENS, degenerate_penalty
+
+    eos = 0
+    prompts = [list(range(100, 120)), list(range(300, 320))] * 2
+    fresh = list(range(200, 230))
+    echo_of_first = fresh[:3] + prompts[0][:ECHO_TOKENS] + [eos]
+    # fine; quoting another row's prompt (not its own: fine); quoting its own; empty
+    replies = [fresh + [eos], echo_of_first, echo_of_first, [eos]]
+    penalty, share = degenerate_penalty(prompts, replies, eos, 2.0)
+    assert penalty.tolist() == [0.0, 0.0, -2.0, -2.0] and share == 0.5

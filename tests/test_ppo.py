@@ -206,3 +206,29 @@ def test_the_relevance_term_only_penalises_falling_below_the_start(tiny_model_di
     assert seen_scores[0].tolist() == [1 - 3.0, 1 - 1.0, 1.0, 1.0]
     assert seen_scores[1].tolist() == [1 - 5.0, 1.0, 1.0, 1.0]
     assert seen[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_degenerate_reply_loses_the_penalty_in_its_score(tiny_model_dir, monkeypatch):
+    """``degenerate_penalty`` reaches PPO's per-token rewards through the scores (rows the rule
+    flags lose it) and its share is logged."""
+    from transformers import AutoTokenizer
+
+    from chatloop.train import ppo
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = _policy(tiny_model_dir)
+    flagged = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    monkeypatch.setattr(ppo, "degenerate_penalty",
+                        lambda p, r, eos, coef, device=None: (-coef * flagged, float(flagged.mean())))
+    seen_scores = []
+    real = ppo.kl_penalized_rewards
+    monkeypatch.setattr(ppo, "kl_penalized_rewards",
+                        lambda logp, ref, mask, scores, coef: (seen_scores.append(scores.clone()),
+                                                               real(logp, ref, mask, scores, coef))[1])
+    cfg = PpoConfig(rollout_batch_size=4, minibatch_size=4, ppo_epochs=1, rollouts=1, max_new_tokens=4,
+                    learning_rate=1e-3, degenerate_penalty=2.0)
+    seen = []
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    train_ppo(policy, None, tok, prompts, lambda items: [1.0] * len(items), cfg, on_step=seen.append)
+    assert seen_scores[0].tolist() == [1.0, -1.0, 1.0, 1.0]
+    assert seen[0]["degenerate_share"] == 0.25 and seen[0]["mean_shaped_reward"] == 0.5

@@ -187,3 +187,26 @@ def test_the_relevance_term_only_penalises_falling_below_the_start(monkeypatch):
     assert [h["mean_shaped_reward"] for h in seen] == [0.0, -0.25]  # what the advantages came from
     assert seen_scores[0].tolist() == [1 - 3.0, 1 - 1.0, 1.0, 1.0] * 2
     assert seen_scores[1].tolist() == [1 - 5.0, 1.0, 1.0, 1.0] * 2
+
+
+def test_a_degenerate_reply_loses_the_penalty_in_its_reward(monkeypatch):
+    """``degenerate_penalty`` reaches the advantages through the scores (rows the rule flags lose
+    it) and its share is logged; the reward model's own mean is logged unshaped."""
+    from chatloop.train import rloo
+
+    policy, tok = _word_model()
+    prompts = [[{"role": "user", "content": f"w{i} w{i + 1}"}] for i in range(10, 14)]
+    flagged = torch.tensor([1.0, 0.0, 0.0, 1.0] * 2)
+    monkeypatch.setattr(rloo, "degenerate_penalty",
+                        lambda p, r, eos, coef, device=None: (-coef * flagged, float(flagged.mean())))
+    seen_scores = []
+    real = rloo.rloo_advantages
+    monkeypatch.setattr(rloo, "rloo_advantages", lambda scores, *a, **k: (seen_scores.append(scores.clone()),
+                                                                          real(scores, *a, **k))[1])
+    cfg = RlooConfig(learning_rate=1e-3, prompts_per_step=2, k=4, steps=1, minibatch_size=8, max_new_tokens=4,
+                     degenerate_penalty=3.0)
+    seen = []
+    train_rloo(policy, None, tok, prompts, lambda items: [1.0] * len(items), cfg, on_step=seen.append)
+    assert seen_scores[0].tolist() == [-2.0, 1.0, 1.0, -2.0] * 2
+    assert seen[0]["degenerate_share"] == 0.5 and seen[0]["mean_reward"] == 1.0
+    assert seen[0]["mean_shaped_reward"] == -0.5

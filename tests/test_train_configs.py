@@ -24,7 +24,8 @@ def test_each_config_takes_its_fields_from_the_settings_and_applies_the_rules():
                          kto_balance=False, dpo_thumbs_weight=0.5, reward_learning_rate=2e-4, reward_epochs=1,
                          reward_evals_per_epoch=6, ppo_learning_rate=5e-5, ppo_rollouts=9,
                          rloo_learning_rate=2e-5, rloo_k=6, rloo_steps=3, rloo_beta=0.2, ppo_relevance_coef=2.0,
-                         ppo_temperature=0.7, rloo_relevance_coef=3.0, rloo_temperature=0.8)
+                         ppo_temperature=0.7, rloo_relevance_coef=3.0, rloo_temperature=0.8,
+                         ppo_degenerate_penalty=1.5, rloo_degenerate_penalty=2.5)
     dpo, kto, rm, ppo = configs.dpo_config(t), configs.kto_config(t), configs.reward_config(t), configs.ppo_config(t)
     for cfg in (dpo, kto, rm):
         assert (cfg.max_prompt_tokens, cfg.max_reply_tokens, cfg.seed, cfg.select_best, cfg.patience) == (
@@ -35,10 +36,10 @@ def test_each_config_takes_its_fields_from_the_settings_and_applies_the_rules():
     assert configs.kto_config(dataclasses.replace(t, batch_size=0)).batch_size == 2
     assert (rm.learning_rate, rm.epochs, rm.evals_per_epoch, rm.batch_size) == (2e-4, 1, 6, 3)
     assert (ppo.learning_rate, ppo.rollouts, ppo.max_prompt_tokens, ppo.seed) == (5e-5, 9, 100, 7)
-    assert (ppo.relevance_coef, ppo.temperature) == (2.0, 0.7)
+    assert (ppo.relevance_coef, ppo.temperature, ppo.degenerate_penalty) == (2.0, 0.7, 1.5)
     rloo = configs.rloo_config(t)
     assert (rloo.learning_rate, rloo.k, rloo.steps, rloo.beta, rloo.max_prompt_tokens, rloo.seed) == (
         2e-5, 6, 3, 0.2, 100, 7)
-    assert (rloo.relevance_coef, rloo.temperature) == (3.0, 0.8)
+    assert (rloo.relevance_coef, rloo.temperature, rloo.degenerate_penalty) == (3.0, 0.8, 2.5)
     lora = configs.lora_config(t)
     assert lora.r == t.lora_r and set(lora.target_modules) == set(t.lora_target_modules)

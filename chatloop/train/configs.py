@@ -72,7 +72,8 @@ def ppo_config(t: TrainingDefaults):
                      minibatch_size=t.ppo_minibatch_size, ppo_epochs=t.ppo_epochs, rollouts=t.ppo_rollouts,
                      max_new_tokens=t.ppo_max_new_tokens, max_prompt_tokens=t.max_prompt_tokens,
                      init_kl_coef=t.ppo_init_kl_coef, target_kl=t.ppo_target_kl,
-                     relevance_coef=t.ppo_relevance_coef, temperature=t.ppo_temperature, seed=t.seed)
+                     relevance_coef=t.ppo_relevance_coef, degenerate_penalty=t.ppo_degenerate_penalty,
+                     temperature=t.ppo_temperature, seed=t.seed)
 
 
 def rloo_config(t: TrainingDefaults):
@@ -82,7 +83,8 @@ def rloo_config(t: TrainingDefaults):
                       k=t.rloo_k, epochs=t.rloo_epochs, minibatch_size=t.rloo_minibatch_size, beta=t.rloo_beta,
                       max_new_tokens=t.rloo_max_new_tokens, max_prompt_tokens=t.max_prompt_tokens,
                       normalize_advantages=t.rloo_normalize_advantages,
-                      relevance_coef=t.rloo_relevance_coef, temperature=t.rloo_temperature, seed=t.seed)
+                      relevance_coef=t.rloo_relevance_coef, degenerate_penalty=t.rloo_degenerate_penalty,
+                      temperature=t.rloo_temperature, seed=t.seed)
 
 
 def lora_config(t: TrainingDefaults):

@@ -16,38 +16,18 @@ Invariants: prompts are held-out contexts the candidate never trained on (the sn
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from chatloop.train.common import Encoded, collate, sample_replies
+from chatloop.train.degenerate import is_degenerate
 from chatloop.train.ppo import token_forward
 from chatloop.train.relevance import pmi_per_token, summary
 
 TEMPERATURE, TOP_P = 0.7, 0.9  # the serving defaults: judge what users would see
-
-
-ECHO_TOKENS = 8  # a reply holding this many consecutive tokens of its prompt echoes it
-
-
-def is_degenerate(tokens: Sequence[int], eos_id: int | None, prompt: Sequence[int] = ()) -> bool:
-    """Empty; or (8+ tokens) fewer than half of its 3-grams distinct; or echoing its ``prompt``:
-    ``ECHO_TOKENS`` consecutive tokens of it verbatim (a policy paid for relevance learned to copy
-    the review opening it was asked to continue, docs/LOG.md 2026-12-04, late)."""
-    body = [t for t in tokens if t != eos_id]
-    if not body:
-        return True
-    if len(body) >= 8:
-        grams = [tuple(body[i:i + 3]) for i in range(len(body) - 2)]
-        if len(set(grams)) / len(grams) < 0.5:
-            return True
-    n = ECHO_TOKENS
-    if len(body) >= n and len(prompt) >= n:
-        quoted = {tuple(prompt[i:i + n]) for i in range(len(prompt) - n + 1)}
-        return any(tuple(body[i:i + n]) in quoted for i in range(len(body) - n + 1))
-    return False
 
 
 @torch.no_grad()

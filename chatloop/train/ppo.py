@@ -14,7 +14,8 @@ Per rollout batch:
 6. the KL coefficient adapts towards ``target_kl`` (proportional controller, clipped to +-20%).
 
 With ``relevance_coef``, step 2's score also loses that much times how far the reply's task
-relevance (the gate's PMI, ``relevance.py``) falls below the first rollout's mean, as RLOO's does.
+relevance (the gate's PMI, ``relevance.py``) falls below the first rollout's mean, and with
+``degenerate_penalty`` that much for a degenerate reply (``degenerate.py``), as RLOO's does.
 
 Invariants: the reference is frozen (the active adapter; None: the base model, the policy under
 ``disable_adapter``);
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from chatloop.train.common import Batch, Encoded, collate, sample_replies, split_lm
+from chatloop.train.degenerate import degenerate_penalty
 from chatloop.train.relevance import relevance_penalty
 
 
@@ -135,6 +137,7 @@ class PpoConfig:
     kl_horizon: int = 10000
     whiten_rewards: bool = False
     relevance_coef: float = 0.0  # as RlooConfig's: the hinge on the reply's relevance (0 = off)
+    degenerate_penalty: float = 0.0  # as RlooConfig's: minus this for a degenerate reply (0 = off)
     seed: int = 0
 
 
@@ -280,7 +283,11 @@ def train_ppo(
                     ref_logp, _, _, _ = token_forward(policy, None, batch, cfg.temperature)
             else:
                 ref_logp, _, _, _ = token_forward(reference, None, batch, cfg.temperature)
-            reward_scores, relevance = scores, None  # the reward model's (logged), before the relevance term
+            reward_scores, relevance, degenerate = scores, None, None  # the reward model's (logged), unshaped
+            if cfg.degenerate_penalty:
+                penalty, degenerate = degenerate_penalty([encoded[i] for i in pick], replies, tokenizer.eos_token_id,
+                                                         cfg.degenerate_penalty, device)
+                scores = scores + penalty
             if cfg.relevance_coef:
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
                 relevance = _relevance(policy, ref_logp if reusable else None, [encoded[i] for i in pick], replies,
@@ -299,8 +306,11 @@ def train_ppo(
         step += len(stats)
         kl_ctl.update(rollout_kl, cfg.rollout_batch_size)
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-        shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor,
-                    "mean_shaped_reward": float(scores.mean())} if relevance is not None else {})
+        shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor} if relevance is not None else {})
+        if relevance is not None or degenerate is not None:
+            shaping["mean_shaped_reward"] = float(scores.mean())
+        if degenerate is not None:
+            shaping["degenerate_share"] = degenerate
         m_out = {"step": step, "total": total, "rollout": r, **mean, "mean_reward": float(reward_scores.mean()), **shaping,
                  "kl": rollout_kl, "kl_coef": kl_ctl.value,
                  "reply_tokens": float(mask.sum(dim=1).mean()), "elapsed_s": time.perf_counter() - t0}

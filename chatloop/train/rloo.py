@@ -8,7 +8,9 @@ sequence-level objective) and its rollout/optimisation loop.
 Per step:
 1. ``prompts_per_step`` logged prompts, each answered ``k`` times by the policy in one batched
    ``generate`` (row ``p * k + j`` is reply ``j`` to prompt ``p``, TRL's layout);
-2. the reward model scores every (prompt, reply) once;
+2. the reward model scores every (prompt, reply) once; optionally shaped: minus ``relevance_coef``
+   times how far the reply's relevance falls below the first step's mean, minus
+   ``degenerate_penalty`` for a degenerate reply (``degenerate.py``: what the gate counts);
 3. reward = score - beta * sum_t (log pi_old(y_t) - log ref(y_t)) (the first-order KL estimate
    summed over the reply, as TRL's RLOO: a reward penalty, not a loss term);
 4. advantage = reward - the mean reward of the *other* k - 1 replies to the same prompt (this
@@ -35,6 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 from chatloop.train.common import Encoded, collate_groups, grouped_token_logprobs, sample_replies
+from chatloop.train.degenerate import degenerate_penalty
 from chatloop.train.ppo import masked_mean
 from chatloop.train.relevance import relevance_penalty
 
@@ -86,6 +89,9 @@ class RlooConfig:
     # below the first step's mean (where the policy started), in its reward; relevance above that earns
     # nothing: rewarded without a ceiling, RLOO learned to copy its prompt (docs/LOG.md 2026-12-04, late)
     relevance_coef: float = 0.0
+    # minus this for a degenerate sampled reply (empty, repetitive or echoing its prompt: degenerate.py),
+    # what the gate rejects a candidate for having more of than its reference
+    degenerate_penalty: float = 0.0
     seed: int = 0
 
 
@@ -175,8 +181,12 @@ def train_rloo(
             else:
                 ref_lp, _, _ = logps(reference, everyone)
             seq_kl = ((old_lp - ref_lp) * mask).sum(dim=1)
-            reward_scores = scores  # the reward model's (logged), before the relevance term
-            relevance = None
+            reward_scores = scores  # the reward model's (logged), before the shaping terms
+            relevance, degenerate = None, None
+            if cfg.degenerate_penalty:
+                penalty, degenerate = degenerate_penalty([encoded[i] for i in rows], replies, tokenizer.eos_token_id,
+                                                         cfg.degenerate_penalty, device)
+                scores = scores + penalty
             if cfg.relevance_coef:
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
                 relevance = _relevance(policy, ref_lp if reusable else None, prompt_ids, replies, mask, tokenizer,
@@ -205,8 +215,11 @@ def train_rloo(
         seen += len(rows)
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         grouped = reward_scores.view(-1, cfg.k)
-        shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor,
-                    "mean_shaped_reward": float(scores.mean())} if relevance is not None else {})
+        shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor} if relevance is not None else {})
+        if relevance is not None or degenerate is not None:
+            shaping["mean_shaped_reward"] = float(scores.mean())
+        if degenerate is not None:
+            shaping["degenerate_share"] = degenerate
         m_out = {"step": step + 1, "total": cfg.steps, **mean, "mean_reward": float(reward_scores.mean()), **shaping,
                  "kl": float(((old_lp - ref_lp) * mask).sum() / mask.sum().clamp(min=1)),
                  "penalised_reward": float(rewards.mean()), "advantage_std": float(adv.std()),
