@@ -116,7 +116,7 @@ class TrainingDefaults:
     ppo_init_kl_coef: float = 0.05
     ppo_target_kl: float = 6.0
     ppo_relevance_coef: float = 5.0  # as rloo_relevance_coef below (0 = off)
-    ppo_degenerate_penalty: float = 2.0  # as rloo_degenerate_penalty below (0 = off)
+    ppo_degenerate_penalty: float = 0.0  # as rloo_degenerate_penalty below (0 = off)
     # the policy's sampling temperature for rollouts (their log-probs use the same); at 1 the base model's
     # own replies are barely relevant (0.28 nats/token vs 0.59 at the serving 0.7), so the relevance floor
     # is low (docs/LOG.md 2026-12-05); not yet measured below 1
@@ -140,10 +140,10 @@ class TrainingDefaults:
     # (docs/LOG.md 2026-12-04, late; 0 = off)
     rloo_relevance_coef: float = 5.0
     # minus this in the reward of a sampled reply the gate would count as degenerate (empty, repetitive, or
-    # echoing 8+ consecutive prompt tokens): two unattended RLOO rounds were rejected for echoing their
-    # prompts (31-47 % of replies vs the base's 16 %; docs/LOG.md 2026-12-05); ~4 of the reward model's
-    # within-prompt SDs (0.5). Not yet measured in a loop
-    rloo_degenerate_penalty: float = 2.0
+    # echoing 8+ consecutive prompt tokens). Three unattended RLOO rounds were rejected for echoing their
+    # prompts; at 2.0 the third round's snapshot gave no echo but upbeat assistant talk, which the gate
+    # promoted (docs/LOG.md 2026-12-05): off until the gate tells talk from the task
+    rloo_degenerate_penalty: float = 0.0
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
     gate_prompts: int = 32  # held-out prompts both sides answer (0 = no behavioural checks); 16 left the
     #                         relevance figure too noisy (docs/LOG.md 2026-12-03)
