@@ -1,11 +1,11 @@
 """Which replies are degenerate: the gate counts them, and the policy-gradient trainers' rewards
-pay for them.
+can pay for them (``degenerate_penalty`` settings, off by default: docs/LOG.md 2026-12-05).
 
 Owns: ``is_degenerate`` (empty, mostly repeated 3-grams, or echoing the prompt) and
 ``degenerate_penalty``, the reward term RLOO and PPO subtract for such a sampled reply.
 
-Invariants: token ids only (no decoding); the same rule for the gate's judgement and for the
-trainers' rewards, so a policy is not paid for what the gate rejects.
+Invariants: token ids only (no decoding); one rule for the gate's judgement and for the
+trainers' rewards, so a policy is never paid for what the gate rejects it for.
 """
 
 from __future__ import annotations
