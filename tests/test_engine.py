@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from chatloop.adapters import AdapterError, AdapterRegistry
 from chatloop.config import GenerationDefaults
 from chatloop.engine import Engine, EngineBusy, GenerationFailed, GenerationParams, InvalidRequest
+from chatloop.engine import slots as slots_module
 from chatloop.models import load_model
 
 MSGS = [{"role": "user", "content": "hello, who are you?"}]
@@ -166,7 +167,8 @@ def test_a_spare_slot_of_the_training_shape_makes_every_activation_a_hot_swap(fo
                                                                              monkeypatch):
     """Given the shape training publishes (``spare_lora``), the engine has a spare slot before it
     serves and builds one again after an activation used it (here while a reply runs, between two
-    of its steps): every activation copies weights into a slot, none builds one. The zero spare
+    of its steps): every activation copies weights into a slot, none builds one, and none needs
+    PEFT's hot-swap (the versions' tensors are the slot's: a copy into each). The zero spare
     changes no reply, the one running across the activations and rebuilds included, and memory
     stays at the versions in use plus one spare."""
     loaded = load_model(str(tiny_model_dir), tmp_path / "models")
@@ -179,6 +181,9 @@ def test_a_spare_slot_of_the_training_shape_makes_every_activation_a_hot_swap(fo
         assert engine.spare_ready and engine.adapter_slots == 1 and engine.loaded_adapters == set()
         assert engine.generate(MSGS, greedy()).token_ids == reference_greedy(tiny_model_dir, None, 24, 1.15)
         built = _new_slots_built(engine, monkeypatch)
+        peft_swaps: list[str] = []
+        monkeypatch.setattr(slots_module, "hotswap_adapter_from_state_dict",
+                            lambda *a, **kw: peft_swaps.append(kw["adapter_name"]))
         running = engine.submit(MSGS, greedy(max_tokens=400))
         pieces = iter(running)
         next(pieces)
@@ -189,6 +194,7 @@ def test_a_spare_slot_of_the_training_shape_makes_every_activation_a_hot_swap(fo
             _wait_for_spare(engine)
         assert not running.done, "the long reply should still run across the activations"
         assert built == [], f"activations built slots {built} instead of hot-swapping into the spare"
+        assert peft_swaps == [], f"slots {peft_swaps} went through PEFT's hot-swap instead of a copy"
         list(pieces)
         assert running.result().token_ids == reference_greedy(tiny_model_dir, None, 400, 1.15)
         assert engine.loaded_adapters == {versions[-1]} and engine.adapter_slots == 2

@@ -69,6 +69,16 @@ def test_a_hot_swap_that_silently_keeps_the_old_weights_is_caught(engine, monkey
         engine.check_hot_swap()
 
 
+def test_a_hot_swap_copy_that_misses_the_slot_is_caught(engine, monkeypatch):
+    """The hot-swap serving does (a copy into the slot's tensors) writing somewhere else, as it
+    would if a new peft kept a slot's weights under other tensors than its named parameters."""
+    named = slots.AdapterSlots._lora_tensors
+    monkeypatch.setattr(slots.AdapterSlots, "_lora_tensors",
+                        lambda self, slot: {k: p.detach().clone() for k, p in named(self, slot).items()})
+    with pytest.raises(HotSwapUnavailable, match="hot-swapped adapter did not change its row's logits"):
+        engine.check_hot_swap()
+
+
 def test_a_lora_that_leaks_into_base_rows_is_caught(engine, monkeypatch):
     monkeypatch.setattr(Engine, "_adapter_names", lambda self, versions: None)  # no per-row routing
     with pytest.raises(HotSwapUnavailable, match="changed"):

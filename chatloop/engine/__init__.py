@@ -130,6 +130,7 @@ class Engine(AdapterSlots, MergedWeights):
         self._slots: dict[str, str | None] = {}
         self._slot_of: dict[str, str] = {}  # version -> slot
         self._slot_counter = 0
+        self._slot_params: dict[str, dict[str, torch.nn.Parameter]] = {}  # slot -> its LoRA tensors by name
         # the LoRA settings of the spare slot kept ready (None: none kept); after an activation,
         # the settings of the version activated (the next one most likely has the same)
         self._spare_shape = spare_lora

@@ -8,11 +8,15 @@ corrupt or mismatched adapter is refused (``AdapterError``) and the active one k
 The spare kept ready (``_keep_spare``) holds a zero LoRA (B = 0) and is never any row's adapter.
 
 A new slot is built by transformers' ``load_adapter``; a hot-swap into a spare slot copies the
-version's weights with PEFT's own ``hotswap_adapter_from_state_dict`` (which also sets the
-scaling and zeroes layers the version leaves out), from files read before the engine thread is
-asked (``read_adapter``, in ``activate``'s caller): transformers' generic loading machinery took
-most of a hot-swap's time on the engine thread, where every running reply waits for it
-(docs/LOG.md). Should PEFT refuse the state dict, the version gets a new slot instead.
+version's weights from files read before the engine thread is asked (``read_adapter``, in
+``activate``'s caller): transformers' generic loading machinery took most of a hot-swap's time on
+the engine thread, where every running reply waits for it (docs/LOG.md). A slot is reused only
+for a version of equal LoRA settings (``_same_lora_shape``: so the same scaling), so when the
+version's tensors are exactly the slot's, by name and shape, the hot-swap is a copy into each
+(the slot's tensors are looked up once per slot, outside activations where possible: PEFT's
+``hotswap_adapter_from_state_dict`` walks the whole model's state dict on every call). Anything
+else goes through PEFT's function, which also zeroes layers the version leaves out; should PEFT
+refuse the state dict, the version gets a new slot instead.
 """
 
 from __future__ import annotations
@@ -125,6 +129,12 @@ class AdapterSlots:
                     raise RuntimeError("the base row changed when another row used an adapter")
                 if (got[1] - base).abs().max() <= tol:
                     raise RuntimeError("the hot-swapped adapter did not change its row's logits")
+                # a version whose tensors are not exactly the slot's goes through PEFT's hot-swap:
+                # it must replace the weights too (the zero probe over the random one: base again)
+                step = "hot-swapping with PEFT's own function (for tensors that are not the slot's)"
+                self._hotswap(self._slot_of["probe-random"], read_adapter(str(zero)), copy=False)
+                if (self._probe_logits(["probe-random"])[0] - base).abs().max() > tol:
+                    raise RuntimeError("PEFT's hot-swap did not change its row's logits")
                 step = "unloading the adapters"
                 self._unload_unused()
                 for slot in list(self._slots):
@@ -141,6 +151,7 @@ class AdapterSlots:
                     self._drop_slot(slot)
                 except Exception:
                     self._slots.pop(slot, None)
+                    self._slot_params.pop(slot, None)
             self._slot_of.clear()
 
     def _adapter_names(self, versions: list[str]) -> list[str] | None:
@@ -251,6 +262,7 @@ class AdapterSlots:
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(False)
         self._slots[slot] = None
+        self._lora_tensors(slot)  # looked up now, so the activation that uses this spare only copies
         self.spare_build_ms.append((time.perf_counter() - t0) * 1000)
         self._hook_lora_layers()
         self._lora_on = None  # new LoRA layers start switched on: set the switch again
@@ -260,15 +272,33 @@ class AdapterSlots:
         # "slot1_" is not a part of "slot11_": PEFT's hot-swap finds a slot's keys by substring
         return f"slot{self._slot_counter}_"
 
-    def _hotswap(self, slot: str, files: AdapterFiles) -> None:
-        """Copy ``files``' weights into ``slot`` (PEFT's own hot-swap: weights, scaling, and
-        zeros where the version has no LoRA). Raises if PEFT finds them incompatible."""
+    def _hotswap(self, slot: str, files: AdapterFiles, copy: bool = True) -> None:
+        """Copy ``files``' weights into ``slot``: into each of its tensors when they are exactly
+        the slot's (``copy``), else with PEFT's own hot-swap (weights, scaling, and zeros where the
+        version has no LoRA), which raises if it finds them incompatible."""
         if files.config is None or files.state is None:
             raise ValueError(f"cannot read the adapter files in {files.path}")
         if any(slot in other for other in self._slots if other != slot):  # see the slot names
             raise ValueError(f"slot {slot} is part of another slot's name")
         state = {_slot_key(k, slot): v for k, v in files.state.items()}
+        params = self._lora_tensors(slot)
+        if copy and state.keys() == params.keys() and all(params[k].shape == v.shape for k, v in state.items()):
+            with torch.no_grad():
+                for key, value in state.items():
+                    params[key].copy_(value)
+            return
+        self._slot_params.pop(slot, None)  # PEFT may swap tensors for others of another shape
         hotswap_adapter_from_state_dict(self.model, state, adapter_name=slot, config=files.config)
+
+    def _lora_tensors(self, slot: str) -> dict[str, torch.nn.Parameter]:
+        """``slot``'s LoRA parameters by their names in the model (the names ``_slot_key`` gives a
+        saved adapter's keys), looked up once per slot."""
+        if slot not in self._slot_params:
+            self._wrappers_in()
+            marker = f".{slot}."
+            self._slot_params[slot] = {name: p for name, p in self.model.named_parameters()
+                                       if marker in name and ".lora_" in name}
+        return self._slot_params[slot]
 
     def _same_lora_shape(self, slot: str, new: LoraConfig | None) -> bool:
         """Whether an adapter of config ``new`` has the slot's LoRA settings, everything that
@@ -300,6 +330,7 @@ class AdapterSlots:
         held = self._slots.pop(slot)
         if held is not None:
             self._slot_of.pop(held, None)
+        self._slot_params.pop(slot, None)
         self.model.delete_adapter(slot)
         self._lora_on = None  # layers may have come or gone: set the switch again before the next forward
         if not self._slots and self._merged_version is None:
