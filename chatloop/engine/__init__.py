@@ -18,8 +18,8 @@ Invariants:
 - The KV cache is written in place into buffers with spare columns (kvcache.py), so a decode step
   never copies the whole cache, however long one row's conversation is.
 - Each request is pinned to one adapter version when the engine starts it ('base' or vN). Rows
-  of one batch may use different versions: PEFT's mixed-batch LoRA forward applies each row's
-  own adapter, so activation between decode steps never changes the adapter of a reply in
+  of one batch may use different versions: each row gets its own adapter (PEFT's mixed-batch
+  LoRA products, run by rowlora.py), so activation between decode steps never changes the adapter of a reply in
   flight, and the reply reports the version that produced it. While every row in flight uses
   one version, its LoRA is folded into the weights instead (``merged``): the base model's cost.
 - Adapters live in LoRA "slots" (PEFT adapter names). A version that is neither active nor used
@@ -58,6 +58,7 @@ from chatloop.engine.requests import (Completion, ContextTooLong, EngineBusy, Ge
 from chatloop.engine import kvcache
 from chatloop.engine.attention import use_row_invariant_attention
 from chatloop.engine.merged import MergedWeights
+from chatloop.engine.rowlora import RowGroups
 from chatloop.engine.pacing import PrefillPacer
 from chatloop.engine.slots import AdapterSlots, read_adapter
 from chatloop.models import LoadedModel
@@ -142,7 +143,7 @@ class Engine(AdapterSlots, MergedWeights):
         self.peak_batch = 0  # the most rows that have shared one forward pass
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [rows, cached columns]; 0 marks left padding
-        self._row_adapters: list[str] | None = None  # read by the LoRA pre-forward hooks
+        self._routing: RowGroups | None = None  # the forward's rows by adapter, read by the LoRA layers
         self._hooked: weakref.WeakSet = weakref.WeakSet()
         self._init_merged(merge_single_version)  # one version in flight: its LoRA folded in (merged.py)
         # a prompt longer than prefill_chunk that arrives while others decode is prefilled one
@@ -408,12 +409,12 @@ class Engine(AdapterSlots, MergedWeights):
         """One forward pass for ``rows``; returns float logits of each row's last position."""
         in_flight = {r.version for r in (*self._rows, *self._in_prefill(), *rows)}
         uniform = self._uniform_forward(in_flight)
-        self._row_adapters = None if uniform else self._adapter_names([r.version for r in rows])
+        self._route_rows(None if uniform else [r.version for r in rows])
         try:
             out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
-            self._row_adapters = None
+            self._route_rows(None)
         return out.logits[:, -1, :].float()
 
     def _prefill(self, joining: list[_Row]) -> None:

@@ -22,6 +22,7 @@ refuse the state dict, the version gets a new slot instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import tempfile
@@ -33,11 +34,13 @@ from typing import Iterator, NamedTuple
 
 import torch
 from peft import LoraConfig
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from peft.utils.hotswap import hotswap_adapter_from_state_dict
 from safetensors.torch import load_file
 
 from chatloop.adapters import BASE_VERSION, AdapterError
+from chatloop.engine.rowlora import row_groups, rows_lora_forward
 from chatloop.engine.weights import PackedLinear
 from chatloop.hotswap_check import HotSwapUnavailable, unavailable, write_probe_adapters
 
@@ -164,11 +167,11 @@ class AdapterSlots:
         """Last-position logits of the probe prompt, one row per version (a mixed batch)."""
         ids = torch.tensor([self._probe_ids] * len(versions), device=self.loaded.device)
         self._per_row_forward()
-        self._row_adapters = self._adapter_names(versions)
+        self._route_rows(versions)
         try:
             return self.model(input_ids=ids, logits_to_keep=1).logits[:, -1, :].float()
         finally:
-            self._row_adapters = None
+            self._route_rows(None)
 
     def _do_activate(self, version: str, files: AdapterFiles | None = None) -> str:
         if version != BASE_VERSION:
@@ -337,20 +340,32 @@ class AdapterSlots:
             self._base_weights.clear()
 
     def _hook_lora_layers(self) -> None:
-        """Give every LoRA layer the batch's per-row adapter names (PEFT's mixed-batch forward).
-
-        The same mechanism as ``PeftModel.generate(adapter_names=...)``, installed once per layer
-        instead of around every call; '__base__' rows skip the LoRA update.
+        """Give every LoRA layer the batch's per-row adapters: a LoRA ``Linear`` runs
+        ``rowlora.rows_lora_forward`` over the groups of rows set once per forward (PEFT's
+        mixed-batch products without its per-call bookkeeping); any other LoRA layer gets PEFT's
+        ``adapter_names`` (the mechanism of ``PeftModel.generate(adapter_names=...)``). Installed
+        once per layer instead of around every call; '__base__' rows skip the LoRA update.
         """
         for module in self.model.modules():
             if isinstance(module, LoraLayer) and module not in self._hooked:
-                module.register_forward_pre_hook(self._inject_adapter_names, with_kwargs=True)
+                if type(module) is LoraLinear:
+                    module.forward = functools.partial(self._rows_lora_forward, module)
+                else:
+                    module.register_forward_pre_hook(self._inject_adapter_names, with_kwargs=True)
                 self._hooked.add(module)
 
+    def _rows_lora_forward(self, layer: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return rows_lora_forward(layer, self._routing, x, *args, **kwargs)
+
     def _inject_adapter_names(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
-        if self._row_adapters is not None:
-            kwargs["adapter_names"] = self._row_adapters
+        if self._routing is not None:
+            kwargs["adapter_names"] = self._routing.names
         return args, kwargs
+
+    def _route_rows(self, versions: list[str] | None) -> None:
+        """The adapters of the next forward's rows, by version (None: no per-row LoRA)."""
+        names = None if versions is None else self._adapter_names(versions)
+        self._routing = row_groups(names, self.loaded.device)
 
     def _unload_unused(self) -> None:
         """Free the slots of versions nobody uses; keep one spare for the next activation."""
