@@ -17,12 +17,11 @@ served model's Linear layers for it; ``SERVE_WEIGHTS``, the formats, and ``resol
   on a CPU with native bf16 matrix products (oneDNN's own check; there it is several times faster
   than int4 or fp32 for a prompt) and the fp32 weight itself elsewhere (on an AVX2 CPU bf16
   products are emulated and far slower than fp32; figures in docs/LOG.md), as ``prefill_dtype``
-  says for the machine. Streaming the fp32 weight costs more than the packed kernels up to about
-  two dozen positions, so with an fp32 copy a forward of up to ``PACKED_MAX_POSITIONS`` positions
-  per row (a short prompt, a small chunk of a long one) stays on the packed kernels; with a bf16
-  copy any forward of more than one position per row is dense. The choice depends only on the
-  positions per row, never on how many rows share the batch, so a row's output does not depend
-  on who else is in it.
+  says for the machine. Streaming either copy costs more than the packed kernels up to about
+  16 positions (the fp32 one up to about two dozen), so a forward of up to ``PACKED_MAX_POSITIONS``
+  positions per row (a short prompt, a small chunk of a long one) stays on the packed kernels.
+  The choice depends only on the positions per row, never on how many rows share the batch, so
+  a row's output does not depend on who else is in it.
 
 Invariants:
 - Only the serving engine's model is packed; training always loads the full-precision weights.
@@ -98,7 +97,7 @@ def int4_fits(layer: nn.Linear) -> bool:
     return layer.in_features % GROUP == 0 and layer.out_features % 16 == 0
 
 
-PACKED_MAX_POSITIONS = 16  # per row, with an fp32 prefill copy: more go through the copy
+PACKED_MAX_POSITIONS = 16  # per row: forwards of more positions per row go through the dense copy
 
 
 class PackedLinear(nn.Linear):
@@ -120,7 +119,7 @@ class PackedLinear(nn.Linear):
             raise ValueError(f"a packed layer's prefill copy is bf16 or fp32, not {dense_dtype}")
         self.register_buffer("dense", w.to(dense_dtype).contiguous())  # fp32: the weight itself, no copy
         # forwards of more positions per row than this go through the dense copy
-        self.packed_positions = 1 if dense_dtype == torch.bfloat16 else PACKED_MAX_POSITIONS
+        self.packed_positions = PACKED_MAX_POSITIONS
         if fmt == "bf16":
             self.register_buffer("packed", None)
             self.register_buffer("scales", None)
