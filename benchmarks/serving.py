@@ -466,7 +466,7 @@ def main() -> None:
                 liked = paired([float(x >= threshold) for x in fp32_row["_sentiment_scores"]],
                                [float(x >= threshold) for x in r["_sentiment_scores"]])
                 r["sentiment_liked_vs_fp32"] = f"{100 * liked[0]:+.1f} ± {100 * liked[1]:.1f} points"
-    examples = {r["format"]: r.pop("_sentiment_texts", [""])[:2] for r in rows}
+    examples = {r["format"]: r.pop("_sentiment_texts")[:2] for r in rows if "_sentiment_texts" in r}
     for r in rows:
         r.pop("_sentiment_scores", None)
 
