@@ -17,8 +17,8 @@
 Per round: ``liked_pct`` (held-out replies of the version served after the round that the oracle
 likes), ``lift_se`` (the paired SE, in points, of the change from the version served before),
 ``verdict`` and ``promoted``, ``candidate_liked_pct`` (the candidate's own share, promoted or not),
-``kl_to_base`` and ``relevance`` (the gate's measurements: candidate's and base model's task
-relevance), ``mean_tokens``, ``served_version``, ``cycle_s``, ``simulate_s``, ``evaluate_s``, and a
+``kl_to_base``, ``relevance`` and ``register`` (the gate's measurements: candidate's and base
+model's task relevance, and the register's shift toward assistant talk), ``mean_tokens``, ``served_version``, ``cycle_s``, ``simulate_s``, ``evaluate_s``, and a
 few held-out replies to read. At the end: ``base_liked_pct``, ``final_liked_pct``,
 ``total_lift_points``, ``regressions_promoted`` (promoted rounds whose candidate scored more than
 one SE below the version it replaced), ``drops_beyond_one_se`` (rounds that ended more than one SE
@@ -209,6 +209,7 @@ def main() -> int:
                 "candidate_vs_served_se": round(se, 2) if se is not None else None,
                 "verdict": run.get("verdict"), "promoted": promoted, "status": run["status"],
                 "kl_to_base": judged.get("kl_to_base"), "relevance": judged.get("relevance"),
+                "register": judged.get("register"),
                 "mean_tokens": round(after["mean_tokens"], 1), "served_version": now, "candidate_version": cand,
                 "cycle_s": round(m.get("total_s") or 0.0, 1), "waited_for_cycle_s": round(wait_s, 1),
                 "simulate_s": round(report.wall_s, 1), "evaluate_s": round(eval_s, 1),

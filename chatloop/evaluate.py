@@ -30,7 +30,11 @@ A candidate is promoted only when every check passes:
    ``gate_max_relevance_drop`` below the base model's own replies' and keeps at least
    ``gate_min_relevance`` of it (the floor that matters where the base figure is small). Anchored
    to base, as KL is, so that drift cannot compound over rounds. Replies that drift off their
-   prompts lose it however well the reward model likes them.
+   prompts lose it however well the reward model likes them;
+7. register (``chatloop.train.register``: how much likelier the base model finds each reply as a
+   chat assistant's turn than as the continuation of the user's own text, in nats per token) rises
+   at most ``gate_max_register_shift`` above the base model's own replies' on the same prompts:
+   drift into assistant talk. With the limit at 0 (the default) the figure is reported, not checked.
 
 Invariant: the verdict (structured checks, see ``Verdict``) is returned for the caller to store;
 nothing here activates anything, and nobody parses its text back.
@@ -120,7 +124,8 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
         return verdict.add(Check("win_rate", None, f"reward-model win rate not measured ({why})")).add(
             Check("kl", None, "KL to base not measured")).add(
             Check("degenerate", None, "degenerate replies not measured")).add(
-            Check("relevance", None, "task relevance not measured"))
+            Check("relevance", None, "task relevance not measured")).add(
+            Check("register", None, "register not measured"))
     n = judged["prompts"]
     reward = judged.get("reward")
     if reward:
@@ -146,7 +151,24 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
                                         f"{deg['candidate']:.2f} vs reference {deg['reference']:.2f} "
                                         f"({'within' if ok else 'beyond'} +{t.gate_max_degenerate_increase:g})",
                       deg["candidate"] - deg["reference"], t.gate_max_degenerate_increase))
-    return verdict.add(relevance_check(judged.get("relevance"), t))
+    return verdict.add(relevance_check(judged.get("relevance"), t)).add(register_check(judged.get("register"), t))
+
+
+def register_check(reg: dict[str, Any] | None, t: TrainingDefaults) -> Check:
+    """The candidate's register against the base model's replies to the same prompts (paired): at
+    most ``gate_max_register_shift`` above it; reported without a verdict when the limit is 0."""
+    paired = (reg or {}).get("paired_difference") or {}
+    shift, se = paired.get("mean"), paired.get("se")
+    if shift is None:
+        return Check("register", None, "register not measured (no non-empty replies)")
+    figure = (f"register {shift:+.3f} ± {se or 0.0:.3f} nats/token against the base model's replies over "
+              f"{paired.get('replies')} prompts (chat over plain-document likelihood")
+    limit = t.gate_max_register_shift
+    if limit <= 0:
+        return Check("register", None, f"{figure}; not checked: gate_max_register_shift = 0)", shift)
+    ok = shift <= limit
+    return Check("register", ok, f"{figure}, {'<=' if ok else '>'} {limit:g}; replies "
+                                 f"{'keep' if ok else 'drift from'} the base model's register)", shift, limit)
 
 
 def relevance_check(rel: dict[str, Any] | None, t: TrainingDefaults) -> Check:

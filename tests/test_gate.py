@@ -17,7 +17,10 @@ GOOD = {
               "reward": {"candidate": 0.4, "reference": 0.1, "win_rate": 0.75},
               "relevance": {"candidate": {"mean": 0.30, "se": 0.05, "replies": 8},
                             "reference": {"mean": 0.40, "se": 0.05, "replies": 8},
-                            "base": {"mean": 0.40, "se": 0.05, "replies": 8}}},
+                            "base": {"mean": 0.40, "se": 0.05, "replies": 8}},
+              "register": {"candidate": {"mean": 0.62, "se": 0.02, "replies": 8},
+                           "base": {"mean": 0.60, "se": 0.02, "replies": 8},
+                           "paired_difference": {"mean": 0.02, "se": 0.01, "replies": 8}}},
 }
 
 
@@ -34,7 +37,7 @@ def worse(path: str, value):
 def test_a_good_candidate_passes_every_check():
     v = gate(GOOD)
     assert v.promote and v.checks == {"accuracy": True, "win_rate": True, "kl": True, "degenerate": True,
-                                      "relevance": True}
+                                      "relevance": True, "register": None}  # register: reported by default
     assert "0.75 of 8 held-out prompts" in v.summary and "KL to base 0.050" in v.summary
 
 
@@ -106,6 +109,21 @@ def test_relevance_is_anchored_to_the_base_model_and_can_be_turned_off():
     assert off.promote and off.checks["relevance"] is None and "off" in off.summary
     unmeasured = gate(worse("judge.relevance", {"candidate": {"mean": None}, "base": {"mean": 0.4}}))
     assert unmeasured.promote and unmeasured.checks["relevance"] is None
+
+
+def test_register_is_reported_by_default_and_checked_against_its_limit():
+    """The paired shift toward assistant talk (chat over plain-document likelihood, candidate
+    minus base on the same prompts): shown with its SE; with a limit, above it rejects."""
+    talk = worse("judge.register.paired_difference", {"mean": 0.131, "se": 0.017, "replies": 150})
+    v = gate(talk)
+    assert v.promote and v.checks["register"] is None
+    assert "register +0.131 ± 0.017 nats/token" in v.summary and "not checked" in v.summary
+    limited = TrainingDefaults(gate_max_register_shift=0.05)
+    v = gate(talk, limited)
+    assert not v.promote and v.checks["register"] is False and "> 0.05" in v.summary
+    assert [k for k, ok in v.checks.items() if ok is False] == ["register"]
+    assert gate(GOOD, limited).checks["register"] is True
+    assert gate(worse("judge.register", {}), limited).checks["register"] is None  # not measured: says so
 
 
 def test_non_finite_loss_and_missing_measurements():

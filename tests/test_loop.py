@@ -207,12 +207,15 @@ def test_dpo_gate_judges_held_out_prompts_with_a_reward_model(parts):
     assert judged["reward_model"]["pair_filter"] == kept
     assert judged["prompts"] == 3 and judged["reward"] and math.isfinite(judged["kl_to_base"])
     assert set(judged["degenerate"]) == {"candidate", "reference"}
-    assert set(gate["checks"]) == {"accuracy", "win_rate", "kl", "degenerate", "relevance"}
-    assert all(v is not None for v in gate["checks"].values())
+    assert set(gate["checks"]) == {"accuracy", "win_rate", "kl", "degenerate", "relevance", "register"}
+    assert all(v is not None for k, v in gate["checks"].items() if k != "register")
+    assert gate["checks"]["register"] is None  # measured and reported; no limit at the defaults
     rel = judged["relevance"]  # the parent is base: the reference's replies are the base model's
     assert rel["base"] == rel["reference"] and rel["candidate"]["replies"] <= 3
     assert rel["paired_difference"]["replies"] <= 3
-    assert run["status"] == ("promoted" if all(gate["checks"].values()) else "rejected")
+    reg = judged["register"]
+    assert reg["candidate"]["mean"] is not None and reg["paired_difference"]["replies"] <= 3
+    assert run["status"] == ("promoted" if all(v is not False for v in gate["checks"].values()) else "rejected")
     assert set(run["metrics"]["timings"]) == {"snapshot_s", "train_and_judge_s", "publish_s"}
 
 

@@ -8,7 +8,9 @@ seed, the serving defaults' temperature and top-p), and the gate's behavioural m
 - the share of degenerate replies on each side (empty, mostly repeated 3-grams, or echoing the prompt);
 - mean reply length on each side (length gaming shows up here);
 - task relevance: the base model's prompt-reply PMI per token of the candidate's, the reference's
-  and the base model's replies (``chatloop.train.relevance``); off-topic drift shows up here.
+  and the base model's replies (``chatloop.train.relevance``); off-topic drift shows up here;
+- register: the base model's chat-over-plain-document likelihood per token of the candidate's and
+  the base model's replies (``chatloop.train.register``); drift into assistant talk shows up here.
 
 Invariants: prompts are held-out contexts the candidate never trained on (the snapshot's
 ``eval_prompts.jsonl``); nothing here decides anything (``chatloop.evaluate.gate`` does).
@@ -25,9 +27,19 @@ import torch
 from chatloop.train.common import Encoded, collate, sample_replies
 from chatloop.train.degenerate import is_degenerate
 from chatloop.train.ppo import token_forward
+from chatloop.train.register import plain_prompt_ids, register_gap
 from chatloop.train.relevance import pmi_per_token, summary
 
 TEMPERATURE, TOP_P = 0.7, 0.9  # the serving defaults: judge what users would see
+
+
+def _with_paired_difference(values: dict[str, list[float | None]]) -> dict[str, Any]:
+    """Each side's summary, and the candidate minus the base on the same prompts (its standard
+    error says how far the gate's sample can be trusted)."""
+    out: dict[str, Any] = {s: summary(v) for s, v in values.items()}
+    out["paired_difference"] = summary([c - b for c, b in zip(values["candidate"], values["base"])
+                                        if c is not None and b is not None])
+    return out
 
 
 @torch.no_grad()
@@ -78,18 +90,18 @@ def judge(candidate, reference, tokenizer, contexts: list[list[dict[str, str]]],
         with candidate.disable_adapter():
             base_replies = sample_replies(candidate, tokenizer, enc, max_new_tokens, seed,
                                           temperature=TEMPERATURE, top_p=TOP_P, batch_size=16)
-    with candidate.disable_adapter():  # relevance is always the base model's PMI
+    with candidate.disable_adapter():  # relevance and register are always the base model's figures
         values = {s: pmi_per_token(candidate, tokenizer, enc, rs)
                   for s, rs in (("candidate", replies["candidate"]), ("reference", replies["reference"]))}
         values["base"] = (values["reference"] if reference_is_base
                           else pmi_per_token(candidate, tokenizer, enc, base_replies))
-    relevance: dict[str, Any] = {s: summary(v) for s, v in values.items()}
-    # candidate minus base on the same prompts: its standard error says how far the gate's sample can be trusted
-    relevance["paired_difference"] = summary([c - b for c, b in zip(values["candidate"], values["base"])
-                                              if c is not None and b is not None])
+        plain = [plain_prompt_ids(tokenizer, c, max_prompt_tokens) for c in contexts]
+        gaps = {"candidate": register_gap(candidate, tokenizer, enc, plain, replies["candidate"]),
+                "base": register_gap(candidate, tokenizer, enc, plain, base_replies)}
     n = len(contexts)
     out: dict[str, Any] = {
-        "relevance": relevance,
+        "relevance": _with_paired_difference(values),
+        "register": _with_paired_difference(gaps),
         "prompts": n,
         "kl_to_base": kl_to_base(candidate, tokenizer, enc, replies["candidate"]),
         "degenerate": {s: sum(is_degenerate(r, eos, p) for r, p in zip(rs, enc)) / n for s, rs in replies.items()},

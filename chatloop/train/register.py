@@ -1,0 +1,52 @@
+"""The register of replies without a judge model: how much more the base model expects a reply as
+an assistant's turn than as the continuation of the user's own text.
+
+Owns: the register gap the judge reports and the gate can limit. For a reply ``y`` to a
+conversation ``x`` it is, per reply token,
+
+    (log p_base(y | x in the chat template) - log p_base(y | x's user text as a plain document)) / |y|,
+
+the plain document being the user messages' text followed by a blank line, no template. A reply
+that reads as a chat assistant's talk ("I'm glad you enjoyed the film! ...") is far likelier after
+the template's assistant header than after the user's text; text that carries the user's text on
+(a review continued, an answer in the document's own voice) much less so. Raters that like an
+upbeat tone pay for such talk whatever the task asked (docs/LOG.md, 2026-12-05): the candidate's
+gap against the base model's on the same prompts shows that drift, which neither KL (talk is a
+mode the base already has) nor the prompt-reply relevance (talk that names the film fits its
+prompt) sees.
+
+Invariants: always the *base* model's probabilities (as for relevance); the chat prompt is the
+tokens the reply was sampled after; the plain prompt is cut from the left to the same budget;
+empty replies are left out (None), not counted as zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from chatloop.train.common import Encoded
+from chatloop.train.relevance import reply_logprobs
+
+
+def plain_prompt_ids(tokenizer, context: Sequence[dict[str, str]], max_tokens: int) -> list[int]:
+    """The user messages' text as the start of a plain document (no chat template), cut from the
+    left to ``max_tokens``."""
+    text = "\n\n".join(m["content"] for m in context if m.get("role") == "user")
+    ids = list(tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"])
+    return ids[-max_tokens:] if max_tokens > 0 else ids
+
+
+def register_gap(base_model, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
+                 replies: Sequence[list[int]], batch_size: int = 8) -> list[float | None]:
+    """Each reply's chat-over-plain log-likelihood per token under ``base_model`` (None for an
+    empty reply); ``base_model`` is the base model (a PeftModel inside ``disable_adapter()`` is)."""
+    eos = tokenizer.eos_token_id
+    keep = [i for i, r in enumerate(replies) if any(t != eos for t in r)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    chat = reply_logprobs(base_model, pad, [Encoded(list(chat_prompts[i]), list(replies[i])) for i in keep], batch_size)
+    plain = reply_logprobs(base_model, pad, [Encoded(list(plain_prompts[i]), list(replies[i])) for i in keep],
+                           batch_size)
+    out: list[float | None] = [None] * len(replies)
+    for i, a, b in zip(keep, chat, plain):
+        out[i] = (a - b) / len(replies[i])
+    return out

@@ -1,0 +1,81 @@
+"""The register gap (train/register.py) against a direct computation, and the judge reporting it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatloop.models import load_model
+from chatloop.train.register import plain_prompt_ids, register_gap
+
+CONTEXT = [{"role": "user", "content": "Continue this movie review: The film opens on"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tmp_path_factory):
+    loaded = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("models"))
+    return loaded.model.eval(), loaded.tokenizer
+
+
+def test_the_plain_prompt_is_the_user_text_as_a_document(tiny):
+    _, tok = tiny
+    chat = [{"role": "system", "content": "Be brief."}, *CONTEXT, {"role": "assistant", "content": "A street."},
+            {"role": "user", "content": "Go on."}]
+    ids = plain_prompt_ids(tok, chat, 384)
+    assert tok.decode(ids) == "Continue this movie review: The film opens on\n\nGo on.\n\n"  # user turns only
+    assert plain_prompt_ids(tok, chat, 3) == ids[-3:]
+
+
+def test_the_gap_is_chat_minus_plain_log_likelihood_per_reply_token(tiny):
+    model, tok = tiny
+    chat = list(tok.apply_chat_template(CONTEXT, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"])
+    plain = plain_prompt_ids(tok, CONTEXT, 384)
+    reply = tok("a quiet street at dawn, and a man who", add_special_tokens=False)["input_ids"]
+
+    def direct(prefix: list[int]) -> float:  # the reply's log-likelihood after ``prefix``, token by token
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prefix + reply])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        return sum(float(logp[len(prefix) - 1 + j, t]) for j, t in enumerate(reply))
+
+    got = register_gap(model, tok, [chat, chat], [plain, plain], [reply, [tok.eos_token_id]])
+    assert got[1] is None  # an empty reply is left out
+    assert got[0] == pytest.approx((direct(chat) - direct(plain)) / len(reply), abs=1e-4)
+    assert abs(got[0]) > 1e-3  # the two framings do differ
+
+
+@pytest.mark.slow
+def test_a_real_candidate_that_learned_assistant_talk_shows_it_in_its_register(tmp_path):
+    """The KTO candidate of a real simulated-feedback log (tests/fixtures/register, made with
+    ``benchmarks/efficacy.py --replies``): its replies moved toward assistant talk ("I'm glad to
+    continue exploring your favorite films...") at a KL of only 0.078, and the prompt-reply
+    relevance let it through. Its register stands above the base model's replies' on the same
+    prompts, well beyond the paired SE, and talk-like replies sit higher than the others."""
+    import json
+    import re
+
+    from chatloop.oracles import load_oracle, load_prompts
+    from chatloop.train.relevance import summary
+    from conftest import REPO, SHARED_DATA
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (the fixture's prompts)")
+    data = json.loads((REPO / "tests" / "fixtures" / "register" / "sentiment_kto.json").read_text())
+    contexts = load_prompts(load_oracle(data["oracle"]), data["split"])[:len(data["base"])]
+    loaded = load_model("default", tmp_path / "models")
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    chat = [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                         return_dict=True)["input_ids"]) for c in contexts]
+    plain = [plain_prompt_ids(tok, c, 384) for c in contexts]
+    gaps = {side: register_gap(model, tok, chat, plain,
+                               [tok(t, add_special_tokens=False)["input_ids"][:48] or [tok.eos_token_id]
+                                for t in data[side]])
+            for side in ("base", "candidate")}
+    paired = summary([c - b for c, b in zip(gaps["candidate"], gaps["base"]) if c is not None and b is not None])
+    print(f"register shift {paired}")
+    assert paired["mean"] > 0.05 and paired["mean"] > 2 * paired["se"], paired
+    talk = re.compile(r"\s*(\(|I'm|I am|I'd|I'll|Hey|Hi\b|Hello|Thank|Sure|Absolutely|Wow|Oh\b)")
+    marked = [(g, bool(talk.match(t))) for side in gaps for g, t in zip(gaps[side], data[side]) if g is not None]
+    on, off = sorted(g for g, m in marked if m), sorted(g for g, m in marked if not m)
+    assert len(on) >= 10 and on[len(on) // 2] > off[len(off) // 2] + 0.1, (len(on), len(off))
