@@ -164,9 +164,8 @@ class TrainingDefaults:
     gate_min_relevance: float = 0.3
     # the candidate's register (the base model's chat-over-plain-document likelihood per token,
     # train/register.py) may rise at most this much above the base model's own replies' on the same
-    # prompts (0 = reported, not checked). On 150 sentiment prompts a KTO candidate with 68 of 150
-    # replies assistant talk (base 23) stood +0.131 ± 0.017 above base, an RLOO one with 47 +0.107 ±
-    # 0.018; no candidate that kept to the task's own text is at hand to set a limit that passes it
+    # prompts (0 = reported, not checked): the candidates that learned assistant talk stood well above
+    # base, but none that kept to the task's own text was at hand to set a limit that passes it
     # (docs/LOG.md 2026-12-05)
     gate_max_register_shift: float = 0.0
     gate_live_votes: int = 0  # >0: a candidate that passes goes into live A/B comparison first and is

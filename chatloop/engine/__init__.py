@@ -19,8 +19,8 @@ Invariants:
   never copies the whole cache, however long one row's conversation is.
 - Each request is pinned to one adapter version when the engine starts it ('base' or vN). Rows
   of one batch may use different versions: each row gets its own adapter (PEFT's mixed-batch
-  LoRA products, run by rowlora.py), so activation between decode steps never changes the adapter of a reply in
-  flight, and the reply reports the version that produced it. While every row in flight uses
+  LoRA products, run by rowlora.py), so activation between decode steps never changes the
+  adapter of a reply in flight, and the reply reports the version that produced it. While every row in flight uses
   one version, its LoRA is folded into the weights instead (``merged``): the base model's cost.
 - Adapters live in LoRA "slots" (PEFT adapter names). A version that is neither active nor used
   by a running request frees its slot; a new version is hot-swapped into a free slot's weights

@@ -14,7 +14,7 @@ Invariants:
 - Bit for bit PEFT's result: the base layer's output, and for each group of rows sharing an
   adapter ``lora_B(lora_A(dropout(x[rows]))) * scaling`` added to those rows in the result's
   dtype; ``nn.Linear``'s forward is ``F.linear`` and a dropout not in training mode is the
-  identity, so the same operations run on the same values (tests/test_engine.py compares the
+  identity, so the same operations run on the same values (tests/test_rowlora.py compares the
   two). A group of every row skips the gather and scatter of identical values.
 - '__base__' rows get the base layer's output only; a layer without the group's adapter adds
   nothing to its rows (PEFT's rule).
