@@ -88,6 +88,10 @@ class TrainingDefaults:
     pair_min_relevance: float = 0.25
     # KTO (unpaired thumbs)
     min_thumbs: int = 8
+    # > 0: liked replies more than this above the disliked replies' median register gap (nats per
+    # token, train/register.py) are left out of KTO: the raters' taste for assistant talk (0 = off;
+    # one run, docs/LOG.md 2026-12-05)
+    kto_register_margin: float = 0.0
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     kto_balance: bool = True  # both kinds of thumb pull equally: KTO up-weights the rarer kind, DPO's thumbs
@@ -367,6 +371,9 @@ def load_settings(
     if not 0 <= settings.training.pair_min_relevance <= 1:
         raise ConfigError(f"setting 'training.pair_min_relevance': {settings.training.pair_min_relevance} must be "
                           "between 0 (learn from every pair) and 1 (a share of the median chosen reply's relevance)")
+    if not 0 <= settings.training.kto_register_margin < float("inf"):
+        raise ConfigError(f"setting 'training.kto_register_margin': {settings.training.kto_register_margin} "
+                          "must be 0 (learn from every thumb) or a positive margin in nats per token")
     if not 0 <= settings.training.gate_max_register_shift < float("inf"):
         raise ConfigError(f"setting 'training.gate_max_register_shift': {settings.training.gate_max_register_shift} "
                           "must be 0 (reported, not checked) or a positive limit in nats per token")

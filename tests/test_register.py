@@ -79,3 +79,17 @@ def test_a_real_candidate_that_learned_assistant_talk_shows_it_in_its_register(t
     marked = [(g, bool(talk.match(t))) for side in gaps for g, t in zip(gaps[side], data[side]) if g is not None]
     on, off = sorted(g for g, m in marked if m), sorted(g for g, m in marked if not m)
     assert len(on) >= 10 and on[len(on) // 2] > off[len(off) // 2] + 0.1, (len(on), len(off))
+
+
+def test_kto_leaves_out_liked_replies_far_more_assistant_like_than_the_disliked():
+    from chatloop.train.register import unassuming_thumbs
+
+    values = [0.9, 0.5, None, 0.62, 0.4, 0.6, 0.7, 2.0]
+    liked = [True, True, True, True, False, False, False, False]
+    keep, summary = unassuming_thumbs(values, liked, 0.05)
+    assert summary["disliked_median"] == pytest.approx(0.65) and summary["threshold"] == pytest.approx(0.70)
+    assert keep == [False, True, True, True, True, True, True, True]  # every disliked one stays
+    assert summary["liked_kept"] == 3
+    held, _ = unassuming_thumbs([0.69, 0.71], [True, True], 0.05, threshold=summary["threshold"])
+    assert held == [True, False]  # a held-out list uses the training list's threshold
+    assert unassuming_thumbs([0.9, 0.1], [True, True], 0.05)[0] == [True, True]  # no disliked: all kept

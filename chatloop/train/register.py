@@ -15,6 +15,9 @@ gap against the base model's on the same prompts shows that drift, which neither
 mode the base already has) nor the prompt-reply relevance (talk that names the film fits its
 prompt) sees.
 
+Also owns ``unassuming_thumbs``: which thumbed replies KTO learns from when liked replies far more
+assistant-like than the disliked ones are left out (``kto_register_margin``; off by default).
+
 Invariants: always the *base* model's probabilities (as for relevance); the chat prompt is the
 tokens the reply was sampled after; the plain prompt is cut from the left to the same budget;
 empty replies are left out (None), not counted as zero.
@@ -23,6 +26,7 @@ empty replies are left out (None), not counted as zero.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from chatloop.train.common import Encoded
 from chatloop.train.relevance import reply_logprobs
@@ -50,3 +54,20 @@ def register_gap(base_model, tokenizer, chat_prompts: Sequence[list[int]], plain
     for i, a, b in zip(keep, chat, plain):
         out[i] = (a - b) / len(replies[i])
     return out
+
+
+def unassuming_thumbs(values: Sequence[float | None], liked: Sequence[bool], margin: float,
+                      threshold: float | None = None) -> tuple[list[bool], dict[str, Any]]:
+    """Which thumbed replies to learn from, given each one's register gap (``values``) and thumb
+    (``liked``): every disliked one, and the liked ones at most ``margin`` above the median gap of
+    the disliked ones (or at most ``threshold`` when given: a held-out list uses its training
+    list's). The disliked replies are the base model's behaviour that raters did not pay for; a
+    liked reply far more assistant-like than them is what a rater who likes an upbeat tone pays
+    for whatever the task. Unmeasured (empty) replies are kept; without disliked ones all are."""
+    down = sorted(v for v, up in zip(values, liked) if not up and v is not None)
+    median = (down[(len(down) - 1) // 2] + down[len(down) // 2]) / 2 if down else None
+    if threshold is None:
+        threshold = median + margin if median is not None else None
+    keep = [not up or v is None or threshold is None or v <= threshold for v, up in zip(values, liked)]
+    return keep, {"thumbs": len(values), "liked": sum(liked), "liked_kept": sum(k for k, up in zip(keep, liked) if up),
+                  "disliked_median": median, "threshold": threshold}

@@ -100,6 +100,32 @@ def relevant_pairs(job_dir: Path, base_model, tokenizer, t: TrainingDefaults, ho
     return ([r for r, k in zip(train, keep) if k], [r for r, k in zip(held, keep_held) if k], summary)
 
 
+def unassuming_thumbs_of(base_model, tokenizer, train: list[dict], held: list[dict], t: TrainingDefaults,
+                         hooks: dict) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The thumbs less the liked replies far more assistant-like than the disliked ones
+    (``chatloop.train.register.unassuming_thumbs``), and a summary; ``base_model`` must be the base
+    model (no adapter yet)."""
+    from chatloop.train.common import encode_reply
+    from chatloop.train.register import plain_prompt_ids, register_gap, unassuming_thumbs
+
+    rows = train + held
+    step = in_phase(hooks, "register filter")["on_step"]
+    t0 = time.perf_counter()
+    enc = [encode_reply(tokenizer, r["prompt"], r["completion"], t.max_prompt_tokens, t.max_reply_tokens) for r in rows]
+    eos = tokenizer.eos_token_id
+    gaps = register_gap(base_model, tokenizer, [e.prompt_ids for e in enc],
+                        [plain_prompt_ids(tokenizer, r["prompt"], t.max_prompt_tokens) for r in rows],
+                        [e.reply_ids if r["completion"].strip() else [eos] for e, r in zip(enc, rows)])
+    step({"step": len(rows), "total": len(rows), "elapsed_s": time.perf_counter() - t0})
+    liked = [bool(r["label"]) for r in rows]
+    keep, summary = unassuming_thumbs(gaps[:len(train)], liked[:len(train)], t.kto_register_margin)
+    keep_held, _ = unassuming_thumbs(gaps[len(train):], liked[len(train):], t.kto_register_margin,
+                                     threshold=summary["threshold"])
+    summary = {**summary, "seconds": time.perf_counter() - t0, "eval_thumbs": len(held), "eval_kept": sum(keep_held),
+               "dropped_examples": [r["completion"][:200] for r, k in zip(train, keep) if not k][:3]}
+    return [r for r, k in zip(train, keep) if k], [r for r, k in zip(held, keep_held) if k], summary
+
+
 def train_dpo_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) -> dict:
     from chatloop.prefs import read_jsonl
     from chatloop.train.dpo import train_dpo
@@ -120,9 +146,13 @@ def train_kto_job(job_dir: Path, job: dict, t: TrainingDefaults, hooks: dict) ->
     from chatloop.train.kto import train_kto
 
     loaded = _load(job)
+    train, held = read_jsonl(job_dir / "train_thumbs.jsonl"), read_jsonl(job_dir / "eval_thumbs.jsonl")
+    kept = None
+    if t.kto_register_margin > 0 and train:
+        train, held, kept = unassuming_thumbs_of(loaded.model, loaded.tokenizer, train, held, t, hooks)
     model = _policy(loaded, job, t)
-    metrics = train_kto(model, loaded.tokenizer, read_jsonl(job_dir / "train_thumbs.jsonl"),
-                        read_jsonl(job_dir / "eval_thumbs.jsonl"), configs.kto_config(t), **hooks)
+    metrics = train_kto(model, loaded.tokenizer, train, held, configs.kto_config(t), **hooks)
+    metrics["thumb_filter"] = kept or {"off": True}
     model.save_pretrained(job_dir / "adapter")
     metrics["judge"] = judge_candidate(job_dir, job, t, model, loaded.tokenizer, hooks)
     return metrics
