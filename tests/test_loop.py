@@ -106,10 +106,13 @@ def seed_thumbs(store: Store, n: int) -> None:
         store.record_feedback(mid, "u2", 1 if i % 2 == 0 else -1)
 
 
-def test_kto_cycle_from_unpaired_thumbs(parts):
+@pytest.mark.parametrize("register_margin", [0.0, 0.01])
+def test_kto_cycle_from_unpaired_thumbs(parts, register_margin):
+    """With ``kto_register_margin`` the liked replies far more assistant-like than the disliked
+    ones are measured and left out before KTO trains (the rest is the same cycle)."""
     settings, store, registry, retrainer, activations = parts
     retrainer.settings = settings.replace(training=settings.training.__class__(
-        **{**settings.training.__dict__, "min_thumbs": 4}))
+        **{**settings.training.__dict__, "min_thumbs": 4, "kto_register_margin": register_margin}))
     seed_thumbs(store, 3)
     with pytest.raises(NotEnoughFeedback, match="KTO"):
         retrainer.run_cycle("kto")
@@ -119,6 +122,13 @@ def test_kto_cycle_from_unpaired_thumbs(parts):
     assert run["metrics"]["algo"] == "kto" and run["metrics"]["desirable"] and run["metrics"]["undesirable"]
     assert run["feedback_ids"] and not run["comparison_ids"]
     assert registry.metadata(run["candidate_version"])["algo"] == "kto"
+    kept = run["metrics"]["thumb_filter"]
+    if register_margin == 0:
+        assert kept == {"off": True}
+    else:  # every disliked thumb stays; the liked ones KTO trained on are those the filter kept
+        assert kept["thumbs"] >= run["metrics"]["desirable"] + run["metrics"]["undesirable"]
+        assert run["metrics"]["desirable"] == kept["liked_kept"] <= kept["liked"]
+        assert kept["threshold"] == pytest.approx(kept["disliked_median"] + register_margin)
 
 
 def test_ppo_cycle_trains_a_reward_model_then_the_policy(parts):
