@@ -113,10 +113,13 @@ def unassuming_thumbs_of(base_model, tokenizer, train: list[dict], held: list[di
     t0 = time.perf_counter()
     enc = [encode_reply(tokenizer, r["prompt"], r["completion"], t.max_prompt_tokens, t.max_reply_tokens) for r in rows]
     eos = tokenizer.eos_token_id
-    gaps = register_gap(base_model, tokenizer, [e.prompt_ids for e in enc],
-                        [plain_prompt_ids(tokenizer, r["prompt"], t.max_prompt_tokens) for r in rows],
-                        [e.reply_ids if r["completion"].strip() else [eos] for e, r in zip(enc, rows)])
-    step({"step": len(rows), "total": len(rows), "elapsed_s": time.perf_counter() - t0})
+    gaps: list[float | None] = []
+    for start in range(0, len(rows), 32):  # in parts, so the progress moves
+        part = slice(start, start + 32)
+        gaps += register_gap(base_model, tokenizer, [e.prompt_ids for e in enc[part]],
+                             [plain_prompt_ids(tokenizer, r["prompt"], t.max_prompt_tokens) for r in rows[part]],
+                             [e.reply_ids if r["completion"].strip() else [eos] for e, r in zip(enc[part], rows[part])])
+        step({"step": len(gaps), "total": len(rows), "elapsed_s": time.perf_counter() - t0})
     liked = [bool(r["label"]) for r in rows]
     keep, summary = unassuming_thumbs(gaps[:len(train)], liked[:len(train)], t.kto_register_margin)
     keep_held, _ = unassuming_thumbs(gaps[len(train):], liked[len(train):], t.kto_register_margin,
