@@ -177,6 +177,18 @@ def test_relevance_in_the_reward_is_the_gates_pmi(tiny_model_dir):
     assert got[:-1].abs().max() > 1e-3
 
 
+def _scores_reaching_rewards(monkeypatch) -> list[torch.Tensor]:
+    """The sequence scores PPO turns into per-token rewards, each rollout's as it is passed on."""
+    from chatloop.train import ppo
+
+    seen: list[torch.Tensor] = []
+    real = ppo.kl_penalized_rewards
+    monkeypatch.setattr(ppo, "kl_penalized_rewards",
+                        lambda logp, ref, mask, scores, coef: (seen.append(scores.clone()),
+                                                               real(logp, ref, mask, scores, coef))[1])
+    return seen
+
+
 def test_the_relevance_term_only_penalises_falling_below_the_start(tiny_model_dir, monkeypatch):
     """With ``relevance_coef`` each score loses coef x (relevance - the first rollout's mean) where
     that is negative, and gains nothing above it; with no reference model the base (the policy's
@@ -189,11 +201,7 @@ def test_the_relevance_term_only_penalises_falling_below_the_start(tiny_model_di
     policy = _policy(tiny_model_dir)
     relevances = iter([torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([-1.0, 1.5, 5.0, 1.5])])
     monkeypatch.setattr(ppo, "_relevance", lambda *a, **k: next(relevances))
-    seen_scores = []
-    real = ppo.kl_penalized_rewards
-    monkeypatch.setattr(ppo, "kl_penalized_rewards",
-                        lambda logp, ref, mask, scores, coef: (seen_scores.append(scores.clone()),
-                                                               real(logp, ref, mask, scores, coef))[1])
+    seen_scores = _scores_reaching_rewards(monkeypatch)
     cfg = PpoConfig(rollout_batch_size=4, minibatch_size=4, ppo_epochs=1, rollouts=2, max_new_tokens=4,
                     learning_rate=1e-3, relevance_coef=2.0)
     seen = []
@@ -220,11 +228,7 @@ def test_a_degenerate_reply_loses_the_penalty_in_its_score(tiny_model_dir, monke
     flagged = torch.tensor([0.0, 1.0, 0.0, 0.0])
     monkeypatch.setattr(ppo, "degenerate_penalty",
                         lambda p, r, eos, coef, device=None: (-coef * flagged, float(flagged.mean())))
-    seen_scores = []
-    real = ppo.kl_penalized_rewards
-    monkeypatch.setattr(ppo, "kl_penalized_rewards",
-                        lambda logp, ref, mask, scores, coef: (seen_scores.append(scores.clone()),
-                                                               real(logp, ref, mask, scores, coef))[1])
+    seen_scores = _scores_reaching_rewards(monkeypatch)
     cfg = PpoConfig(rollout_batch_size=4, minibatch_size=4, ppo_epochs=1, rollouts=1, max_new_tokens=4,
                     learning_rate=1e-3, degenerate_penalty=2.0)
     seen = []

@@ -164,6 +164,17 @@ def test_relevance_in_the_reward_is_the_gates_pmi(tiny_model_dir):
     assert got[:-1].abs().max() > 1e-3
 
 
+def _scores_reaching_advantages(monkeypatch) -> list[torch.Tensor]:
+    """The reward scores RLOO turns into advantages, each step's as it is passed on."""
+    from chatloop.train import rloo
+
+    seen: list[torch.Tensor] = []
+    real = rloo.rloo_advantages
+    monkeypatch.setattr(rloo, "rloo_advantages", lambda scores, *a, **k: (seen.append(scores.clone()),
+                                                                          real(scores, *a, **k))[1])
+    return seen
+
+
 def test_the_relevance_term_only_penalises_falling_below_the_start(monkeypatch):
     """With ``relevance_coef`` each reward loses coef x (relevance - the first step's mean) where
     that is negative, and gains nothing above it; the floor and the mean relevance are logged."""
@@ -173,10 +184,7 @@ def test_the_relevance_term_only_penalises_falling_below_the_start(monkeypatch):
     prompts = [[{"role": "user", "content": f"w{i} w{i + 1}"}] for i in range(10, 14)]
     relevances = iter([torch.tensor([0.0, 1.0, 2.0, 3.0] * 2), torch.tensor([-1.0, 1.5, 5.0, 1.5] * 2)])
     monkeypatch.setattr(rloo, "_relevance", lambda *a, **k: next(relevances))
-    seen_scores = []
-    real = rloo.rloo_advantages
-    monkeypatch.setattr(rloo, "rloo_advantages", lambda scores, *a, **k: (seen_scores.append(scores.clone()),
-                                                                          real(scores, *a, **k))[1])
+    seen_scores = _scores_reaching_advantages(monkeypatch)
     cfg = RlooConfig(learning_rate=1e-3, prompts_per_step=2, k=4, steps=2, minibatch_size=8, max_new_tokens=4,
                      relevance_coef=2.0)
     seen = []
@@ -199,10 +207,7 @@ def test_a_degenerate_reply_loses_the_penalty_in_its_reward(monkeypatch):
     flagged = torch.tensor([1.0, 0.0, 0.0, 1.0] * 2)
     monkeypatch.setattr(rloo, "degenerate_penalty",
                         lambda p, r, eos, coef, device=None: (-coef * flagged, float(flagged.mean())))
-    seen_scores = []
-    real = rloo.rloo_advantages
-    monkeypatch.setattr(rloo, "rloo_advantages", lambda scores, *a, **k: (seen_scores.append(scores.clone()),
-                                                                          real(scores, *a, **k))[1])
+    seen_scores = _scores_reaching_advantages(monkeypatch)
     cfg = RlooConfig(learning_rate=1e-3, prompts_per_step=2, k=4, steps=1, minibatch_size=8, max_new_tokens=4,
                      degenerate_penalty=3.0)
     seen = []
