@@ -121,6 +121,7 @@ class TrainingDefaults:
     ppo_target_kl: float = 6.0
     ppo_relevance_coef: float = 5.0  # as rloo_relevance_coef below (0 = off)
     ppo_degenerate_penalty: float = 0.0  # as rloo_degenerate_penalty below (0 = off)
+    ppo_register_coef: float = 0.0  # as rloo_register_coef below (0 = off)
     # the policy's sampling temperature for rollouts (their log-probs use the same); at 1 the base model's
     # own replies are barely relevant (0.28 nats/token vs 0.59 at the serving 0.7), so the relevance floor
     # is low; at 0.7 PPO learned far less talk (+19 points, rejected narrowly on relevance; docs/LOG.md 2026-12-05)
@@ -148,6 +149,10 @@ class TrainingDefaults:
     # prompts; at 2.0 the third round's snapshot gave no echo but upbeat assistant talk, which the gate
     # promoted (docs/LOG.md 2026-12-05): off until the gate tells talk from the task
     rloo_degenerate_penalty: float = 0.0
+    # minus this times how far each sampled reply's register gap (the base model's chat-over-plain-document
+    # likelihood per token, chatloop/train/register.py) rises above where the policy started, in its
+    # reward: the sentiment raters paid for upbeat assistant talk whatever the task (0 = off)
+    rloo_register_coef: float = 0.0
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
     gate_prompts: int = 32  # held-out prompts both sides answer (0 = no behavioural checks); 16 left the
     #                         relevance figure too noisy (docs/LOG.md 2026-12-03)
@@ -377,6 +382,10 @@ def load_settings(
     if not 0 <= settings.training.gate_max_register_shift < float("inf"):
         raise ConfigError(f"setting 'training.gate_max_register_shift': {settings.training.gate_max_register_shift} "
                           "must be 0 (reported, not checked) or a positive limit in nats per token")
+    for name in ("ppo_register_coef", "rloo_register_coef"):
+        if not 0 <= getattr(settings.training, name) < float("inf"):
+            raise ConfigError(f"setting 'training.{name}': {getattr(settings.training, name)} must be 0 (off) or a "
+                              "positive penalty per nat per token")
     for name in ("ppo_temperature", "rloo_temperature"):
         if not 0 < getattr(settings.training, name) <= 2:
             raise ConfigError(f"setting 'training.{name}': {getattr(settings.training, name)} must be above 0 "

@@ -35,7 +35,9 @@ def test_data_dir_config_file_is_read(tmp_path):
                                  {"CHATLOOP_PREFILL_CHUNK_TOKENS": "0"}, {"CHATLOOP_PREFILL_CHUNK_BUDGET": "-0.5"},
                                  {"CHATLOOP_PREFILL_CHUNK_BUDGET": "nan"}, {"CHATLOOP_TRAINING__PAIR_MIN_RELEVANCE": "1.5"},
                                  {"CHATLOOP_TRAINING__PAIR_MIN_RELEVANCE": "nan"}, {"CHATLOOP_TRAINING__PPO_TEMPERATURE": "0"},
-                                 {"CHATLOOP_TRAINING__RLOO_TEMPERATURE": "nan"}, {"CHATLOOP_ROW_INVARIANT_ATTENTION": "maybe"}])
+                                 {"CHATLOOP_TRAINING__RLOO_TEMPERATURE": "nan"}, {"CHATLOOP_ROW_INVARIANT_ATTENTION": "maybe"},
+                                 {"CHATLOOP_TRAINING__RLOO_REGISTER_COEF": "-1"},
+                                 {"CHATLOOP_TRAINING__PPO_REGISTER_COEF": "inf"}])
 def test_bad_settings_are_clear_errors(env):
     with pytest.raises(ConfigError):
         load_settings(environ=env)

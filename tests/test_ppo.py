@@ -216,6 +216,29 @@ def test_the_relevance_term_only_penalises_falling_below_the_start(tiny_model_di
     assert seen[0]["kl"] == pytest.approx(0.0, abs=1e-5)
 
 
+def test_the_register_term_reaches_the_score_above_the_start(tiny_model_dir, monkeypatch):
+    """With ``register_coef`` each score loses coef x (register gap - the first rollout's mean)
+    where that is positive; the floor and the mean register are logged."""
+    from transformers import AutoTokenizer
+
+    from chatloop.train import ppo
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = _policy(tiny_model_dir)
+    gaps = iter([torch.tensor([0.0, 0.5, 1.0, 0.5]), torch.tensor([2.0, 0.0, 0.5, 1.0])])
+    monkeypatch.setattr(ppo, "sampled_register", lambda *a, **k: next(gaps))
+    seen_scores = _scores_reaching_rewards(monkeypatch)
+    cfg = PpoConfig(rollout_batch_size=4, minibatch_size=4, ppo_epochs=1, rollouts=2, max_new_tokens=4,
+                    learning_rate=1e-3, register_coef=3.0)
+    seen = []
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    train_ppo(policy, None, tok, prompts, lambda items: [1.0] * len(items), cfg, on_step=seen.append)
+    assert [h["register_floor"] for h in seen] == [0.5, 0.5]
+    assert [h["mean_register"] for h in seen] == [0.5, 0.875]
+    assert seen_scores[0].tolist() == [1.0, 1.0, 1 - 1.5, 1.0]
+    assert seen_scores[1].tolist() == [1 - 4.5, 1.0, 1.0, 1 - 1.5]
+
+
 def test_a_degenerate_reply_loses_the_penalty_in_its_score(tiny_model_dir, monkeypatch):
     """``degenerate_penalty`` reaches PPO's per-token rewards through the scores (rows the rule
     flags lose it) and its share is logged."""

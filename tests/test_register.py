@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chatloop.models import load_model
-from chatloop.train.register import plain_prompt_ids, register_gap
+from chatloop.train.register import (plain_prompt_ids, register_floor, register_gap, register_penalty,
+                                     sampled_register)
 
 CONTEXT = [{"role": "user", "content": "Continue this movie review: The film opens on"}]
 
@@ -43,6 +44,36 @@ def test_the_gap_is_chat_minus_plain_log_likelihood_per_reply_token(tiny):
     assert got[1] is None  # an empty reply is left out
     assert got[0] == pytest.approx((direct(chat) - direct(plain)) / len(reply), abs=1e-4)
     assert abs(got[0]) > 1e-3  # the two framings do differ
+
+
+def test_the_register_hinge_penalises_only_rising_above_the_start():
+    gaps = torch.tensor([0.1, 0.3, float("nan"), 0.5, -0.2])
+    floor = register_floor(gaps)  # the measured replies' mean; an empty one (NaN) is left out
+    assert floor == pytest.approx(0.175)
+    got = register_penalty(gaps, 0.2, 4.0)
+    assert got.tolist() == pytest.approx([0.0, -0.4, 0.0, -1.2, 0.0])  # 4 x (0.3 - 0.2), 4 x (0.5 - 0.2)
+    assert register_floor(torch.tensor([float("nan")])) == 0.0
+
+
+def test_a_sampled_replys_register_is_the_base_models_not_the_policys(tiny_model_dir, tmp_path):
+    """``sampled_register`` measures with the policy's adapter off: the same figure as
+    ``register_gap`` of the bare base model, however far the adapter has moved."""
+    from peft import LoraConfig, get_peft_model
+
+    loaded = load_model(str(tiny_model_dir), tmp_path)
+    base, tok = loaded.model.eval(), loaded.tokenizer
+    chat = list(tok.apply_chat_template(CONTEXT, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"])
+    plain = plain_prompt_ids(tok, CONTEXT, 384)
+    replies = [tok("a quiet street at dawn", add_special_tokens=False)["input_ids"], [tok.eos_token_id]]
+    want = register_gap(base, tok, [chat, chat], [plain, plain], replies)
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False)).eval()  # a moved adapter
+    with torch.no_grad():
+        moved = register_gap(policy, tok, [chat, chat], [plain, plain], replies)[0]
+    got = sampled_register(policy, tok, [chat, chat], [plain, plain], replies, "cpu")
+    assert got[0].item() == pytest.approx(want[0], abs=1e-5) and got[1].isnan()
+    assert abs(moved - want[0]) > 1e-3  # the adapter does change it when left on
 
 
 @pytest.mark.slow

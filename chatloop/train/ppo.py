@@ -14,8 +14,10 @@ Per rollout batch:
 6. the KL coefficient adapts towards ``target_kl`` (proportional controller, clipped to +-20%).
 
 With ``relevance_coef``, step 2's score also loses that much times how far the reply's task
-relevance (the gate's PMI, ``relevance.py``) falls below the first rollout's mean, and with
-``degenerate_penalty`` that much for a degenerate reply (``degenerate.py``), as RLOO's does.
+relevance (the gate's PMI, ``relevance.py``) falls below the first rollout's mean, with
+``register_coef`` that much times how far its register gap (``register.py``) rises above the first
+rollout's mean, and with ``degenerate_penalty`` that much for a degenerate reply
+(``degenerate.py``), as RLOO's does.
 
 Invariants: the reference is frozen (the active adapter; None: the base model, the policy under
 ``disable_adapter``);
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from chatloop.train.common import Batch, Encoded, collate, sample_replies, split_lm
 from chatloop.train.degenerate import degenerate_penalty
+from chatloop.train.register import plain_prompt_ids, register_floor, register_penalty, sampled_register
 from chatloop.train.relevance import relevance_penalty
 
 
@@ -138,6 +141,7 @@ class PpoConfig:
     whiten_rewards: bool = False
     relevance_coef: float = 0.0  # as RlooConfig's: the hinge on the reply's relevance (0 = off)
     degenerate_penalty: float = 0.0  # as RlooConfig's: minus this for a degenerate reply (0 = off)
+    register_coef: float = 0.0  # as RlooConfig's: the hinge on the reply's register gap (0 = off)
     seed: int = 0
 
 
@@ -258,12 +262,14 @@ def train_ppo(
     encoded = [list(tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"])[-cfg.max_prompt_tokens:]
                for p in prompts]
+    plain = [plain_prompt_ids(tokenizer, p, cfg.max_prompt_tokens) for p in prompts] if cfg.register_coef else []
     minibatches_per_rollout = math.ceil(cfg.rollout_batch_size / cfg.minibatch_size) * cfg.ppo_epochs
     total = cfg.rollouts * minibatches_per_rollout
     history: list[dict] = []
     t0 = time.perf_counter()
     step = 0
     floor: float | None = None  # the relevance the policy started at (first rollout's mean)
+    start_register: float | None = None  # likewise its register gap
     gen = torch.Generator().manual_seed(cfg.seed)
     for r in range(cfg.rollouts):
         if should_stop():
@@ -283,11 +289,17 @@ def train_ppo(
                     ref_logp, _, _, _ = token_forward(policy, None, batch, cfg.temperature)
             else:
                 ref_logp, _, _, _ = token_forward(reference, None, batch, cfg.temperature)
-            reward_scores, relevance, degenerate = scores, None, None  # the reward model's (logged), unshaped
+            reward_scores, relevance, degenerate, register = scores, None, None, None  # the reward model's, unshaped
             if cfg.degenerate_penalty:
                 penalty, degenerate = degenerate_penalty([encoded[i] for i in pick], replies, tokenizer.eos_token_id,
                                                          cfg.degenerate_penalty, device)
                 scores = scores + penalty
+            if cfg.register_coef:
+                register = sampled_register(policy, tokenizer, [encoded[i] for i in pick], [plain[i] for i in pick],
+                                            replies, device)
+                if start_register is None:
+                    start_register = register_floor(register)
+                scores = scores + register_penalty(register, start_register, cfg.register_coef)
             if cfg.relevance_coef:
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
                 relevance = _relevance(policy, ref_logp if reusable else None, [encoded[i] for i in pick], replies,
@@ -307,7 +319,9 @@ def train_ppo(
         kl_ctl.update(rollout_kl, cfg.rollout_batch_size)
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor} if relevance is not None else {})
-        if relevance is not None or degenerate is not None:
+        if register is not None:
+            shaping.update(mean_register=float(register.nanmean()), register_floor=start_register)
+        if relevance is not None or degenerate is not None or register is not None:
             shaping["mean_shaped_reward"] = float(scores.mean())
         if degenerate is not None:
             shaping["degenerate_share"] = degenerate

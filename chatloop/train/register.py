@@ -16,7 +16,9 @@ mode the base already has) nor the prompt-reply relevance (talk that names the f
 prompt) sees.
 
 Also owns ``unassuming_thumbs``: which thumbed replies KTO learns from when liked replies far more
-assistant-like than the disliked ones are left out (``kto_register_margin``; off by default).
+assistant-like than the disliked ones are left out (``kto_register_margin``; off by default), and
+the register hinge RLOO's and PPO's rewards can carry (``register_penalty``: a sampled reply loses
+``coef`` x how far its gap rises above where the policy started; nothing below it).
 
 Invariants: always the *base* model's probabilities (as for relevance); the chat prompt is the
 tokens the reply was sampled after; the plain prompt is cut from the left to the same budget;
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from chatloop.train.common import Encoded
 from chatloop.train.relevance import reply_logprobs
@@ -54,6 +58,28 @@ def register_gap(base_model, tokenizer, chat_prompts: Sequence[list[int]], plain
     for i, a, b in zip(keep, chat, plain):
         out[i] = (a - b) / len(replies[i])
     return out
+
+
+def sampled_register(policy, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
+                     replies: Sequence[list[int]], device, batch_size: int = 8) -> torch.Tensor:
+    """``register_gap`` of replies the policy sampled, under the base model (the policy with its
+    adapter disabled), as a tensor with NaN for an empty reply."""
+    with policy.disable_adapter():
+        gaps = register_gap(policy, tokenizer, chat_prompts, plain_prompts, replies, batch_size)
+    return torch.tensor([float("nan") if g is None else g for g in gaps], dtype=torch.float, device=device)
+
+
+def register_floor(register: torch.Tensor) -> float:
+    """Where the policy started: the mean gap of its first rollout's measured (non-empty) replies."""
+    measured = register[~register.isnan()]
+    return float(measured.mean()) if measured.numel() else 0.0
+
+
+def register_penalty(register: torch.Tensor, floor: float, coef: float) -> torch.Tensor:
+    """The hinge a policy-gradient reward adds: minus ``coef`` x how far each reply's register gap
+    rises above ``floor``; nothing at or below it, nothing for an empty reply (NaN; the degenerate
+    rule is what judges those)."""
+    return -coef * (register - floor).clamp(min=0.0).nan_to_num(0.0)
 
 
 def unassuming_thumbs(values: Sequence[float | None], liked: Sequence[bool], margin: float,
