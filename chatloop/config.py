@@ -382,6 +382,9 @@ def load_settings(
     if not 0 <= settings.training.gate_max_register_shift < float("inf"):
         raise ConfigError(f"setting 'training.gate_max_register_shift': {settings.training.gate_max_register_shift} "
                           "must be 0 (reported, not checked) or a positive limit in nats per token")
+    if settings.training.reward_epochs < 0:
+        raise ConfigError(f"setting 'training.reward_epochs': {settings.training.reward_epochs} must be 0 (the probed "
+                          "head alone) or more")
     for name in ("ppo_register_coef", "rloo_register_coef"):
         if not 0 <= getattr(settings.training, name) < float("inf"):
             raise ConfigError(f"setting 'training.{name}': {getattr(settings.training, name)} must be 0 (off) or a "

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 
 from chatloop.train.kto import KtoConfig, balanced_weights, kto_loss, thumb_accuracies, train_kto
-from chatloop.train.reward import RewardConfig, RewardModel, bradley_terry_loss, score, train_reward
+from chatloop.train.reward import RewardConfig, RewardModel, bradley_terry_loss, evaluate_pairs, score, train_reward
 
 
 def _sig(x):
@@ -245,6 +245,26 @@ def test_reward_model_ranks_held_out_pairs_and_round_trips(tiny_model_dir, tmp_p
     assert again.pooling == pooling
     items = [(held[0]["prompt"], good), (held[0]["prompt"], bad)]
     assert score(again, tok, items, cfg) == pytest.approx(score(rm, tok, items, cfg), abs=1e-5)
+
+
+def test_a_reward_model_of_zero_epochs_is_its_probed_head(tiny_model_dir):
+    """``epochs = 0``: no LoRA step, the head the probe fitted is the model (its held-out figures
+    are that head's), and without the warm start there is nothing to train: a clear error."""
+    good, bad = "Sure, happy to help.", "Go away."
+    pairs = [{"prompt": [{"role": "user", "content": f"Question number {i}"}], "chosen": good, "rejected": bad}
+             for i in range(12)]
+    held = [{"prompt": [{"role": "user", "content": f"A new question {i}"}], "chosen": good, "rejected": bad}
+            for i in range(4)]
+    tok, lm = _lora_model(tiny_model_dir)
+    rm = RewardModel(lm, lm.get_base_model().config.hidden_size)
+    seen: list[dict] = []
+    m = train_reward(rm, tok, pairs, held, RewardConfig(epochs=0, batch_size=4), on_step=seen.append)
+    assert m["steps"] == 0 and m["history"] == [] and all(x.get("phase") == "reward probe" for x in seen)
+    assert all(not p.any() for n, p in rm.lm.named_parameters() if "lora_B" in n)  # the LoRA untouched
+    assert rm.head.weight.abs().max() > 0 and m["final_loss"] == m["probe_loss"] < math.log(2)
+    assert m["held_out"] == evaluate_pairs(rm, tok, held, RewardConfig()) and m["held_out"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="warm_start"):
+        train_reward(rm, tok, pairs, held, RewardConfig(epochs=0, head_warm_start=False))
 
 
 def test_reward_model_hands_back_its_best_checkpoint_head_included(tiny_model_dir):

@@ -13,7 +13,9 @@ l2 chosen by cross-validation over the training pairs' prompts), and then trains
 its own, higher learning rate. With held-out pairs the model handed back is the checkpoint (LoRA
 and head) with the lowest held-out pair loss, the probed head before any fine-tuning included,
 and training stops early as DPO's does (``common.HeldOutSelection``); the held-out metrics then
-describe the set it was chosen on.
+describe the set it was chosen on. With ``epochs = 0`` the probed head is the reward model (linear
+probing only: one forward pass over the pairs, no LoRA steps; on HH-RLHF fine-tuning added nothing
+measurable over the probe, docs/LOG.md), so the same minutes cover several times the pairs.
 
 Artifact (a directory): ``adapter/`` (PEFT LoRA), ``head.safetensors``, ``reward.json`` (base
 model path, metrics). ``RewardModel.load`` rebuilds it on any copy of the base model.
@@ -268,7 +270,10 @@ def train_reward(
     on_step: Callable[[dict], None] = lambda m: None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> dict:
-    """Fit LoRA + head on pairs (and, with pointwise_weight > 0, on thumbs {prompt, completion, label})."""
+    """Fit LoRA + head on pairs (and, with pointwise_weight > 0, on thumbs {prompt, completion, label});
+    with ``cfg.epochs == 0`` the head alone, by the probe (thumbs are then not used)."""
+    if cfg.epochs == 0 and not cfg.head_warm_start:
+        raise ValueError("a reward model of 0 epochs is its probed head: head_warm_start must be on")
     device = rm.head.weight.device
     pad_id = tokenizer.pad_token_id
     torch.manual_seed(cfg.seed)
@@ -300,6 +305,13 @@ def train_reward(
             metrics["pointwise_loss"] = float(point.detach())
         return loss, metrics
 
+    if cfg.epochs == 0:
+        rm.eval()
+        return {"algo": "reward", "steps": 0, "train_pairs": len(enc), "eval_pairs": len(eval_pairs),
+                "first_loss": probe["probe_loss"], "final_loss": probe["probe_loss"],
+                "train_accuracy_last_epoch": probe["probe_accuracy"],
+                "held_out": _evaluate_encoded(rm, held, pad_id, cfg.batch_size), "selection": None, **probe,
+                "train_s": time.perf_counter() - t0, "config": asdict(cfg), "history": []}
     selection = None
     if held and cfg.select_best:  # the starting point (the probed head) is scored, not assumed
         selection = HeldOutSelection.per_epoch(lambda: _evaluate_encoded(rm, held, pad_id, cfg.batch_size),
