@@ -37,7 +37,7 @@ def worse(path: str, value):
 def test_a_good_candidate_passes_every_check():
     v = gate(GOOD)
     assert v.promote and v.checks == {"accuracy": True, "win_rate": True, "kl": True, "degenerate": True,
-                                      "relevance": True, "register": None}  # register: reported by default
+                                      "relevance": True, "register": True}
     assert "0.75 of 8 held-out prompts" in v.summary and "KL to base 0.050" in v.summary
 
 
@@ -111,19 +111,20 @@ def test_relevance_is_anchored_to_the_base_model_and_can_be_turned_off():
     assert unmeasured.promote and unmeasured.checks["relevance"] is None
 
 
-def test_register_is_reported_by_default_and_checked_against_its_limit():
+def test_register_is_checked_against_its_limit_and_only_reported_at_zero():
     """The paired shift toward assistant talk (chat over plain-document likelihood, candidate
-    minus base on the same prompts): shown with its SE; with a limit, above it rejects."""
+    minus base on the same prompts): shown with its SE; above the limit (0.06 by default) rejects;
+    a limit of 0 reports it without a verdict."""
     talk = worse("judge.register.paired_difference", {"mean": 0.131, "se": 0.017, "replies": 150})
     v = gate(talk)
-    assert v.promote and v.checks["register"] is None
-    assert "register +0.131 ± 0.017 nats/token" in v.summary and "not checked" in v.summary
-    limited = TrainingDefaults(gate_max_register_shift=0.05)
-    v = gate(talk, limited)
-    assert not v.promote and v.checks["register"] is False and "> 0.05" in v.summary
+    assert not v.promote and v.checks["register"] is False and "> 0.06" in v.summary
+    assert "register +0.131 ± 0.017 nats/token" in v.summary
     assert [k for k, ok in v.checks.items() if ok is False] == ["register"]
-    assert gate(GOOD, limited).checks["register"] is True
-    assert gate(worse("judge.register", {}), limited).checks["register"] is None  # not measured: says so
+    assert gate(GOOD).checks["register"] is True
+    assert gate(worse("judge.register", {})).checks["register"] is None  # not measured: says so
+    reported = TrainingDefaults(gate_max_register_shift=0)
+    v = gate(talk, reported)
+    assert v.promote and v.checks["register"] is None and "not checked" in v.summary
 
 
 def test_non_finite_loss_and_missing_measurements():

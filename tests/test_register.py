@@ -76,40 +76,75 @@ def test_a_sampled_replys_register_is_the_base_models_not_the_policys(tiny_model
     assert abs(moved - want[0]) > 1e-3  # the adapter does change it when left on
 
 
-@pytest.mark.slow
-def test_a_real_candidate_that_learned_assistant_talk_shows_it_in_its_register(tmp_path):
-    """The KTO candidate of a real simulated-feedback log (tests/fixtures/register, made with
-    ``benchmarks/efficacy.py --replies``): its replies moved toward assistant talk ("I'm glad to
-    continue exploring your favorite films...") at a KL of only 0.078, and the prompt-reply
-    relevance let it through. Its register stands above the base model's replies' on the same
-    prompts, well beyond the paired SE, and talk-like replies sit higher than the others."""
+@pytest.fixture(scope="module")
+def fixture_gaps(tmp_path_factory):
+    """The register gaps of the base model's and each stored candidate's held-out replies
+    (tests/fixtures/register, made with ``benchmarks/efficacy.py --replies``), on the prompts they
+    answered, under the real default model: {fixture name: (data, {side: gaps})}."""
     import json
-    import re
 
     from chatloop.oracles import load_oracle, load_prompts
-    from chatloop.train.relevance import summary
     from conftest import REPO, SHARED_DATA
 
     if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent (the fixture's prompts)")
-    data = json.loads((REPO / "tests" / "fixtures" / "register" / "sentiment_kto.json").read_text())
-    contexts = load_prompts(load_oracle(data["oracle"]), data["split"])[:len(data["base"])]
-    loaded = load_model("default", tmp_path / "models")
+        pytest.skip("../shared/data is absent (the fixtures' prompts)")
+    loaded = load_model("default", tmp_path_factory.mktemp("models"))
     model, tok = loaded.model.eval(), loaded.tokenizer
-    chat = [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                         return_dict=True)["input_ids"]) for c in contexts]
-    plain = [plain_prompt_ids(tok, c, 384) for c in contexts]
-    gaps = {side: register_gap(model, tok, chat, plain,
-                               [tok(t, add_special_tokens=False)["input_ids"][:48] or [tok.eos_token_id]
-                                for t in data[side]])
-            for side in ("base", "candidate")}
-    paired = summary([c - b for c, b in zip(gaps["candidate"], gaps["base"]) if c is not None and b is not None])
+    out = {}
+    for name in ("sentiment_kto", "sentiment_rloo_register"):
+        data = json.loads((REPO / "tests" / "fixtures" / "register" / f"{name}.json").read_text())
+        contexts = load_prompts(load_oracle(data["oracle"]), data["split"])[:len(data["base"])]
+        chat = [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                             return_dict=True)["input_ids"]) for c in contexts]
+        plain = [plain_prompt_ids(tok, c, 384) for c in contexts]
+        out[name] = data, {side: register_gap(model, tok, chat, plain,
+                                              [tok(t, add_special_tokens=False)["input_ids"][:48] or [tok.eos_token_id]
+                                               for t in data[side]])
+                           for side in ("base", "candidate")}
+    return out
+
+
+def _paired(gaps: dict, first: int | None = None) -> dict:
+    from chatloop.train.relevance import summary
+
+    pairs = list(zip(gaps["candidate"], gaps["base"]))[:first]
+    return summary([c - b for c, b in pairs if c is not None and b is not None])
+
+
+@pytest.mark.slow
+def test_a_real_candidate_that_learned_assistant_talk_shows_it_in_its_register(fixture_gaps):
+    """The KTO candidate of a real simulated-feedback log: its replies moved toward assistant talk
+    ("I'm glad to continue exploring your favorite films...") at a KL of only 0.078, and the
+    prompt-reply relevance let it through. Its register stands above the base model's replies' on
+    the same prompts, well beyond the paired SE, and talk-like replies sit higher than the others."""
+    import re
+
+    data, gaps = fixture_gaps["sentiment_kto"]
+    paired = _paired(gaps)
     print(f"register shift {paired}")
     assert paired["mean"] > 0.05 and paired["mean"] > 2 * paired["se"], paired
     talk = re.compile(r"\s*(\(|I'm|I am|I'd|I'll|Hey|Hi\b|Hello|Thank|Sure|Absolutely|Wow|Oh\b)")
     marked = [(g, bool(talk.match(t))) for side in gaps for g, t in zip(gaps[side], data[side]) if g is not None]
     on, off = sorted(g for g, m in marked if m), sorted(g for g, m in marked if not m)
     assert len(on) >= 10 and on[len(on) // 2] > off[len(off) // 2] + 0.1, (len(on), len(off))
+
+
+@pytest.mark.slow
+def test_the_gates_register_limit_passes_review_text_and_rejects_talk(fixture_gaps):
+    """The default ``gate_max_register_shift`` against two real candidates of one sentiment log:
+    the KTO one that learned assistant talk is rejected, the RLOO one trained with the register
+    hinge (review text, as many replies addressing the reader as the base's) passes; on all 60
+    stored prompts and on the first 32 (the gate's own count)."""
+    from chatloop.config import Settings
+    from chatloop.evaluate import register_check
+
+    t = Settings().training
+    assert t.gate_max_register_shift > 0  # checked by default
+    for first in (None, 32):
+        talk = register_check({"paired_difference": _paired(fixture_gaps["sentiment_kto"][1], first)}, t)
+        text = register_check({"paired_difference": _paired(fixture_gaps["sentiment_rloo_register"][1], first)}, t)
+        print(first, talk.reason, text.reason)
+        assert talk.passed is False and text.passed is True, (first, talk.reason, text.reason)
 
 
 def test_kto_leaves_out_liked_replies_far_more_assistant_like_than_the_disliked():
