@@ -10,7 +10,7 @@ from typing import Any
 
 def training_curve(history: list[dict[str, Any]], title: str):
     """A matplotlib figure of loss and reward margin per training step (PPO/RLOO: mean reward, KL
-    and entropy; DPO with thumbs or NLL: also the parts of the loss, since the held-out loss is the
+    and entropy, and with their reward terms the shaped reward, relevance and register; DPO with thumbs or NLL: also the parts of the loss, since the held-out loss is the
     pairs' alone), and the held-out loss on the steps it was scored (the checkpoint selection's curve)."""
     import matplotlib
 
@@ -21,7 +21,8 @@ def training_curve(history: list[dict[str, Any]], title: str):
     steps = [h["step"] for h in history]
     for key, label in (("loss", "loss"), ("pairs_loss", "pairs' loss"), ("thumbs_loss", "thumbs' loss"),
                        ("nll", "chosen NLL"), ("reward_margin", "reward margin"), ("mean_reward", "mean reward"),
-                       ("kl", "KL"), ("entropy", "entropy")):
+                       ("kl", "KL"), ("entropy", "entropy"), ("mean_shaped_reward", "shaped reward"),
+                       ("mean_relevance", "relevance"), ("mean_register", "register")):
         if history and key in history[0]:
             ax.plot(steps, [h[key] for h in history], marker="." if len(steps) < 30 else None, label=label)
     scored = [h for h in history if isinstance(h.get("held_out_score"), (int, float))]
