@@ -179,8 +179,9 @@ class TrainingDefaults:
     # prompts (0 = reported, not checked). Tuned on real candidates of one log (tests/fixtures/register):
     # KTO's and RLOO's that learned assistant talk stood +0.13 and +0.11 above base, RLOO's with the
     # register hinge (review text) -0.03; an unchanged candidate's 32-prompt SE is ~0.04. It does not
-    # catch all talk: a DPO candidate with 79 of 150 replies addressing the reader stood at +0.03
-    # (docs/LOG.md 2026-12-05, day)
+    # catch all talk: a DPO candidate with 79 of 150 replies addressing the reader stood at +0.03, and
+    # RLOO trained against it (its register hinge) found talk 0.15 below base in an unattended round,
+    # which the relevance check rejected (docs/LOG.md 2026-12-05, day)
     gate_max_register_shift: float = 0.06
     gate_live_votes: int = 0  # >0: a candidate that passes goes into live A/B comparison first and is
     #                           promoted only if it wins at least half of this many votes (ties half)
