@@ -221,12 +221,12 @@ def test_the_register_term_reaches_the_score_above_the_start(tiny_model_dir, mon
     where that is positive; the floor and the mean register are logged."""
     from transformers import AutoTokenizer
 
-    from chatloop.train import ppo
+    from chatloop.train import register
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     policy = _policy(tiny_model_dir)
     gaps = iter([torch.tensor([0.0, 0.5, 1.0, 0.5]), torch.tensor([2.0, 0.0, 0.5, 1.0])])
-    monkeypatch.setattr(ppo, "sampled_register", lambda *a, **k: next(gaps))
+    monkeypatch.setattr(register, "sampled_register", lambda *a, **k: next(gaps))
     seen_scores = _scores_reaching_rewards(monkeypatch)
     cfg = PpoConfig(rollout_batch_size=4, minibatch_size=4, ppo_epochs=1, rollouts=2, max_new_tokens=4,
                     learning_rate=1e-3, register_coef=3.0)

@@ -200,13 +200,13 @@ def test_the_relevance_term_only_penalises_falling_below_the_start(monkeypatch):
 def test_the_register_term_only_penalises_rising_above_the_start(monkeypatch):
     """With ``register_coef`` each reward loses coef x (register gap - the first step's mean) where
     that is positive, nothing below it or for an empty reply; the floor and the mean are logged."""
-    from chatloop.train import rloo
+    from chatloop.train import register
 
     policy, tok = _word_model()
     prompts = [[{"role": "user", "content": f"w{i} w{i + 1}"}] for i in range(10, 14)]
     nan = float("nan")
     gaps = iter([torch.tensor([0.0, 1.0, 2.0, nan] * 2), torch.tensor([3.0, 0.5, nan, 1.5] * 2)])
-    monkeypatch.setattr(rloo, "sampled_register", lambda *a, **k: next(gaps))
+    monkeypatch.setattr(register, "sampled_register", lambda *a, **k: next(gaps))
     seen_scores = _scores_reaching_advantages(monkeypatch)
     cfg = RlooConfig(learning_rate=1e-3, prompts_per_step=2, k=4, steps=2, minibatch_size=8, max_new_tokens=4,
                      register_coef=2.0)

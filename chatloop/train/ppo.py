@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from chatloop.train.common import Batch, Encoded, collate, sample_replies, split_lm
 from chatloop.train.degenerate import degenerate_penalty
-from chatloop.train.register import plain_prompt_ids, register_floor, register_penalty, sampled_register
+from chatloop.train.register import plain_prompt_ids, register_term
 from chatloop.train.relevance import relevance_penalty
 
 
@@ -295,11 +295,10 @@ def train_ppo(
                                                          cfg.degenerate_penalty, device)
                 scores = scores + penalty
             if cfg.register_coef:
-                register = sampled_register(policy, tokenizer, [encoded[i] for i in pick], [plain[i] for i in pick],
-                                            replies, device)
-                if start_register is None:
-                    start_register = register_floor(register)
-                scores = scores + register_penalty(register, start_register, cfg.register_coef)
+                penalty, register, start_register = register_term(
+                    policy, tokenizer, [encoded[i] for i in pick], [plain[i] for i in pick], replies, device,
+                    cfg.register_coef, start_register)
+                scores = scores + penalty
             if cfg.relevance_coef:
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
                 relevance = _relevance(policy, ref_logp if reusable else None, [encoded[i] for i in pick], replies,

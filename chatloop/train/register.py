@@ -82,6 +82,16 @@ def register_penalty(register: torch.Tensor, floor: float, coef: float) -> torch
     return -coef * (register - floor).clamp(min=0.0).nan_to_num(0.0)
 
 
+def register_term(policy, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
+                  replies: Sequence[list[int]], device, coef: float,
+                  floor: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """What the hinge takes from each sampled reply's reward, the replies' gaps (``sampled_register``)
+    and the floor: ``floor``, or where the policy starts (this batch's mean) when None."""
+    register = sampled_register(policy, tokenizer, chat_prompts, plain_prompts, replies, device)
+    floor = register_floor(register) if floor is None else floor
+    return register_penalty(register, floor, coef), register, floor
+
+
 def unassuming_thumbs(values: Sequence[float | None], liked: Sequence[bool], margin: float,
                       threshold: float | None = None) -> tuple[list[bool], dict[str, Any]]:
     """Which thumbed replies to learn from, given each one's register gap (``values``) and thumb

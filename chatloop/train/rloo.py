@@ -41,7 +41,7 @@ import torch
 from chatloop.train.common import Encoded, collate_groups, grouped_token_logprobs, sample_replies
 from chatloop.train.degenerate import degenerate_penalty
 from chatloop.train.ppo import masked_mean
-from chatloop.train.register import plain_prompt_ids, register_floor, register_penalty, sampled_register
+from chatloop.train.register import plain_prompt_ids, register_term
 from chatloop.train.relevance import relevance_penalty
 
 
@@ -196,11 +196,10 @@ def train_rloo(
                                                          cfg.degenerate_penalty, device)
                 scores = scores + penalty
             if cfg.register_coef:
-                register = sampled_register(policy, tokenizer, [encoded[i] for i in rows], [plain[i] for i in rows],
-                                            replies, device)
-                if start_register is None:
-                    start_register = register_floor(register)
-                scores = scores + register_penalty(register, start_register, cfg.register_coef)
+                penalty, register, start_register = register_term(
+                    policy, tokenizer, [encoded[i] for i in rows], [plain[i] for i in rows], replies, device,
+                    cfg.register_coef, start_register)
+                scores = scores + penalty
             if cfg.relevance_coef:
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
                 relevance = _relevance(policy, ref_lp if reusable else None, prompt_ids, replies, mask, tokenizer,
