@@ -167,6 +167,9 @@ def test_rloo_cycle_trains_a_reward_model_then_the_policy_on_k_replies_per_promp
     run = retrainer.run_cycle("rloo", on_progress=lambda s: seen.append((s.phase, s.step, s.total)))
     m = run["metrics"]
     assert m["algo"] == "rloo" and m["steps"] == 2 and m["replies_seen"] == 2 * 2 * 3
+    # the default reward terms are on: each step logs the register, relevance and degenerate share it paid for
+    assert all({"mean_register", "register_floor", "mean_relevance", "degenerate_share"} <= set(h) for h in m["history"])
+    assert m["history"][0]["register_floor"] == m["history"][1]["register_floor"]
     phases = [p for p, _, _ in seen if p]
     assert phases[0] == "relevance filter" and phases[-1] == "rloo" and "reward model" in phases
     assert m["reward_model"]["train_pairs"] == m["reward_model"]["pair_filter"]["kept"]
