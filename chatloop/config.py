@@ -178,7 +178,7 @@ class TrainingDefaults:
     # train/register.py) may rise at most this much above the base model's own replies' on the same
     # prompts (0 = reported, not checked). Tuned on real candidates of one log (tests/fixtures/register):
     # KTO's and RLOO's that learned assistant talk stood +0.13 and +0.11 above base, RLOO's with the
-    # register hinge (review text) -0.03; an unchanged candidate's 32-prompt SE is ~0.04. It does not
+    # register hinge (review text) -0.03; the paired SE over 32 prompts was 0.03-0.04. It does not
     # catch all talk: a DPO candidate with 79 of 150 replies addressing the reader stood at +0.03, and
     # RLOO trained against it (its register hinge) found talk 0.15 below base in an unattended round,
     # which the relevance check rejected (docs/LOG.md 2026-12-05, day)
