@@ -11,7 +11,9 @@ these machines are shared and noisy):
   (folded into the weights, ``merge_single_version``) and unmerged (the per-row forward of mixed
   batches);
 - chunked prefill: the p95 inter-token gap of 7 running streams while a 2,000-token prompt joins
-  them, against their quiet p95, with the prompt prefilled in chunks (the default) and whole;
+  them, against their quiet p95 in the seconds just before and just after the join, with the
+  prompt prefilled in chunks that ride in the streams' decode steps (the default,
+  engine/ragged.py), in chunks of their own between two steps, and whole;
 - per weight format (``serve_weights``: fp32, bf16, int8, int4; engine/weights.py), side by side:
   single-stream and 8-stream tokens/s, a LoRA version served fused vs the base, how many greedy
   tokens stay equal to fp32's, and per-token perplexity of held-out HH-RLHF (chosen) and OASST
@@ -24,8 +26,8 @@ these machines are shared and noisy):
 
 Prints a table, and with --json a last line holding one JSON object with the keys single_tok_s,
 bare_tok_s, single_vs_bare, concurrent8_tok_s, concurrent8_vs_single, row_invariant_vs_batched_attention,
-ttft_p50_ms, ttft_p95_ms, activation_ms_p50 (and _p95, _max), lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _unchunked),
-long_join_ttft_s (and _unchunked), and when measured llamacpp_tok_s, single_vs_llamacpp,
+ttft_p50_ms, ttft_p95_ms, activation_ms_p50 (and _p95, _max), lora_vs_base, lora_unmerged_vs_base, long_join_vs_quiet (and _own_forward, _unchunked),
+long_join_ttft_s (and _own_forward, _unchunked), and when measured llamacpp_tok_s, single_vs_llamacpp,
 concurrent8_vs_llamacpp (plus a few more described in the table), and ``formats``: one object
 per weight format.
 """
@@ -38,7 +40,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -175,11 +177,19 @@ def p95(xs: list[float]) -> float:
     return xs[min(len(xs) - 1, int(0.95 * len(xs)))] if xs else float("nan")
 
 
-def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7,
-                   quiet_s: float = 2.0) -> tuple[float, float, float]:
-    """p95 inter-token gap (ms) of ``streams`` running replies while quiet, and while a prompt of
-    ``prompt_tokens`` tokens joins them (from its submission to its first token); and that
-    prompt's time to first token (s)."""
+class JoinGaps(NamedTuple):
+    quiet_before: float  # p95 inter-token gap (ms) of the streams in the window before the join
+    quiet_after: float  # ... in the window after it (their conversations have grown meanwhile)
+    quiet: float  # ... over both windows: the quiet reference, at contexts around the join's
+    join: float  # ... while the prompt joined (from its submission to its first token)
+    ttft_s: float  # the joining prompt's time to first token
+
+
+def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7, quiet_s: float = 2.0) -> JoinGaps:
+    """The inter-token gaps of ``streams`` running replies while a prompt of ``prompt_tokens``
+    tokens joins them, against their gaps without it just before and just after (the streams'
+    own conversations grow during a join of many seconds, and a longer one decodes slower; the
+    joining reply ends at its first token, so the window after holds only the streams)."""
     long = long_prompt(engine, prompt_tokens)
     stamps: list[list[float]] = [[] for _ in range(streams)]
     handles = [engine.submit(essay(i), params(1024, greedy=False, seed=i)) for i in range(streams)]
@@ -196,11 +206,14 @@ def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7,
     q0 = time.perf_counter()
     time.sleep(quiet_s)
     j0 = time.perf_counter()
-    joining = engine.submit(long, params(2))
-    next(iter(joining))
-    j1 = time.perf_counter()
+    joining = engine.submit(long, params(1))
+    next(iter(joining), None)
     joining.result(600)
-    time.sleep(0.2)
+    j1 = time.perf_counter()
+    time.sleep(0.2)  # the joined row leaves the batch at its first token
+    a0 = time.perf_counter()
+    time.sleep(quiet_s)
+    a1 = time.perf_counter()
     for h in handles:
         h.cancel()
     for r in readers:
@@ -209,7 +222,9 @@ def long_join_gaps(engine: Engine, prompt_tokens: int, streams: int = 7,
     def gaps(keep: Callable[[float, float], bool]) -> list[float]:
         return [(b - a) * 1000 for ts in stamps for a, b in zip(ts, ts[1:]) if keep(a, b)]
 
-    return p95(gaps(lambda a, b: q0 <= a and b <= j0)), p95(gaps(lambda a, b: b >= j0 and a <= j1)), j1 - j0
+    before, after = gaps(lambda a, b: q0 <= a and b <= j0), gaps(lambda a, b: a0 <= a and b <= a1)
+    return JoinGaps(p95(before), p95(after), p95(before + after), p95(gaps(lambda a, b: b >= j0 and a <= j1)),
+                    j1 - j0)
 
 
 LLAMACPP_CHILD = """
@@ -431,9 +446,12 @@ def main() -> None:
     steps.update()
 
     chunk = engine.prefill_chunk
-    quiet_gap, join_gap, join_ttft = long_join_gaps(engine, args.long_prompt)
+    joined = long_join_gaps(engine, args.long_prompt)
+    engine.ragged_chunks = False  # each chunk a forward of its own between two decode steps
+    joined_own = long_join_gaps(engine, args.long_prompt)
+    engine.ragged_chunks = True
     engine.prefill_chunk = 10**9  # the same join with the whole prompt prefilled in one step
-    quiet_gap_whole, join_gap_whole, join_ttft_whole = long_join_gaps(engine, args.long_prompt)
+    joined_whole = long_join_gaps(engine, args.long_prompt)
     engine.prefill_chunk = chunk
     engine.stop()
     steps.update()
@@ -496,12 +514,17 @@ def main() -> None:
         "activations_without_spare": act_without_spare,  # these built their slot (others hot-swapped)
         "spare_build_ms_max": round(max(spare_build_ms), 1) if spare_build_ms else None,  # a stall of the streams
         "long_prompt_tokens": args.long_prompt,
-        "quiet_gap_p95_ms": round(quiet_gap, 1),
-        "long_join_gap_p95_ms": round(join_gap, 1),
-        "long_join_vs_quiet": round(join_gap / quiet_gap, 2),
-        "long_join_vs_quiet_unchunked": round(join_gap_whole / quiet_gap_whole, 2),
-        "long_join_ttft_s": round(join_ttft, 2),  # the long prompt's own wait, paced chunks
-        "long_join_ttft_s_unchunked": round(join_ttft_whole, 2),
+        "quiet_gap_p95_ms": round(joined.quiet, 1),  # before and after the join, pooled
+        "quiet_gap_p95_ms_before": round(joined.quiet_before, 1),
+        "quiet_gap_p95_ms_after": round(joined.quiet_after, 1),
+        "long_join_gap_p95_ms": round(joined.join, 1),
+        "long_join_vs_quiet": round(joined.join / joined.quiet, 2),
+        "long_join_vs_quiet_before": round(joined.join / joined.quiet_before, 2),  # the reference before 2026-12-05
+        "long_join_vs_quiet_own_forward": round(joined_own.join / joined_own.quiet, 2),
+        "long_join_vs_quiet_unchunked": round(joined_whole.join / joined_whole.quiet, 2),
+        "long_join_ttft_s": round(joined.ttft_s, 2),  # the long prompt's own wait, paced chunks
+        "long_join_ttft_s_own_forward": round(joined_own.ttft_s, 2),
+        "long_join_ttft_s_unchunked": round(joined_whole.ttft_s, 2),
         "lora_tok_s": round(statistics.median(lora_rates), 2),
         "lora_vs_base": round(statistics.median(lora_rates) / statistics.median(base_rates), 3),
         "lora_unmerged_tok_s": round(statistics.median(unmerged_rates), 2),

@@ -240,9 +240,10 @@ class Settings:
     # a longer prompt that arrives while others decode is prefilled in chunks of at most this
     # many tokens, one between each two decode steps of the others, so their replies keep streaming
     prefill_chunk_tokens: int = 128
-    # a chunk costs at most this share of a decode step (measured as it runs; at least 8 tokens
-    # go per chunk); 0 = every chunk is prefill_chunk_tokens
-    prefill_chunk_budget: float = 1.0
+    # a chunk costs at most this share of a decode step (measured as it runs; a chunk riding in
+    # the decode step, the CPU's way, takes at least 2 tokens, one of its own at least 8);
+    # 0 = every chunk is prefill_chunk_tokens
+    prefill_chunk_budget: float = 0.5
     retrain_cron: str = ""  # e.g. "0 3 * * *"; empty = no scheduled retraining
     retrain_interval_minutes: int = 0  # 0 = off
     schedule_poll_seconds: float = 30.0  # how often "after N new feedback events" schedules are checked (>= 1)

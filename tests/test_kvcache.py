@@ -99,3 +99,20 @@ def test_the_pacer_sizes_a_chunk_to_its_share_of_a_decode_step():
         PrefillPacer(max_tokens=32, budget=-1)
     with pytest.raises(ValueError):
         PrefillPacer(max_tokens=0, budget=0.5)
+
+
+def test_a_chunk_sharing_the_decode_step_is_paced_by_what_it_adds_to_the_step():
+    pacer = PrefillPacer(max_tokens=128, budget=0.5)
+    assert pacer.next_tokens(shared=True) == pacer.min_shared_tokens == 2  # no forward of its own to pay for
+    pacer.decoded(0.060)  # the last plain decode step
+    pacer.shared(8, 0.060 + 8 * 0.003)  # the step with 8 chunk tokens: 3 ms a token
+    assert pacer.next_tokens(shared=True) == 10  # 30 ms of budget / 3 ms
+    pacer.shared(10, 0.050)  # a step faster than the plain one (noise): nothing added ...
+    assert pacer.next_tokens(shared=True) == 20  # ... the estimate halves (1.5 ms), the chunk at most doubles
+    pacer.shared(20, 0.060 + 20 * 0.0045)  # 4.5 ms a token: the estimate is back to 3 ms
+    assert pacer.next_tokens(shared=True) == 10
+    pacer.shared(2, 0.060 + 0.100)  # 50 ms a token: the smallest shared chunk still goes
+    assert pacer.next_tokens(shared=True) == 2 and pacer.next_tokens() == 8  # a forward of its own: 8
+    fresh = PrefillPacer(max_tokens=128, budget=0.5)
+    fresh.shared(8, 0.080)  # no plain decode step timed yet: nothing to subtract, smallest chunks
+    assert fresh.next_tokens(shared=True) == 2

@@ -11,10 +11,12 @@ Invariants:
   the control queue; ``activate`` blocks its caller until the engine thread has loaded the adapter.
 - New requests join the running batch between decode steps (their prompts are prefilled
   together and their KV cache is merged in); finished or cancelled rows leave at the next step.
-  A prompt longer than ``prefill_chunk`` that arrives while others decode is prefilled alone, one
-  chunk per step with a decode step of the others after each, so it never stalls them for its
-  whole prefill; it joins the batch after its last chunk. A chunk costs at most
-  ``prefill_budget`` of a decode step (measured: pacing.py), at most ``prefill_chunk`` tokens.
+  A prompt longer than ``prefill_chunk`` that arrives while others decode is prefilled one chunk
+  per step, so it never stalls them for its whole prefill; it joins the batch after its last
+  chunk. Where the model allows (CPU, row-invariant attention), a chunk rides in the others'
+  decode step, one forward for both (ragged.py); else it is a forward of its own between two of
+  their decode steps. A chunk costs at most ``prefill_budget`` of a decode step (measured:
+  pacing.py), at most ``prefill_chunk`` tokens.
 - The KV cache is written in place into buffers with spare columns (kvcache.py), so a decode step
   never copies the whole cache, however long one row's conversation is.
 - Each request is pinned to one adapter version when the engine starts it ('base' or vN). Rows
@@ -55,12 +57,13 @@ from transformers.cache_utils import DynamicCache
 from chatloop.adapters import BASE_VERSION, AdapterError, AdapterRegistry
 from chatloop.engine.requests import (Completion, ContextTooLong, EngineBusy, GenerationFailed, GenerationParams,
                                       InvalidRequest, StreamHandle, _Request, _StopMatcher)
-from chatloop.engine import kvcache
+from chatloop.engine import kvcache, ragged
 from chatloop.engine.attention import use_row_invariant_attention
 from chatloop.engine.merged import MergedWeights
 from chatloop.engine.rowlora import RowGroups
 from chatloop.engine.pacing import PrefillPacer
 from chatloop.engine.slots import AdapterSlots, read_adapter
+from chatloop.engine.weights import row_block
 from chatloop.models import LoadedModel
 from chatloop.sampling import RowSampling, choose_tokens
 
@@ -103,10 +106,11 @@ class Engine(AdapterSlots, MergedWeights):
         probe_modules: Sequence[str] = ("q_proj", "v_proj"),
         merge_single_version: bool = True,
         prefill_chunk: int = 128,
-        prefill_budget: float = 1.0,
+        prefill_budget: float = 0.5,
         spare_lora: LoraConfig | None = None,
         spare_wait_s: float = 1.0,
         row_invariant_attention: bool = True,
+        ragged_chunks: bool = True,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
@@ -151,7 +155,12 @@ class Engine(AdapterSlots, MergedWeights):
         self.pacer = PrefillPacer(prefill_chunk, prefill_budget)
         self._long: list[_Row] = []  # waiting for a chunked prefill, first come first
         self._chunking: tuple[_Row, DynamicCache] | None = None  # the one being prefilled
-        self.prefill_chunks = 0  # chunk forwards so far
+        self.prefill_chunks = 0  # chunks prefilled so far
+        # where the model allows, a chunk rides in the others' decode step (ragged.py); False: a
+        # forward of its own between two of their steps (benchmarks and tests compare the two)
+        self.ragged_chunks = ragged_chunks
+        self.shared_chunks = 0  # chunks that rode in a decode step
+        self._row_block = row_block(self.model)  # a shared chunk fills the packed kernels' last row block
         # Rust tokenizers raise "Already borrowed" when two threads use one at once
         self._tokenizer_lock = threading.Lock()
         eos = self.model.generation_config.eos_token_id
@@ -302,6 +311,8 @@ class Engine(AdapterSlots, MergedWeights):
                 with torch.inference_mode():
                     if joining:
                         self._prefill(joining)
+                    elif (self._long or self._chunking) and self._rows and self._can_share_forward():
+                        self._ragged_step()  # their decode step and the next chunk, one forward
                     else:
                         if self._long or self._chunking:
                             self._prefill_chunk()
@@ -373,43 +384,98 @@ class Engine(AdapterSlots, MergedWeights):
         """Rows started but not yet in the batch: waiting for, or in, a chunked prefill."""
         return self._long + ([self._chunking[0]] if self._chunking else [])
 
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the long prompt being prefilled (starting the next one if none is);
-        after its last chunk the row samples its first token and joins the batch."""
+    def _next_chunk(self, shared: bool = False) -> tuple[_Row, DynamicCache, list[int]] | None:
+        """The long prompt being prefilled (starting the next one if none is), its cache and the
+        tokens of its next chunk (``shared``: one riding in the running rows' decode step, made as
+        long as fills the packed kernels' last block of rows: those tokens cost next to nothing);
+        None when that prompt turned out to be cancelled (then ended)."""
         if self._chunking is None:
             row = self._long.pop(0)
             if row.handle.cancelled:
                 self._finish_unstarted(row.req, row.version, "cancelled")
-                return
+                return None
             self._chunking = (row, kvcache.new_cache(self.model.config))
         row, cache = self._chunking
         if row.handle.cancelled:
             self._chunking = None
             self._finish_unstarted(row.req, row.version, "cancelled")
-            return
-        prompt, done = row.req.prompt, row.cached
-        part = prompt[done:done + self.pacer.next_tokens()]
-        device = self.loaded.device
-        ids = torch.tensor([part], device=device)
-        positions = torch.arange(done, done + len(part), device=device).unsqueeze(0)
-        t0 = time.perf_counter()
-        logits = self._forward([row], ids, positions, None, cache)
-        self.pacer.prefilled(len(part), time.perf_counter() - t0)
+            return None
+        tokens = self.pacer.next_tokens(shared)
+        if shared:
+            tokens = min(tokens + -(len(self._rows) + tokens) % self._row_block, self.pacer.max_tokens)
+        return row, cache, row.req.prompt[row.cached:row.cached + tokens]
+
+    def _chunk_prefilled(self, row: _Row, cache: DynamicCache, part: list[int], logits: torch.Tensor | None) -> None:
+        """``part`` is in the prompt's cache; after its last chunk the row samples its first token
+        (``logits``: its last position's) and joins the batch."""
         self.prefill_chunks += 1
-        row.cached = done + len(part)
-        if row.cached < len(prompt):
+        row.cached += len(part)
+        if row.cached < len(row.req.prompt):
             return
         self._chunking = None
         row.pad = 0
-        self._merge([row], cache, torch.ones((1, len(prompt)), dtype=torch.long, device=device))
+        self._merge([row], cache, torch.ones((1, len(row.req.prompt)), dtype=torch.long, device=self.loaded.device))
         self._sample([row], logits)
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt, a forward of its own (between two decode steps)."""
+        chunk = self._next_chunk()
+        if chunk is None:
+            return
+        row, cache, part = chunk
+        device = self.loaded.device
+        ids = torch.tensor([part], device=device)
+        positions = torch.arange(row.cached, row.cached + len(part), device=device).unsqueeze(0)
+        t0 = time.perf_counter()
+        logits = self._forward([row], ids, positions, None, cache)
+        self.pacer.prefilled(len(part), time.perf_counter() - t0)
+        self._chunk_prefilled(row, cache, part, logits)
+
+    def _can_share_forward(self) -> bool:
+        """Whether the running rows' decode step can carry the next chunk (ragged.py)."""
+        return self.ragged_chunks and self._cache is not None and ragged.supported(self.model, self._cache)
+
+    def _ragged_step(self) -> None:
+        """The running rows' decode step and the long prompt's next chunk in one forward, each
+        token a row of one position: the chunk adds its tokens' cost to the step, not a second
+        pass over the weights (ragged.py)."""
+        chunk = self._next_chunk(shared=True)
+        if chunk is None:
+            self._decode_step()
+            return
+        row, cache, part = chunk
+        rows, device, done = self._rows, self.loaded.device, row.cached
+        ids = torch.tensor([r.last_token for r in rows] + part, device=device).unsqueeze(1)
+        positions = torch.tensor([r.cached for r in rows] + list(range(done, done + len(part))),
+                                 device=device).unsqueeze(1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        last = done + len(part) == len(row.req.prompt)
+        keep = torch.tensor(list(range(len(rows))) + ([len(rows) + len(part) - 1] if last else []), device=device)
+        step = ragged.RaggedStep(self._cache, [r.pad for r in rows], cache, done, len(part))
+        self._route([*rows, *[row] * len(part)])
+        t0 = time.perf_counter()
+        try:
+            logits = ragged.ragged_forward(self.model, step, ids, positions, keep)
+        finally:
+            self._route_rows(None)
+        self.pacer.shared(len(part), time.perf_counter() - t0)
+        self.shared_chunks += 1
+        for r in rows:
+            r.cached += 1
+        self._sample(rows, logits[:len(rows)])
+        self._chunk_prefilled(row, cache, part, logits[len(rows):] if last else None)
+
+    def _route(self, rows: list[_Row]) -> None:
+        """The weights in place and each row's LoRA routing for a forward whose batch rows are
+        ``rows``; ``_route_rows(None)`` once the forward is over."""
+        in_flight = {r.version for r in (*self._rows, *self._in_prefill(), *rows)}
+        uniform = self._uniform_forward(in_flight)
+        self._route_rows(None if uniform else [r.version for r in rows])
 
     def _forward(self, rows: list[_Row], input_ids: torch.Tensor, position_ids: torch.Tensor,
                  mask: torch.Tensor | None, cache: DynamicCache) -> torch.Tensor:
         """One forward pass for ``rows``; returns float logits of each row's last position."""
-        in_flight = {r.version for r in (*self._rows, *self._in_prefill(), *rows)}
-        uniform = self._uniform_forward(in_flight)
-        self._route_rows(None if uniform else [r.version for r in rows])
+        self._route(rows)
         try:
             out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                              past_key_values=cache, use_cache=True, logits_to_keep=1)

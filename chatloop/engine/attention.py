@@ -18,10 +18,12 @@ Invariants:
   cached keys: a chunked prefill, one row); those keep ``sdpa``'s numbers.
 - Padded query positions (a left-padded prompt's leading pad) get zeros; nothing attends to them.
 - Only the engine's model is switched (its config); training and references keep ``sdpa``.
+- While a ragged step (ragged.py) runs on the calling thread, its own ``attend`` does the work.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 
 import torch
@@ -31,6 +33,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 ROW_INVARIANT = "chatloop_row_invariant"
+
+_ragged = threading.local()  # .step: the ragged step (ragged.py) whose forward runs on this thread
+
+
+def set_ragged_step(step) -> None:
+    """While set, this thread's forwards are ``step``'s: its own ``attend`` does the attention."""
+    _ragged.step = step
 
 
 _starts_memo: tuple[weakref.ref | None, list[int] | None] = (None, None)  # one forward's mask: every layer reads it
@@ -66,6 +75,9 @@ def _decode_row(module, query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 def row_invariant_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """``sdpa_attention_forward``'s result, computed one row at a time on each row's own keys."""
+    step = getattr(_ragged, "step", None)
+    if step is not None:  # decode rows and a prompt's chunk in one forward
+        return step.attend(module, query, key, value, **kwargs), None
     batch, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     if batch == 1 and attention_mask is None:
