@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from chatloop.models import load_model
+from chatloop.train import register
 from chatloop.train.register import (plain_prompt_ids, register_floor, register_gap, register_penalty,
                                      sampled_register)
 
@@ -52,7 +53,18 @@ def test_the_register_hinge_penalises_only_rising_above_the_start():
     assert floor == pytest.approx(0.175)
     got = register_penalty(gaps, 0.2, 4.0)
     assert got.tolist() == pytest.approx([0.0, -0.4, 0.0, -1.2, 0.0])  # 4 x (0.3 - 0.2), 4 x (0.5 - 0.2)
-    assert register_floor(torch.tensor([float("nan")])) == 0.0
+    assert register_floor(torch.tensor([float("nan")])) is None  # nothing measured: no start yet
+
+
+def test_a_first_rollout_of_empty_replies_leaves_the_register_start_to_the_next(monkeypatch):
+    gaps = iter([torch.tensor([float("nan"), float("nan")]), torch.tensor([0.2, 0.4]), torch.tensor([0.5, 0.1])])
+    monkeypatch.setattr(register, "sampled_register", lambda *args: next(gaps))
+    penalty, _, floor = register.register_term(None, None, [], [], [], "cpu", 2.0, None)
+    assert floor is None and penalty.tolist() == [0.0, 0.0]  # not a floor of 0 that charges every later gap
+    penalty, _, floor = register.register_term(None, None, [], [], [], "cpu", 2.0, floor)
+    assert floor == pytest.approx(0.3) and penalty.tolist() == pytest.approx([0.0, -0.2])
+    penalty, _, floor = register.register_term(None, None, [], [], [], "cpu", 2.0, floor)
+    assert floor == pytest.approx(0.3) and penalty.tolist() == pytest.approx([-0.4, 0.0])
 
 
 def test_a_sampled_replys_register_is_the_base_models_not_the_policys(tiny_model_dir, tmp_path):

@@ -69,10 +69,11 @@ def sampled_register(policy, tokenizer, chat_prompts: Sequence[list[int]], plain
     return torch.tensor([float("nan") if g is None else g for g in gaps], dtype=torch.float, device=device)
 
 
-def register_floor(register: torch.Tensor) -> float:
-    """Where the policy started: the mean gap of its first rollout's measured (non-empty) replies."""
+def register_floor(register: torch.Tensor) -> float | None:
+    """Where the policy started: the mean gap of its first rollout's measured (non-empty) replies;
+    None while none was measured (a rollout of empty replies leaves the start for the next one)."""
     measured = register[~register.isnan()]
-    return float(measured.mean()) if measured.numel() else 0.0
+    return float(measured.mean()) if measured.numel() else None
 
 
 def register_penalty(register: torch.Tensor, floor: float, coef: float) -> torch.Tensor:
@@ -84,11 +85,14 @@ def register_penalty(register: torch.Tensor, floor: float, coef: float) -> torch
 
 def register_term(policy, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
                   replies: Sequence[list[int]], device, coef: float,
-                  floor: float | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                  floor: float | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
     """What the hinge takes from each sampled reply's reward, the replies' gaps (``sampled_register``)
-    and the floor: ``floor``, or where the policy starts (this batch's mean) when None."""
+    and the floor: ``floor``, or where the policy starts (this batch's mean) when None; while no
+    reply has been measured the floor stays None and nothing is taken."""
     register = sampled_register(policy, tokenizer, chat_prompts, plain_prompts, replies, device)
     floor = register_floor(register) if floor is None else floor
+    if floor is None:
+        return torch.zeros_like(register), register, None
     return register_penalty(register, floor, coef), register, floor
 
 
