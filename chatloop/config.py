@@ -120,11 +120,14 @@ class TrainingDefaults:
     ppo_init_kl_coef: float = 0.05
     ppo_target_kl: float = 6.0
     ppo_relevance_coef: float = 5.0  # as rloo_relevance_coef below (0 = off)
-    ppo_degenerate_penalty: float = 0.0  # as rloo_degenerate_penalty below (0 = off)
-    ppo_register_coef: float = 0.0  # as rloo_register_coef below (0 = off; not yet measured for PPO)
+    # as rloo_degenerate_penalty and rloo_register_coef below (0 = off); without them PPO learned talk
+    # the gate rejected (+36.7 points); with them review text, +6.7 ± 5.1, promoted (docs/LOG.md 2026-12-05)
+    ppo_degenerate_penalty: float = 2.0
+    ppo_register_coef: float = 5.0
     # the policy's sampling temperature for rollouts (their log-probs use the same); at 1 the base model's
     # own replies are barely relevant (0.28 nats/token vs 0.59 at the serving 0.7), so the relevance floor
-    # is low; at 0.7 PPO learned far less talk (+19 points, rejected narrowly on relevance; docs/LOG.md 2026-12-05)
+    # is low; at 0.7 PPO learned far less talk (+19 points, rejected narrowly on relevance; docs/LOG.md 2026-12-05),
+    # and with the register hinge too +18.7, generic film talk, rejected on relevance (LOG, afternoon)
     ppo_temperature: float = 1.0
     # RLOO (chatloop/train/rloo.py): steps x prompts_per_step x k sampled replies a cycle
     # at 1e-4 (24 optimiser steps a cycle) it did not move even with the oracle as its reward; at 1e-3 the

@@ -143,6 +143,8 @@ def test_ppo_cycle_trains_a_reward_model_then_the_policy(parts):
     run = retrainer.run_cycle("ppo", on_progress=lambda s: seen.append((s.phase, s.step, s.total)))
     m = run["metrics"]
     assert m["algo"] == "ppo" and len(m["history"]) == 2
+    # the default reward terms are on: each rollout logs the register, relevance and degenerate share it paid for
+    assert all({"mean_register", "register_floor", "mean_relevance", "degenerate_share"} <= set(h) for h in m["history"])
     # progress shows the pairs' relevance filter, the reward head's warm start, the reward model's steps,
     # then PPO's, each phase counting its own
     phases = [p for i, (p, _, _) in enumerate(seen) if p and (i == 0 or seen[i - 1][0] != p)]
