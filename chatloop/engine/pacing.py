@@ -15,7 +15,7 @@ Invariants:
   docs/LOG.md), a chunk sharing the decode step at least ``min_shared_tokens`` (it has no forward
   of its own to pay for), and at most ``max_tokens``.
 - ``budget = 0`` turns pacing off: every chunk has ``max_tokens`` (the fixed-size behaviour).
-- Until both a decode step and a chunk have been timed, a chunk has ``min_tokens``.
+- Until both a decode step and a chunk have been timed, a chunk has its least size.
 - A chunk has at most twice the tokens of the one before it, so one fast, noisy measurement
   cannot make the next chunk jump to ``max_tokens``.
 """

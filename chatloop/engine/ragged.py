@@ -48,11 +48,22 @@ def supported(model: torch.nn.Module, *caches: DynamicCache) -> bool:
 
 @dataclass
 class RaggedStep:
+    """One forward's decode rows and chunk: where each one's keys and values go and come from."""
     batch_cache: DynamicCache  # the running rows' cache: one new column each
     starts: list[int]  # each decode row's first real key (its left padding)
     chunk_cache: DynamicCache  # the joining prompt's own cache
     chunk_done: int  # prompt tokens already in ``chunk_cache``
     chunk_len: int
+    _chunk_mask: torch.Tensor | None = None  # built by the first layer, read by the others
+
+    def chunk_mask(self, device: torch.device) -> torch.Tensor | None:
+        """The chunk's causal mask over the prompt so far (None for the first chunk: sdpa's
+        ``is_causal``, as a chunk forward of its own gets it)."""
+        if self.chunk_done and self._chunk_mask is None:
+            total = self.chunk_done + self.chunk_len
+            self._chunk_mask = (torch.arange(total, device=device)[None, :]
+                                <= torch.arange(self.chunk_done, total, device=device)[:, None])[None, None]
+        return self._chunk_mask
 
     def attend(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                **kwargs) -> torch.Tensor:
@@ -65,12 +76,7 @@ class RaggedStep:
                                        kwargs.get("scaling"))
         # the chunk's tokens, rows of one position, are one sequence of chunk_len positions again
         ckeys, cvalues = self.chunk_cache.layers[layer].update(key[n:].transpose(0, 2), value[n:].transpose(0, 2))
-        mask = None  # the prompt's first chunk: plain causal attention (sdpa's is_causal)
-        if self.chunk_done:
-            total = self.chunk_done + self.chunk_len
-            allowed = (torch.arange(total, device=query.device)[None, :]
-                       <= torch.arange(self.chunk_done, total, device=query.device)[:, None])
-            mask = allowed[None, None]
+        mask = self.chunk_mask(query.device)
         query = query[n:].transpose(0, 2)
         if getattr(module, "num_key_value_groups", 1) > 1 and not kwargs.get("dropout"):
             # grouped-query heads read their shared keys in place: transformers' sdpa copies them

@@ -98,13 +98,14 @@ def int4_fits(layer: nn.Linear) -> bool:
 
 
 PACKED_MAX_POSITIONS = 16  # per row: forwards of more positions per row go through the dense copy
-# torch's int4 CPU kernel works on rows in blocks of 4: 5 to 8 rows cost what 8 do (measured on
-# a 1536 x 576 layer: 48 us for 4 rows, 92 for 8, 137 for 9 and for 12; docs/LOG.md 2026-12-05)
+# torch's int4 CPU kernel computes rows in blocks of 4: 5 to 8 rows cost what 8 do (docs/LOG.md
+# 2026-12-05, afternoon)
 INT4_ROW_BLOCK = 4
 
 
 def row_block(model: nn.Module) -> int:
-    """How many rows the model's packed kernels compute at the cost of one more (1: no blocking)."""
+    """The block of rows the model's packed kernels compute together: rows up to the end of a
+    started block cost next to nothing (1: no such blocks)."""
     return INT4_ROW_BLOCK if any(isinstance(m, PackedLinear) and m.fmt == "int4" for m in model.modules()) else 1
 
 
