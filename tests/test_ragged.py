@@ -59,3 +59,24 @@ def test_a_chunk_riding_in_the_decode_step_changes_no_reply(fmt, tiny_model_dir,
     if fmt == "fp32":
         assert shared[1] == reference_greedy(tiny_model_dir, registry.path(v1), 60, 1.15, PROMPTS[2])
         assert shared[2] == reference_greedy(tiny_model_dir, registry.path(v2), 10, 1.15, LONG)
+
+
+@pytest.mark.parametrize("fmt, block", [("fp32", 1), ("int4", 4)])
+def test_a_riding_chunk_fills_the_int4_kernels_last_block_of_rows(fmt, block, tiny_model_dir, tmp_path):
+    # paced with a budget no chunk fits in, a riding chunk has the pacer's least size (2); beside one
+    # running row, int4 (rows in blocks of 4) takes one more token for free: 1 + 3 rows fill a block
+    loaded = load_model(str(tiny_model_dir), tmp_path / "models")
+    pack_for_serving(loaded.model, fmt, torch.bfloat16)
+    engine = Engine(loaded, AdapterRegistry(tmp_path / "adapters"), max_batch=8, prefill_chunk=12,
+                    prefill_budget=1e-9)
+    assert engine._row_block == block
+    engine.start()
+    try:
+        running = engine.submit(PROMPTS[0], greedy(max_tokens=200))
+        next(iter(running))
+        before = engine.shared_chunks
+        long = engine.generate(LONG, greedy(max_tokens=2))
+        assert long.completion_tokens > 0 and running.result(60).completion_tokens > 0
+        assert engine.shared_chunks - before == math.ceil(len(engine._encode(LONG)) / (2 if block == 1 else 3))
+    finally:
+        engine.stop()
