@@ -18,7 +18,8 @@ Per round: ``liked_pct`` (held-out replies of the version served after the round
 likes), ``lift_se`` (the paired SE, in points, of the change from the version served before),
 ``verdict`` and ``promoted``, ``candidate_liked_pct`` (the candidate's own share, promoted or not),
 ``kl_to_base``, ``relevance`` and ``register`` (the gate's measurements: candidate's and base
-model's task relevance, and the register's shift toward assistant talk), ``mean_tokens``, ``served_version``, ``cycle_s``, ``simulate_s``, ``evaluate_s``, and a
+model's task relevance, the register's shift toward assistant talk), ``document`` (the candidate's
+document likelihood against base, the gate's check of talk unlikely in both framings), ``mean_tokens``, ``served_version``, ``cycle_s``, ``simulate_s``, ``evaluate_s``, and a
 few held-out replies to read. At the end: ``base_liked_pct``, ``final_liked_pct``,
 ``total_lift_points``, ``regressions_promoted`` (promoted rounds whose candidate scored more than
 one SE below the version it replaced), ``drops_beyond_one_se`` (rounds that ended more than one SE
@@ -209,7 +210,7 @@ def main() -> int:
                 "candidate_vs_served_se": round(se, 2) if se is not None else None,
                 "verdict": run.get("verdict"), "promoted": promoted, "status": run["status"],
                 "kl_to_base": judged.get("kl_to_base"), "relevance": judged.get("relevance"),
-                "register": judged.get("register"),
+                "register": judged.get("register"), "document": judged.get("document"),
                 "mean_tokens": round(after["mean_tokens"], 1), "served_version": now, "candidate_version": cand,
                 "cycle_s": round(m.get("total_s") or 0.0, 1), "waited_for_cycle_s": round(wait_s, 1),
                 "simulate_s": round(report.wall_s, 1), "evaluate_s": round(eval_s, 1),
@@ -243,13 +244,16 @@ def main() -> int:
           f"base {result['base_liked_pct']}% liked; {result['wall_s']:.0f} s in all")
     cols = ["liked_pct", "lift_se", "candidate_liked_pct", "status", "kl_to_base", "mean_tokens", "served_version",
             "cycle_s", "simulate_s", "evaluate_s"]
-    print(f"{'round':<6}" + "".join(f"{c:>20}" for c in cols) + f"{'relevance (cand/base)':>24}")
+    print(f"{'round':<6}" + "".join(f"{c:>20}" for c in cols) + f"{'relevance (cand/base)':>24}"
+          + f"{'register vs base':>20}{'document vs base':>20}")
     for r in rounds:
         rel = r.get("relevance") or {}
         rc, rb = (rel.get("candidate") or {}).get("mean"), (rel.get("base") or {}).get("mean")
         relv = f"{rc:.3f}/{rb:.3f}" if rc is not None and rb is not None else "-"
+        shifts = [((r.get(k) or {}).get("paired_difference") or {}) for k in ("register", "document")]
+        shifts = [f"{d['mean']:+.3f} ± {d.get('se') or 0:.3f}" if d.get("mean") is not None else "-" for d in shifts]
         print(f"{r['round']:<6}" + "".join(f"{(round(r[c], 3) if isinstance(r[c], float) else r[c])!s:>20}"
-                                           for c in cols) + f"{relv:>24}")
+                                           for c in cols) + f"{relv:>24}" + "".join(f"{x:>20}" for x in shifts))
         for ex in r["examples"]:
             print(f"      {ex['prompt'][:70]!r} -> {ex['reply'][:120]!r}")
     if args.plot:

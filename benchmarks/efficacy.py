@@ -282,6 +282,7 @@ def main() -> int:
                 "kl_to_base": (m.get("judge") or {}).get("kl_to_base"),
                 "relevance": (m.get("judge") or {}).get("relevance"),
                 "register": (m.get("judge") or {}).get("register"),
+                "document": (m.get("judge") or {}).get("document"),
                 "length_ratio": round(after["mean_tokens"] / max(before["mean_tokens"], 1e-9), 3),
                 "uncapped_length_ratio": (round(uncapped / before["uncapped_tokens"], 3)
                                           if uncapped and before.get("uncapped_tokens") else None),

@@ -124,6 +124,7 @@ class TrainingDefaults:
     # the gate rejected (+36.7 points); with them review text, +6.7 ± 5.1, promoted (docs/LOG.md 2026-12-05)
     ppo_degenerate_penalty: float = 2.0
     ppo_register_coef: float = 5.0
+    ppo_document_coef: float = 0.0  # as rloo_document_coef below; not measured with PPO yet (0 = off)
     # the policy's sampling temperature for rollouts (their log-probs use the same); at 1 the base model's
     # own replies are barely relevant (0.28 nats/token vs 0.59 at the serving 0.7), so the relevance floor
     # is low; at 0.7 PPO learned far less talk (+19 points, rejected narrowly on relevance; docs/LOG.md 2026-12-05),
@@ -159,6 +160,12 @@ class TrainingDefaults:
     # replies addressing the reader as the base's; without both, +18.7 rejected for echoes, twice the
     # talk (docs/LOG.md 2026-12-05, day; 0 = off)
     rloo_register_coef: float = 5.0
+    # minus this times how far each sampled reply's document likelihood (the base model's log-likelihood per
+    # token of the reply as the plain continuation of the user's text, train/register.py) falls below where
+    # the policy started: in an unattended loop RLOO gamed the register hinge with talk the base model
+    # finds unlikely in both framings (document likelihood 0.38 below base's replies; docs/LOG.md
+    # 2026-12-05, evening; 0 = off)
+    rloo_document_coef: float = 0.0
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
     gate_prompts: int = 32  # held-out prompts both sides answer (0 = no behavioural checks); 16 left the
     #                         relevance figure too noisy (docs/LOG.md 2026-12-03)
@@ -186,6 +193,13 @@ class TrainingDefaults:
     # RLOO trained against it (its register hinge) found talk 0.15 below base in an unattended round,
     # which the relevance check rejected (docs/LOG.md 2026-12-05, day)
     gate_max_register_shift: float = 0.06
+    # the candidate's document likelihood (the base model's log-likelihood per token of each reply as the
+    # plain continuation of the user's text, train/register.py) may fall at most this much below the base
+    # model's own replies' on the same prompts (0 = reported, not checked). On the held-out replies of real
+    # sentiment candidates (first 32 prompts): DPO's talk -0.23, the loop's RLOO rounds (talk, drift)
+    # -0.28 to -0.49; review text +0.03 (RLOO with the register hinge) and +0.10 (PPO); paired SE 0.06-0.08
+    # (docs/LOG.md 2026-12-05, evening)
+    gate_max_document_drop: float = 0.15
     gate_live_votes: int = 0  # >0: a candidate that passes goes into live A/B comparison first and is
     #                           promoted only if it wins at least half of this many votes (ties half)
 
@@ -395,7 +409,10 @@ def load_settings(
     if settings.training.reward_epochs < 0:
         raise ConfigError(f"setting 'training.reward_epochs': {settings.training.reward_epochs} must be 0 (the probed "
                           "head alone) or more")
-    for name in ("ppo_register_coef", "rloo_register_coef"):
+    if not 0 <= settings.training.gate_max_document_drop < float("inf"):
+        raise ConfigError(f"setting 'training.gate_max_document_drop': {settings.training.gate_max_document_drop} "
+                          "must be 0 (reported, not checked) or a positive limit in nats per token")
+    for name in ("ppo_register_coef", "rloo_register_coef", "ppo_document_coef", "rloo_document_coef"):
         if not 0 <= getattr(settings.training, name) < float("inf"):
             raise ConfigError(f"setting 'training.{name}': {getattr(settings.training, name)} must be 0 (off) or a "
                               "positive penalty per nat per token")

@@ -34,7 +34,12 @@ A candidate is promoted only when every check passes:
 7. register (``chatloop.train.register``: how much likelier the base model finds each reply as a
    chat assistant's turn than as the continuation of the user's own text, in nats per token) rises
    at most ``gate_max_register_shift`` above the base model's own replies' on the same prompts:
-   drift into assistant talk. With the limit at 0 (the default) the figure is reported, not checked.
+   drift into assistant talk. With the limit at 0 the figure is reported, not checked;
+8. document likelihood (the base model's log-likelihood per token of each reply as the plain
+   continuation of the user's text, ``chatloop.train.register``) falls at most
+   ``gate_max_document_drop`` below the base model's own replies' on the same prompts: talk (or
+   drift) the base model finds unlikely as a chat turn too keeps its register but loses this.
+   With the limit at 0 the figure is reported, not checked.
 
 Invariant: the verdict (structured checks, see ``Verdict``) is returned for the caller to store;
 nothing here activates anything, and nobody parses its text back.
@@ -125,7 +130,8 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
             Check("kl", None, "KL to base not measured")).add(
             Check("degenerate", None, "degenerate replies not measured")).add(
             Check("relevance", None, "task relevance not measured")).add(
-            Check("register", None, "register not measured"))
+            Check("register", None, "register not measured")).add(
+            Check("document", None, "document likelihood not measured"))
     n = judged["prompts"]
     reward = judged.get("reward")
     if reward:
@@ -151,7 +157,27 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
                                         f"{deg['candidate']:.2f} vs reference {deg['reference']:.2f} "
                                         f"({'within' if ok else 'beyond'} +{t.gate_max_degenerate_increase:g})",
                       deg["candidate"] - deg["reference"], t.gate_max_degenerate_increase))
-    return verdict.add(relevance_check(judged.get("relevance"), t)).add(register_check(judged.get("register"), t))
+    return verdict.add(relevance_check(judged.get("relevance"), t)).add(register_check(judged.get("register"), t)).add(
+        document_check(judged.get("document"), t))
+
+
+def document_check(doc: dict[str, Any] | None, t: TrainingDefaults) -> Check:
+    """The candidate's document likelihood against the base model's replies to the same prompts
+    (paired): at most ``gate_max_document_drop`` below it; reported without a verdict when the limit
+    is 0, and not measured for a judge that did not report it."""
+    paired = (doc or {}).get("paired_difference") or {}
+    shift, se = paired.get("mean"), paired.get("se")
+    if shift is None:
+        return Check("document", None, "document likelihood not measured (no non-empty replies)")
+    figure = (f"document likelihood {shift:+.3f} ± {se or 0.0:.3f} nats/token against the base model's replies "
+              f"over {paired.get('replies')} prompts (each reply as the plain continuation of the user's text")
+    limit = t.gate_max_document_drop
+    if limit <= 0:
+        return Check("document", None, f"{figure}; not checked: gate_max_document_drop = 0)", shift)
+    ok = shift >= -limit
+    return Check("document", ok, f"{figure}, {'>=' if ok else '<'} -{limit:g}; replies "
+                                 f"{'read' if ok else 'do not read'} as well as the base model's as a continuation)",
+                 shift, -limit)
 
 
 def register_check(reg: dict[str, Any] | None, t: TrainingDefaults) -> Check:

@@ -20,7 +20,10 @@ GOOD = {
                             "base": {"mean": 0.40, "se": 0.05, "replies": 8}},
               "register": {"candidate": {"mean": 0.62, "se": 0.02, "replies": 8},
                            "base": {"mean": 0.60, "se": 0.02, "replies": 8},
-                           "paired_difference": {"mean": 0.02, "se": 0.01, "replies": 8}}},
+                           "paired_difference": {"mean": 0.02, "se": 0.01, "replies": 8}},
+              "document": {"candidate": {"mean": -2.45, "se": 0.05, "replies": 8},
+                           "base": {"mean": -2.47, "se": 0.05, "replies": 8},
+                           "paired_difference": {"mean": 0.02, "se": 0.04, "replies": 8}}},
 }
 
 
@@ -37,7 +40,7 @@ def worse(path: str, value):
 def test_a_good_candidate_passes_every_check():
     v = gate(GOOD)
     assert v.promote and v.checks == {"accuracy": True, "win_rate": True, "kl": True, "degenerate": True,
-                                      "relevance": True, "register": True}
+                                      "relevance": True, "register": True, "document": True}
     assert "0.75 of 8 held-out prompts" in v.summary and "KL to base 0.050" in v.summary
 
 
@@ -125,6 +128,25 @@ def test_register_is_checked_against_its_limit_and_only_reported_at_zero():
     reported = TrainingDefaults(gate_max_register_shift=0)
     v = gate(talk, reported)
     assert v.promote and v.checks["register"] is None and "not checked" in v.summary
+
+
+def test_document_likelihood_is_checked_against_its_limit_and_only_reported_at_zero():
+    """The paired fall of the replies' document likelihood (candidate minus base on the same
+    prompts): below minus the limit (0.15 by default) rejects, a rise never does; a judge that did
+    not report it leaves the check unmeasured; a limit of 0 reports it without a verdict."""
+    talk = worse("judge.document.paired_difference", {"mean": -0.23, "se": 0.074, "replies": 32})
+    v = gate(talk)
+    assert not v.promote and v.checks["document"] is False and "< -0.15" in v.summary
+    assert "document likelihood -0.230 ± 0.074 nats/token" in v.summary
+    assert [k for k, ok in v.checks.items() if ok is False] == ["document"]
+    assert gate(worse("judge.document.paired_difference", {"mean": -0.14, "se": 0.07, "replies": 32})).promote
+    assert gate(worse("judge.document.paired_difference", {"mean": 0.9, "se": 0.07, "replies": 32})).promote
+    unmeasured = copy.deepcopy(GOOD)
+    del unmeasured["judge"]["document"]  # a judge of before the check
+    v = gate(unmeasured)
+    assert v.promote and v.checks["document"] is None
+    v = gate(talk, TrainingDefaults(gate_max_document_drop=0))
+    assert v.promote and v.checks["document"] is None and "not checked" in v.summary
 
 
 def test_non_finite_loss_and_missing_measurements():

@@ -222,13 +222,15 @@ def test_dpo_gate_judges_held_out_prompts_with_a_reward_model(parts):
     assert judged["reward_model"]["pair_filter"] == kept
     assert judged["prompts"] == 3 and judged["reward"] and math.isfinite(judged["kl_to_base"])
     assert set(judged["degenerate"]) == {"candidate", "reference"}
-    assert set(gate["checks"]) == {"accuracy", "win_rate", "kl", "degenerate", "relevance", "register"}
-    assert all(v is not None for v in gate["checks"].values())  # the register is checked at the defaults
+    assert set(gate["checks"]) == {"accuracy", "win_rate", "kl", "degenerate", "relevance", "register", "document"}
+    assert all(v is not None for v in gate["checks"].values())  # register and document are checked at the defaults
     rel = judged["relevance"]  # the parent is base: the reference's replies are the base model's
     assert rel["base"] == rel["reference"] and rel["candidate"]["replies"] <= 3
     assert rel["paired_difference"]["replies"] <= 3
     reg = judged["register"]
     assert reg["candidate"]["mean"] is not None and reg["paired_difference"]["replies"] <= 3
+    doc = judged["document"]  # the same passes' plain-document likelihood, a log-likelihood per token
+    assert doc["candidate"]["mean"] < 0 and doc["paired_difference"]["replies"] == reg["paired_difference"]["replies"]
     assert run["status"] == ("promoted" if all(v is not False for v in gate["checks"].values()) else "rejected")
     assert set(run["metrics"]["timings"]) == {"snapshot_s", "train_and_judge_s", "publish_s"}
 

@@ -226,7 +226,7 @@ def test_the_register_term_reaches_the_score_above_the_start(tiny_model_dir, mon
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     policy = _policy(tiny_model_dir)
     gaps = iter([torch.tensor([0.0, 0.5, 1.0, 0.5]), torch.tensor([2.0, 0.0, 0.5, 1.0])])
-    monkeypatch.setattr(register, "sampled_register", lambda *a, **k: next(gaps))
+    monkeypatch.setattr(register, "sampled_framing", lambda *a, **k: (next(gaps), torch.zeros(4)))
     seen_scores = _scores_reaching_rewards(monkeypatch)
     cfg = PpoConfig(rollout_batch_size=4, minibatch_size=4, ppo_epochs=1, rollouts=2, max_new_tokens=4,
                     learning_rate=1e-3, register_coef=3.0)

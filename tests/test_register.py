@@ -7,8 +7,8 @@ import torch
 
 from chatloop.models import load_model
 from chatloop.train import register
-from chatloop.train.register import (plain_prompt_ids, register_floor, register_gap, register_penalty,
-                                     sampled_register)
+from chatloop.train.register import (FramingTerm, document_penalty, framing_logprobs, plain_prompt_ids,
+                                     register_floor, register_gap, register_penalty, sampled_framing)
 
 CONTEXT = [{"role": "user", "content": "Continue this movie review: The film opens on"}]
 
@@ -45,6 +45,10 @@ def test_the_gap_is_chat_minus_plain_log_likelihood_per_reply_token(tiny):
     assert got[1] is None  # an empty reply is left out
     assert got[0] == pytest.approx((direct(chat) - direct(plain)) / len(reply), abs=1e-4)
     assert abs(got[0]) > 1e-3  # the two framings do differ
+    framed = framing_logprobs(model, tok, [chat, chat], [plain, plain], [reply, [tok.eos_token_id]])
+    assert framed[1] is None
+    # (chat, plain) per reply token: the plain one is the reply's document likelihood
+    assert framed[0] == pytest.approx((direct(chat) / len(reply), direct(plain) / len(reply)), abs=1e-4)
 
 
 def test_the_register_hinge_penalises_only_rising_above_the_start():
@@ -56,20 +60,38 @@ def test_the_register_hinge_penalises_only_rising_above_the_start():
     assert register_floor(torch.tensor([float("nan")])) is None  # nothing measured: no start yet
 
 
-def test_a_first_rollout_of_empty_replies_leaves_the_register_start_to_the_next(monkeypatch):
-    gaps = iter([torch.tensor([float("nan"), float("nan")]), torch.tensor([0.2, 0.4]), torch.tensor([0.5, 0.1])])
-    monkeypatch.setattr(register, "sampled_register", lambda *args: next(gaps))
-    penalty, _, floor = register.register_term(None, None, [], [], [], "cpu", 2.0, None)
-    assert floor is None and penalty.tolist() == [0.0, 0.0]  # not a floor of 0 that charges every later gap
-    penalty, _, floor = register.register_term(None, None, [], [], [], "cpu", 2.0, floor)
-    assert floor == pytest.approx(0.3) and penalty.tolist() == pytest.approx([0.0, -0.2])
-    penalty, _, floor = register.register_term(None, None, [], [], [], "cpu", 2.0, floor)
-    assert floor == pytest.approx(0.3) and penalty.tolist() == pytest.approx([-0.4, 0.0])
+def test_the_document_hinge_penalises_only_falling_below_the_start():
+    docs = torch.tensor([-2.0, -2.5, float("nan"), -1.0])
+    assert register_floor(docs) == pytest.approx(-11 / 6)  # the same start rule as the register's
+    assert document_penalty(docs, -2.0, 3.0).tolist() == pytest.approx([0.0, -1.5, 0.0, 0.0])  # 3 x 0.5
+
+
+def test_a_first_rollout_of_empty_replies_leaves_the_starts_to_the_next(monkeypatch):
+    nan = float("nan")
+    framed = iter([(torch.tensor([nan, nan]), torch.tensor([nan, nan])),
+                   (torch.tensor([0.2, 0.4]), torch.tensor([-2.0, -3.0])),
+                   (torch.tensor([0.5, 0.1]), torch.tensor([-3.5, -1.0]))])
+    monkeypatch.setattr(register, "sampled_framing", lambda *args: next(framed))
+    term = FramingTerm(register_coef=2.0, document_coef=1.0)
+    penalty, _, _ = term(None, None, [], [], [], "cpu")
+    # not a floor of 0 that charges every later reply
+    assert term.register_floor is None and term.document_floor is None and penalty.tolist() == [0.0, 0.0]
+    penalty, _, _ = term(None, None, [], [], [], "cpu")
+    assert term.register_floor == pytest.approx(0.3) and term.document_floor == pytest.approx(-2.5)
+    assert penalty.tolist() == pytest.approx([0.0, -0.2 - 0.5])
+    penalty, register_gaps, documents = term(None, None, [], [], [], "cpu")
+    assert term.register_floor == pytest.approx(0.3) and term.document_floor == pytest.approx(-2.5)
+    assert penalty.tolist() == pytest.approx([-0.4 - 1.0, 0.0])
+    assert term.logged(register_gaps, documents) == {"mean_register": pytest.approx(0.3), "register_floor": pytest.approx(0.3),
+                                                     "mean_document": pytest.approx(-2.25), "document_floor": -2.5}
+    off = FramingTerm(register_coef=2.0, document_coef=0.0, register_floor=0.0, document_floor=0.0)
+    monkeypatch.setattr(register, "sampled_framing", lambda *args: (torch.tensor([0.5]), torch.tensor([-9.0])))
+    assert off(None, None, [], [], [], "cpu")[0].tolist() == [-1.0]  # a coefficient of 0 takes nothing
 
 
 def test_a_sampled_replys_register_is_the_base_models_not_the_policys(tiny_model_dir, tmp_path):
-    """``sampled_register`` measures with the policy's adapter off: the same figure as
-    ``register_gap`` of the bare base model, however far the adapter has moved."""
+    """``sampled_framing`` measures with the policy's adapter off: the same figures as
+    ``framing_logprobs`` of the bare base model, however far the adapter has moved."""
     from peft import LoraConfig, get_peft_model
 
     loaded = load_model(str(tiny_model_dir), tmp_path)
@@ -78,21 +100,23 @@ def test_a_sampled_replys_register_is_the_base_models_not_the_policys(tiny_model
                                         return_dict=True)["input_ids"])
     plain = plain_prompt_ids(tok, CONTEXT, 384)
     replies = [tok("a quiet street at dawn", add_special_tokens=False)["input_ids"], [tok.eos_token_id]]
-    want = register_gap(base, tok, [chat, chat], [plain, plain], replies)
+    want = framing_logprobs(base, tok, [chat, chat], [plain, plain], replies)
     policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                              init_lora_weights=False)).eval()  # a moved adapter
     with torch.no_grad():
         moved = register_gap(policy, tok, [chat, chat], [plain, plain], replies)[0]
-    got = sampled_register(policy, tok, [chat, chat], [plain, plain], replies, "cpu")
-    assert got[0].item() == pytest.approx(want[0], abs=1e-5) and got[1].isnan()
-    assert abs(moved - want[0]) > 1e-3  # the adapter does change it when left on
+    gaps, documents = sampled_framing(policy, tok, [chat, chat], [plain, plain], replies, "cpu")
+    assert gaps[0].item() == pytest.approx(want[0][0] - want[0][1], abs=1e-5) and gaps[1].isnan()
+    assert documents[0].item() == pytest.approx(want[0][1], abs=1e-5) and documents[1].isnan()
+    assert abs(moved - (want[0][0] - want[0][1])) > 1e-3  # the adapter does change it when left on
 
 
 @pytest.fixture(scope="module")
 def fixture_gaps(tmp_path_factory):
-    """The register gaps of the base model's and each stored candidate's held-out replies
-    (tests/fixtures/register, made with ``benchmarks/efficacy.py --replies``), on the prompts they
-    answered, under the real default model: {fixture name: (data, {side: gaps})}."""
+    """The register gaps and document likelihoods of the base model's and each stored candidate's
+    held-out replies (tests/fixtures/register, made with ``benchmarks/efficacy.py --replies``), on the
+    prompts they answered, under the real default model: {fixture name: (data, {side: gaps},
+    {side: document likelihoods})}."""
     import json
 
     from chatloop.oracles import load_oracle, load_prompts
@@ -103,16 +127,18 @@ def fixture_gaps(tmp_path_factory):
     loaded = load_model("default", tmp_path_factory.mktemp("models"))
     model, tok = loaded.model.eval(), loaded.tokenizer
     out = {}
-    for name in ("sentiment_kto", "sentiment_rloo_register"):
+    for name in ("sentiment_kto", "sentiment_rloo_register", "sentiment_dpo"):
         data = json.loads((REPO / "tests" / "fixtures" / "register" / f"{name}.json").read_text())
         contexts = load_prompts(load_oracle(data["oracle"]), data["split"])[:len(data["base"])]
         chat = [list(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"]) for c in contexts]
         plain = [plain_prompt_ids(tok, c, 384) for c in contexts]
-        out[name] = data, {side: register_gap(model, tok, chat, plain,
-                                              [tok(t, add_special_tokens=False)["input_ids"][:48] or [tok.eos_token_id]
-                                               for t in data[side]])
-                           for side in ("base", "candidate")}
+        framed = {side: framing_logprobs(model, tok, chat, plain,
+                                         [tok(t, add_special_tokens=False)["input_ids"][:48] or [tok.eos_token_id]
+                                          for t in data[side]])
+                  for side in ("base", "candidate")}
+        out[name] = (data, {side: [None if f is None else f[0] - f[1] for f in fs] for side, fs in framed.items()},
+                     {side: [None if f is None else f[1] for f in fs] for side, fs in framed.items()})
     return out
 
 
@@ -131,7 +157,7 @@ def test_a_real_candidate_that_learned_assistant_talk_shows_it_in_its_register(f
     the same prompts, well beyond the paired SE, and talk-like replies sit higher than the others."""
     import re
 
-    data, gaps = fixture_gaps["sentiment_kto"]
+    data, gaps, _ = fixture_gaps["sentiment_kto"]
     paired = _paired(gaps)
     print(f"register shift {paired}")
     assert paired["mean"] > 0.05 and paired["mean"] > 2 * paired["se"], paired
@@ -157,6 +183,30 @@ def test_the_gates_register_limit_passes_review_text_and_rejects_talk(fixture_ga
         text = register_check({"paired_difference": _paired(fixture_gaps["sentiment_rloo_register"][1], first)}, t)
         print(first, talk.reason, text.reason)
         assert talk.passed is False and text.passed is True, (first, talk.reason, text.reason)
+
+
+@pytest.mark.slow
+def test_the_gates_document_limit_rejects_talk_its_register_let_through(fixture_gaps):
+    """A DPO candidate of the same log learned upbeat assistant talk (79 of 150 replies address the
+    reader) that the base model finds unlikely in both framings: its register stays within the
+    limit, its document likelihood falls far below the base's replies'. The default
+    ``gate_max_document_drop`` rejects it and passes the RLOO candidate's review text, on all 60
+    stored prompts and on the first 32; with both checks, both talk candidates are rejected."""
+    from chatloop.config import Settings
+    from chatloop.evaluate import document_check, register_check
+
+    t = Settings().training
+    assert t.gate_max_document_drop > 0  # checked by default
+    for first in (None, 32):
+        checks = {name: (register_check({"paired_difference": _paired(fixture_gaps[name][1], first)}, t),
+                         document_check({"paired_difference": _paired(fixture_gaps[name][2], first)}, t))
+                  for name in ("sentiment_dpo", "sentiment_kto", "sentiment_rloo_register")}
+        for name, (reg, doc) in checks.items():
+            print(first, name, reg.reason, doc.reason)
+        assert checks["sentiment_dpo"][0].passed is True, "the register alone lets the DPO talk through"
+        assert checks["sentiment_dpo"][1].passed is False
+        assert checks["sentiment_rloo_register"][1].passed is True and checks["sentiment_rloo_register"][0].passed
+        assert checks["sentiment_kto"][0].passed is False  # caught by its register
 
 
 def test_kto_leaves_out_liked_replies_far_more_assistant_like_than_the_disliked():

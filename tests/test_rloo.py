@@ -206,7 +206,7 @@ def test_the_register_term_only_penalises_rising_above_the_start(monkeypatch):
     prompts = [[{"role": "user", "content": f"w{i} w{i + 1}"}] for i in range(10, 14)]
     nan = float("nan")
     gaps = iter([torch.tensor([0.0, 1.0, 2.0, nan] * 2), torch.tensor([3.0, 0.5, nan, 1.5] * 2)])
-    monkeypatch.setattr(register, "sampled_register", lambda *a, **k: next(gaps))
+    monkeypatch.setattr(register, "sampled_framing", lambda *a, **k: (next(gaps), torch.zeros(8)))
     seen_scores = _scores_reaching_advantages(monkeypatch)
     cfg = RlooConfig(learning_rate=1e-3, prompts_per_step=2, k=4, steps=2, minibatch_size=8, max_new_tokens=4,
                      register_coef=2.0)
@@ -217,6 +217,31 @@ def test_the_register_term_only_penalises_rising_above_the_start(monkeypatch):
     assert [h["mean_reward"] for h in seen] == [1.0, 1.0]  # the reward model's, as logged
     assert seen_scores[0].tolist() == [1.0, 1.0, 1 - 2.0, 1.0] * 2
     assert seen_scores[1].tolist() == [1 - 4.0, 1.0, 1.0, 1 - 1.0] * 2
+
+
+def test_the_document_term_only_penalises_falling_below_the_start(monkeypatch):
+    """With ``document_coef`` each reward loses coef x (the first step's mean document likelihood -
+    the reply's) where that is positive, nothing above it or for an empty reply; both hinges add up
+    when both are on, and the floors and means are logged."""
+    from chatloop.train import register
+
+    policy, tok = _word_model()
+    prompts = [[{"role": "user", "content": f"w{i} w{i + 1}"}] for i in range(10, 14)]
+    nan = float("nan")
+    docs = iter([torch.tensor([-2.0, -3.0, -1.0, nan] * 2), torch.tensor([-4.0, -2.0, nan, -2.5] * 2)])
+    gaps = iter([torch.tensor([0.5] * 8), torch.tensor([0.5, 0.5, 0.5, 1.0] * 2)])
+    monkeypatch.setattr(register, "sampled_framing", lambda *a, **k: (next(gaps), next(docs)))
+    seen_scores = _scores_reaching_advantages(monkeypatch)
+    cfg = RlooConfig(learning_rate=1e-3, prompts_per_step=2, k=4, steps=2, minibatch_size=8, max_new_tokens=4,
+                     register_coef=1.0, document_coef=2.0)
+    seen = []
+    train_rloo(policy, None, tok, prompts, lambda items: [1.0] * len(items), cfg, on_step=seen.append)
+    assert [h["document_floor"] for h in seen] == [-2.0, -2.0]  # the first step's measured mean, kept
+    assert [h["mean_document"] for h in seen] == [-2.0, pytest.approx(-17 / 6)]
+    assert [h["register_floor"] for h in seen] == [0.5, 0.5]
+    assert seen_scores[0].tolist() == [1.0, 1 - 2.0, 1.0, 1.0] * 2
+    # 2 x (-2 - (-4)); nothing at the floor or for the empty one; 2 x 0.5 + 1 x (1.0 - 0.5)
+    assert seen_scores[1].tolist() == [1 - 4.0, 1.0, 1.0, 1 - 1.0 - 0.5] * 2
 
 
 def test_a_degenerate_reply_loses_the_penalty_in_its_reward(monkeypatch):

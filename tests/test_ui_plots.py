@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from ui.plots import training_curve
 
 
@@ -38,9 +40,13 @@ def test_training_curve_of_a_policy_gradient_run_shows_reward_kl_and_entropy():
 
 def test_training_curve_of_a_shaped_policy_gradient_run_shows_its_reward_terms():
     history = [{"step": 1, "loss": 0.1, "mean_reward": 0.3, "kl": 0.0, "entropy": 3.4, "mean_shaped_reward": -0.3,
-                "mean_relevance": 0.28, "relevance_floor": 0.28, "mean_register": 0.48, "register_floor": 0.48},
+                "mean_relevance": 0.28, "relevance_floor": 0.28, "mean_register": 0.48, "register_floor": 0.48,
+                "mean_document": -2.5, "document_floor": -2.5},
                {"step": 2, "loss": 0.0, "mean_reward": 0.5, "kl": 0.1, "entropy": 3.2, "mean_shaped_reward": 0.1,
-                "mean_relevance": 0.31, "relevance_floor": 0.28, "mean_register": 0.40, "register_floor": 0.48}]
+                "mean_relevance": 0.31, "relevance_floor": 0.28, "mean_register": 0.40, "register_floor": 0.48,
+                "mean_document": -2.6, "document_floor": -2.5}]
     lines = {line.get_label(): line for line in training_curve(history, "rloo").axes[0].get_lines()}
-    assert set(lines) == {"loss", "mean reward", "KL", "entropy", "shaped reward", "relevance", "register"}
+    assert set(lines) == {"loss", "mean reward", "KL", "entropy", "shaped reward", "relevance", "register",
+                          "document likelihood vs start"}
     assert list(lines["register"].get_ydata()) == [0.48, 0.40]
+    assert list(lines["document likelihood vs start"].get_ydata()) == pytest.approx([0.0, -0.1])

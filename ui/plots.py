@@ -10,8 +10,9 @@ from typing import Any
 
 def training_curve(history: list[dict[str, Any]], title: str):
     """A matplotlib figure of loss and reward margin per training step (PPO/RLOO: mean reward, KL
-    and entropy, and with their reward terms the shaped reward, relevance and register; DPO with thumbs or NLL: also the parts of the loss, since the held-out loss is the
-    pairs' alone), and the held-out loss on the steps it was scored (the checkpoint selection's curve)."""
+    and entropy, and with their reward terms the shaped reward, relevance, register and document
+    likelihood (from its start); DPO with thumbs or NLL: also the parts of the loss, since the
+    held-out loss is the pairs' alone), and the held-out loss on the steps it was scored (the checkpoint selection's curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,6 +26,9 @@ def training_curve(history: list[dict[str, Any]], title: str):
                        ("mean_relevance", "relevance"), ("mean_register", "register")):
         if history and key in history[0]:
             ax.plot(steps, [h[key] for h in history], marker="." if len(steps) < 30 else None, label=label)
+    if history and history[0].get("document_floor") is not None:  # a log-likelihood (~ -2.5): shown from its start
+        ax.plot(steps, [h["mean_document"] - h["document_floor"] for h in history],
+                marker="." if len(steps) < 30 else None, label="document likelihood vs start")
     scored = [h for h in history if isinstance(h.get("held_out_score"), (int, float))]
     if scored:
         ax.plot([h["step"] for h in scored], [h["held_out_score"] for h in scored], marker="o", linestyle="--",

@@ -73,7 +73,7 @@ def ppo_config(t: TrainingDefaults):
                      max_new_tokens=t.ppo_max_new_tokens, max_prompt_tokens=t.max_prompt_tokens,
                      init_kl_coef=t.ppo_init_kl_coef, target_kl=t.ppo_target_kl,
                      relevance_coef=t.ppo_relevance_coef, degenerate_penalty=t.ppo_degenerate_penalty,
-                     register_coef=t.ppo_register_coef,
+                     register_coef=t.ppo_register_coef, document_coef=t.ppo_document_coef,
                      temperature=t.ppo_temperature, seed=t.seed)
 
 
@@ -85,7 +85,7 @@ def rloo_config(t: TrainingDefaults):
                       max_new_tokens=t.rloo_max_new_tokens, max_prompt_tokens=t.max_prompt_tokens,
                       normalize_advantages=t.rloo_normalize_advantages,
                       relevance_coef=t.rloo_relevance_coef, degenerate_penalty=t.rloo_degenerate_penalty,
-                      register_coef=t.rloo_register_coef,
+                      register_coef=t.rloo_register_coef, document_coef=t.rloo_document_coef,
                       temperature=t.rloo_temperature, seed=t.seed)
 
 

@@ -10,7 +10,9 @@ seed, the serving defaults' temperature and top-p), and the gate's behavioural m
 - task relevance: the base model's prompt-reply PMI per token of the candidate's, the reference's
   and the base model's replies (``chatloop.train.relevance``); off-topic drift shows up here;
 - register: the base model's chat-over-plain-document likelihood per token of the candidate's and
-  the base model's replies (``chatloop.train.register``); drift into assistant talk shows up here.
+  the base model's replies (``chatloop.train.register``); drift into assistant talk shows up here;
+- document likelihood: the base model's log-likelihood per token of the same replies as the plain
+  continuation of the user's text (the same passes); talk unlikely in both framings shows up here.
 
 Invariants: prompts are held-out contexts the candidate never trained on (the snapshot's
 ``eval_prompts.jsonl``); nothing here decides anything (``chatloop.evaluate.gate`` does).
@@ -27,7 +29,7 @@ import torch
 from chatloop.train.common import Encoded, collate, sample_replies
 from chatloop.train.degenerate import is_degenerate
 from chatloop.train.ppo import token_forward
-from chatloop.train.register import plain_prompt_ids, register_gap
+from chatloop.train.register import framing_logprobs, plain_prompt_ids
 from chatloop.train.relevance import pmi_per_token, summary
 
 TEMPERATURE, TOP_P = 0.7, 0.9  # the serving defaults: judge what users would see
@@ -96,12 +98,15 @@ def judge(candidate, reference, tokenizer, contexts: list[list[dict[str, str]]],
         values["base"] = (values["reference"] if reference_is_base
                           else pmi_per_token(candidate, tokenizer, enc, base_replies))
         plain = [plain_prompt_ids(tokenizer, c, max_prompt_tokens) for c in contexts]
-        gaps = {"candidate": register_gap(candidate, tokenizer, enc, plain, replies["candidate"]),
-                "base": register_gap(candidate, tokenizer, enc, plain, base_replies)}
+        framed = {"candidate": framing_logprobs(candidate, tokenizer, enc, plain, replies["candidate"]),
+                  "base": framing_logprobs(candidate, tokenizer, enc, plain, base_replies)}
+    gaps = {s: [None if f is None else f[0] - f[1] for f in fs] for s, fs in framed.items()}
+    document = {s: [None if f is None else f[1] for f in fs] for s, fs in framed.items()}
     n = len(contexts)
     out: dict[str, Any] = {
         "relevance": _with_paired_difference(values),
         "register": _with_paired_difference(gaps),
+        "document": _with_paired_difference(document),
         "prompts": n,
         "kl_to_base": kl_to_base(candidate, tokenizer, enc, replies["candidate"]),
         "degenerate": {s: sum(is_degenerate(r, eos, p) for r, p in zip(rs, enc)) / n for s, rs in replies.items()},

@@ -16,7 +16,8 @@ Per rollout batch:
 With ``relevance_coef``, step 2's score also loses that much times how far the reply's task
 relevance (the gate's PMI, ``relevance.py``) falls below the first rollout's mean, with
 ``register_coef`` that much times how far its register gap (``register.py``) rises above the first
-rollout's mean, and with ``degenerate_penalty`` that much for a degenerate reply
+rollout's mean, with ``document_coef`` that much times how far its document likelihood falls below
+the first rollout's mean, and with ``degenerate_penalty`` that much for a degenerate reply
 (``degenerate.py``), as RLOO's does.
 
 Invariants: the reference is frozen (the active adapter; None: the base model, the policy under
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from chatloop.train.common import Batch, Encoded, collate, sample_replies, split_lm
 from chatloop.train.degenerate import degenerate_penalty
-from chatloop.train.register import plain_prompt_ids, register_term
+from chatloop.train.register import FramingTerm, plain_prompt_ids
 from chatloop.train.relevance import relevance_penalty
 
 
@@ -142,6 +143,7 @@ class PpoConfig:
     relevance_coef: float = 0.0  # as RlooConfig's: the hinge on the reply's relevance (0 = off)
     degenerate_penalty: float = 0.0  # as RlooConfig's: minus this for a degenerate reply (0 = off)
     register_coef: float = 0.0  # as RlooConfig's: the hinge on the reply's register gap (0 = off)
+    document_coef: float = 0.0  # as RlooConfig's: the hinge on the reply's document likelihood (0 = off)
     seed: int = 0
 
 
@@ -262,14 +264,14 @@ def train_ppo(
     encoded = [list(tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"])[-cfg.max_prompt_tokens:]
                for p in prompts]
-    plain = [plain_prompt_ids(tokenizer, p, cfg.max_prompt_tokens) for p in prompts] if cfg.register_coef else []
+    framing = FramingTerm(cfg.register_coef, cfg.document_coef)  # the register and document hinges
+    plain = [plain_prompt_ids(tokenizer, p, cfg.max_prompt_tokens) for p in prompts] if framing.on else []
     minibatches_per_rollout = math.ceil(cfg.rollout_batch_size / cfg.minibatch_size) * cfg.ppo_epochs
     total = cfg.rollouts * minibatches_per_rollout
     history: list[dict] = []
     t0 = time.perf_counter()
     step = 0
     floor: float | None = None  # the relevance the policy started at (first rollout's mean)
-    start_register: float | None = None  # likewise its register gap
     gen = torch.Generator().manual_seed(cfg.seed)
     for r in range(cfg.rollouts):
         if should_stop():
@@ -289,15 +291,14 @@ def train_ppo(
                     ref_logp, _, _, _ = token_forward(policy, None, batch, cfg.temperature)
             else:
                 ref_logp, _, _, _ = token_forward(reference, None, batch, cfg.temperature)
-            reward_scores, relevance, degenerate, register = scores, None, None, None  # the reward model's, unshaped
+            reward_scores, relevance, degenerate, register, document = scores, None, None, None, None  # unshaped
             if cfg.degenerate_penalty:
                 penalty, degenerate = degenerate_penalty([encoded[i] for i in pick], replies, tokenizer.eos_token_id,
                                                          cfg.degenerate_penalty, device)
                 scores = scores + penalty
-            if cfg.register_coef:
-                penalty, register, start_register = register_term(
-                    policy, tokenizer, [encoded[i] for i in pick], [plain[i] for i in pick], replies, device,
-                    cfg.register_coef, start_register)
+            if framing.on:
+                penalty, register, document = framing(
+                    policy, tokenizer, [encoded[i] for i in pick], [plain[i] for i in pick], replies, device)
                 scores = scores + penalty
             if cfg.relevance_coef:
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
@@ -319,7 +320,7 @@ def train_ppo(
         mean = {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
         shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor} if relevance is not None else {})
         if register is not None:
-            shaping.update(mean_register=float(register.nanmean()), register_floor=start_register)
+            shaping.update(framing.logged(register, document))
         if relevance is not None or degenerate is not None or register is not None:
             shaping["mean_shaped_reward"] = float(scores.mean())
         if degenerate is not None:

@@ -15,10 +15,16 @@ gap against the base model's on the same prompts shows that drift, which neither
 mode the base already has) nor the prompt-reply relevance (talk that names the film fits its
 prompt) sees.
 
+The same two passes give the reply's **document likelihood**: the base model's log-likelihood per
+reply token as the plain continuation of the user's text. Talk that the base model finds unlikely in
+both framings keeps its gap (a DPO candidate's did) but loses document likelihood: as a plain
+continuation it is a worse text than the base model's own replies (docs/LOG.md 2026-12-05, evening).
+
 Also owns ``unassuming_thumbs``: which thumbed replies KTO learns from when liked replies far more
 assistant-like than the disliked ones are left out (``kto_register_margin``; off by default), and
-the register hinge RLOO's and PPO's rewards can carry (``register_penalty``: a sampled reply loses
-``coef`` x how far its gap rises above where the policy started; nothing below it).
+the hinges RLOO's and PPO's rewards can carry (``framing_term``): a sampled reply loses
+``register_coef`` x how far its gap rises above where the policy started and ``document_coef`` x how
+far its document likelihood falls below where the policy started; nothing on the other side.
 
 Invariants: always the *base* model's probabilities (as for relevance); the chat prompt is the
 tokens the reply was sampled after; the plain prompt is cut from the left to the same budget;
@@ -28,6 +34,7 @@ empty replies are left out (None), not counted as zero.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,34 +51,48 @@ def plain_prompt_ids(tokenizer, context: Sequence[dict[str, str]], max_tokens: i
     return ids[-max_tokens:] if max_tokens > 0 else ids
 
 
-def register_gap(base_model, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
-                 replies: Sequence[list[int]], batch_size: int = 8) -> list[float | None]:
-    """Each reply's chat-over-plain log-likelihood per token under ``base_model`` (None for an
-    empty reply); ``base_model`` is the base model (a PeftModel inside ``disable_adapter()`` is)."""
+def framing_logprobs(base_model, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
+                     replies: Sequence[list[int]], batch_size: int = 8) -> list[tuple[float, float] | None]:
+    """Each reply's log-likelihood per token under ``base_model`` after its chat prompt and after its
+    plain prompt, as (chat, plain) (None for an empty reply); ``base_model`` is the base model (a
+    PeftModel inside ``disable_adapter()`` is)."""
     eos = tokenizer.eos_token_id
     keep = [i for i, r in enumerate(replies) if any(t != eos for t in r)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     chat = reply_logprobs(base_model, pad, [Encoded(list(chat_prompts[i]), list(replies[i])) for i in keep], batch_size)
     plain = reply_logprobs(base_model, pad, [Encoded(list(plain_prompts[i]), list(replies[i])) for i in keep],
                            batch_size)
-    out: list[float | None] = [None] * len(replies)
+    out: list[tuple[float, float] | None] = [None] * len(replies)
     for i, a, b in zip(keep, chat, plain):
-        out[i] = (a - b) / len(replies[i])
+        out[i] = (a / len(replies[i]), b / len(replies[i]))
     return out
 
 
-def sampled_register(policy, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
-                     replies: Sequence[list[int]], device, batch_size: int = 8) -> torch.Tensor:
-    """``register_gap`` of replies the policy sampled, under the base model (the policy with its
-    adapter disabled), as a tensor with NaN for an empty reply."""
+def register_gap(base_model, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
+                 replies: Sequence[list[int]], batch_size: int = 8) -> list[float | None]:
+    """Each reply's chat-over-plain log-likelihood per token under ``base_model`` (None for an
+    empty reply); ``base_model`` is the base model (a PeftModel inside ``disable_adapter()`` is)."""
+    return [None if f is None else f[0] - f[1]
+            for f in framing_logprobs(base_model, tokenizer, chat_prompts, plain_prompts, replies, batch_size)]
+
+
+def sampled_framing(policy, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
+                    replies: Sequence[list[int]], device, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The register gaps and document likelihoods (``framing_logprobs``) of
+    replies the policy sampled, under the base model (the policy with its adapter disabled), as two
+    tensors with NaN for an empty reply."""
     with policy.disable_adapter():
-        gaps = register_gap(policy, tokenizer, chat_prompts, plain_prompts, replies, batch_size)
-    return torch.tensor([float("nan") if g is None else g for g in gaps], dtype=torch.float, device=device)
+        framed = framing_logprobs(policy, tokenizer, chat_prompts, plain_prompts, replies, batch_size)
+    nan = float("nan")
+    register = torch.tensor([nan if f is None else f[0] - f[1] for f in framed], dtype=torch.float, device=device)
+    document = torch.tensor([nan if f is None else f[1] for f in framed], dtype=torch.float, device=device)
+    return register, document
 
 
 def register_floor(register: torch.Tensor) -> float | None:
-    """Where the policy started: the mean gap of its first rollout's measured (non-empty) replies;
-    None while none was measured (a rollout of empty replies leaves the start for the next one)."""
+    """Where the policy started: the mean of its first rollout's measured (non-empty) replies (a
+    register gap or a document likelihood); None while none was measured (a rollout of empty replies
+    leaves the start for the next one)."""
     measured = register[~register.isnan()]
     return float(measured.mean()) if measured.numel() else None
 
@@ -83,17 +104,47 @@ def register_penalty(register: torch.Tensor, floor: float, coef: float) -> torch
     return -coef * (register - floor).clamp(min=0.0).nan_to_num(0.0)
 
 
-def register_term(policy, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
-                  replies: Sequence[list[int]], device, coef: float,
-                  floor: float | None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-    """What the hinge takes from each sampled reply's reward, the replies' gaps (``sampled_register``)
-    and the floor: ``floor``, or where the policy starts (this batch's mean) when None; while no
-    reply has been measured the floor stays None and nothing is taken."""
-    register = sampled_register(policy, tokenizer, chat_prompts, plain_prompts, replies, device)
-    floor = register_floor(register) if floor is None else floor
-    if floor is None:
-        return torch.zeros_like(register), register, None
-    return register_penalty(register, floor, coef), register, floor
+def document_penalty(document: torch.Tensor, floor: float, coef: float) -> torch.Tensor:
+    """Minus ``coef`` x how far each reply's document likelihood falls below ``floor``; nothing at or
+    above it, nothing for an empty reply (NaN)."""
+    return -coef * (floor - document).clamp(min=0.0).nan_to_num(0.0)
+
+
+@dataclass
+class FramingTerm:
+    """The register and document hinges of one training run: each floor is where the policy
+    started (the first measured rollout's mean), kept for the rest of the run; while no reply has
+    been measured a floor stays None and its hinge takes nothing. A coefficient of 0 is off."""
+
+    register_coef: float
+    document_coef: float
+    register_floor: float | None = None
+    document_floor: float | None = None
+
+    @property
+    def on(self) -> bool:
+        return bool(self.register_coef or self.document_coef)
+
+    def __call__(self, policy, tokenizer, chat_prompts: Sequence[list[int]], plain_prompts: Sequence[list[int]],
+                 replies: Sequence[list[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the hinges take from each sampled reply's reward, and the replies' register gaps and
+        document likelihoods (``sampled_framing``)."""
+        register, document = sampled_framing(policy, tokenizer, chat_prompts, plain_prompts, replies, device)
+        if self.register_floor is None:
+            self.register_floor = register_floor(register)
+        if self.document_floor is None:
+            self.document_floor = register_floor(document)
+        penalty = torch.zeros_like(register)
+        if self.register_coef and self.register_floor is not None:
+            penalty = penalty + register_penalty(register, self.register_floor, self.register_coef)
+        if self.document_coef and self.document_floor is not None:
+            penalty = penalty + document_penalty(document, self.document_floor, self.document_coef)
+        return penalty, register, document
+
+    def logged(self, register: torch.Tensor, document: torch.Tensor) -> dict[str, float | None]:
+        """What a training step logs of the two (means over the measured replies, and the floors)."""
+        return {"mean_register": float(register.nanmean()), "register_floor": self.register_floor,
+                "mean_document": float(document.nanmean()), "document_floor": self.document_floor}
 
 
 def unassuming_thumbs(values: Sequence[float | None], liked: Sequence[bool], margin: float,

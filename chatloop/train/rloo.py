@@ -11,7 +11,8 @@ Per step:
 2. the reward model scores every (prompt, reply) once; optionally shaped: minus ``relevance_coef``
    times how far the reply's relevance falls below the first step's mean, minus ``register_coef``
    times how far its register gap (``register.py``: assistant talk against the task's own text)
-   rises above the first step's mean, minus ``degenerate_penalty`` for a degenerate reply
+   rises above the first step's mean, minus ``document_coef`` times how far its document
+   likelihood (``register.py``) falls below the first step's mean, minus ``degenerate_penalty`` for a degenerate reply
    (``degenerate.py``: what the gate counts);
 3. reward = score - beta * sum_t (log pi_old(y_t) - log ref(y_t)) (the first-order KL estimate
    summed over the reply, as TRL's RLOO: a reward penalty, not a loss term);
@@ -41,7 +42,7 @@ import torch
 from chatloop.train.common import Encoded, collate_groups, grouped_token_logprobs, sample_replies
 from chatloop.train.degenerate import degenerate_penalty
 from chatloop.train.ppo import masked_mean
-from chatloop.train.register import plain_prompt_ids, register_term
+from chatloop.train.register import FramingTerm, plain_prompt_ids
 from chatloop.train.relevance import relevance_penalty
 
 
@@ -98,6 +99,10 @@ class RlooConfig:
     # minus this times how far each reply's register gap (nats/token, chatloop/train/register.py) rises
     # above the first step's mean: the raters' taste for upbeat assistant talk whatever the task asked
     register_coef: float = 0.0
+    # minus this times how far each reply's document likelihood (the base model's log-likelihood per token
+    # of the reply as the plain continuation of the user's text, register.py) falls below the first step's
+    # mean: talk the base model finds unlikely in both framings games the register gap, not this
+    document_coef: float = 0.0
     seed: int = 0
 
 
@@ -152,14 +157,14 @@ def train_rloo(
     encoded = [list(tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"])[-cfg.max_prompt_tokens:]
                for p in prompts]
-    plain = [plain_prompt_ids(tokenizer, p, cfg.max_prompt_tokens) for p in prompts] if cfg.register_coef else []
+    framing = FramingTerm(cfg.register_coef, cfg.document_coef)  # the register and document hinges
+    plain = [plain_prompt_ids(tokenizer, p, cfg.max_prompt_tokens) for p in prompts] if framing.on else []
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     history: list[dict] = []
     t0 = time.perf_counter()
     seen = 0
     floor: float | None = None  # the relevance the policy started at (first step's mean)
-    start_register: float | None = None  # likewise its register gap
     for step in range(cfg.steps):
         if should_stop():
             raise InterruptedError("training cancelled")
@@ -190,15 +195,14 @@ def train_rloo(
                 ref_lp, _, _ = logps(reference, everyone)
             seq_kl = ((old_lp - ref_lp) * mask).sum(dim=1)
             reward_scores = scores  # the reward model's (logged), before the shaping terms
-            relevance, degenerate, register = None, None, None
+            relevance, degenerate, register, document = None, None, None, None
             if cfg.degenerate_penalty:
                 penalty, degenerate = degenerate_penalty([encoded[i] for i in rows], replies, tokenizer.eos_token_id,
                                                          cfg.degenerate_penalty, device)
                 scores = scores + penalty
-            if cfg.register_coef:
-                penalty, register, start_register = register_term(
-                    policy, tokenizer, [encoded[i] for i in rows], [plain[i] for i in rows], replies, device,
-                    cfg.register_coef, start_register)
+            if framing.on:
+                penalty, register, document = framing(
+                    policy, tokenizer, [encoded[i] for i in rows], [plain[i] for i in rows], replies, device)
                 scores = scores + penalty
             if cfg.relevance_coef:
                 reusable = reference is None and cfg.temperature == 1.0  # the reference pass was the base's at T = 1
@@ -230,7 +234,7 @@ def train_rloo(
         grouped = reward_scores.view(-1, cfg.k)
         shaping = ({"mean_relevance": float(relevance.mean()), "relevance_floor": floor} if relevance is not None else {})
         if register is not None:
-            shaping.update(mean_register=float(register.nanmean()), register_floor=start_register)
+            shaping.update(framing.logged(register, document))
         if relevance is not None or degenerate is not None or register is not None:
             shaping["mean_shaped_reward"] = float(scores.mean())
         if degenerate is not None:
