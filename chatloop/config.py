@@ -162,9 +162,11 @@ class TrainingDefaults:
     rloo_register_coef: float = 5.0
     # minus this times how far each sampled reply's document likelihood (the base model's log-likelihood per
     # token of the reply as the plain continuation of the user's text, train/register.py) falls below where
-    # the policy started: in an unattended loop RLOO gamed the register hinge with talk the base model
-    # finds unlikely in both framings (document likelihood 0.38 below base's replies; docs/LOG.md
-    # 2026-12-05, evening; 0 = off)
+    # the policy started (0 = off). Tried at 2 against the talk that gamed the register hinge (0.38 below
+    # base's replies as a document): in three unattended rounds RLOO learned talk the base model finds as
+    # likely as its own replies (61, 101, 123 of 150 replies addressing the reader; document likelihood
+    # -0.09, -0.01, +0.07 vs base), every round rejected on relevance; so it stays off (docs/LOG.md
+    # 2026-12-05, evening)
     rloo_document_coef: float = 0.0
     # the promotion gate (see chatloop/evaluate.py); judged on held-out prompts in the child
     gate_prompts: int = 32  # held-out prompts both sides answer (0 = no behavioural checks); 16 left the
@@ -197,7 +199,8 @@ class TrainingDefaults:
     # plain continuation of the user's text, train/register.py) may fall at most this much below the base
     # model's own replies' on the same prompts (0 = reported, not checked). On the held-out replies of real
     # sentiment candidates (first 32 prompts): DPO's talk -0.23, the loop's RLOO rounds (talk, drift)
-    # -0.28 to -0.49; review text +0.03 (RLOO with the register hinge) and +0.10 (PPO); paired SE 0.06-0.08
+    # -0.28 to -0.49; review text +0.03 (RLOO with the register hinge) and +0.10 (PPO); paired SE 0.06-0.08.
+    # Weak at 32 prompts: the same DPO re-run measured -0.115 ± 0.095 on the gate's own 32 and passed
     # (docs/LOG.md 2026-12-05, evening)
     gate_max_document_drop: float = 0.15
     gate_live_votes: int = 0  # >0: a candidate that passes goes into live A/B comparison first and is

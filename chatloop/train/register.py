@@ -18,11 +18,13 @@ prompt) sees.
 The same two passes give the reply's **document likelihood**: the base model's log-likelihood per
 reply token as the plain continuation of the user's text. Talk that the base model finds unlikely in
 both framings keeps its gap (a DPO candidate's did) but loses document likelihood: as a plain
-continuation it is a worse text than the base model's own replies (docs/LOG.md 2026-12-05, evening).
+continuation it is a worse text than the base model's own replies. Both are the base model's
+likelihoods, so a policy paid on them finds talk that passes them (RLOO did, with either hinge):
+they check what a trainer did not optimise (docs/LOG.md 2026-12-05, evening).
 
 Also owns ``unassuming_thumbs``: which thumbed replies KTO learns from when liked replies far more
 assistant-like than the disliked ones are left out (``kto_register_margin``; off by default), and
-the hinges RLOO's and PPO's rewards can carry (``framing_term``): a sampled reply loses
+the hinges RLOO's and PPO's rewards can carry (``FramingTerm``): a sampled reply loses
 ``register_coef`` x how far its gap rises above where the policy started and ``document_coef`` x how
 far its document likelihood falls below where the policy started; nothing on the other side.
 
