@@ -142,7 +142,11 @@ class TrainingDefaults:
     rloo_beta: float = 0.05  # KL penalty per nat of sequence log-ratio to the reference
     rloo_max_new_tokens: int = 48
     rloo_normalize_advantages: bool = False
-    rloo_temperature: float = 1.0  # as ppo_temperature
+    # the rollouts' sampling temperature (their log-probs use the same): at the serving 0.7 the relevance and
+    # register hinges measure the replies users would see; one cycle on the sentiment log gained +20.0 ± 4.8
+    # with review text (24 of 150 replies addressing the reader, base 26) in 18.2 min, against +18.0 ± 5.2
+    # at 1 (docs/LOG.md 2026-12-05, evening)
+    rloo_temperature: float = 0.7
     # minus this times how far each sampled reply's task relevance (the gate's PMI, nats/token) falls below
     # where the policy started, in its reward: at 0 RLOO at lr 1e-3 learned its reward model's taste for
     # upbeat assistant talk (relevance 0.21 vs base 0.59, rejected); at 5, +29 points on topic, promoted
@@ -200,9 +204,11 @@ class TrainingDefaults:
     # model's own replies' on the same prompts (0 = reported, not checked). On the held-out replies of real
     # sentiment candidates (first 32 prompts): DPO's talk -0.23, the loop's RLOO rounds (talk, drift)
     # -0.28 to -0.49; review text +0.03 (RLOO with the register hinge) and +0.10 (PPO); paired SE 0.06-0.08.
-    # Weak at 32 prompts: the same DPO re-run measured -0.115 ± 0.095 on the gate's own 32 and passed
+    # But in real cycles it judged the wrong way round at the gate's 32 prompts: the same DPO talk re-run
+    # measured -0.115 ± 0.095 (would pass 0.15), an RLOO candidate writing review text -0.196 ± 0.083 (would
+    # fail). So it is reported, not checked, by default; 0.15 is the limit the fixtures support
     # (docs/LOG.md 2026-12-05, evening)
-    gate_max_document_drop: float = 0.15
+    gate_max_document_drop: float = 0.0
     gate_live_votes: int = 0  # >0: a candidate that passes goes into live A/B comparison first and is
     #                           promoted only if it wins at least half of this many votes (ties half)
 

@@ -39,7 +39,8 @@ A candidate is promoted only when every check passes:
    continuation of the user's text, ``chatloop.train.register``) falls at most
    ``gate_max_document_drop`` below the base model's own replies' on the same prompts: talk (or
    drift) the base model finds unlikely as a chat turn too keeps its register but loses this.
-   With the limit at 0 the figure is reported, not checked.
+   With the limit at 0 (the default: at 32 prompts it judged two real candidates the wrong way
+   round) the figure is reported, not checked.
 
 Invariant: the verdict (structured checks, see ``Verdict``) is returned for the caller to store;
 nothing here activates anything, and nobody parses its text back.

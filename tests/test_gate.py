@@ -40,7 +40,7 @@ def worse(path: str, value):
 def test_a_good_candidate_passes_every_check():
     v = gate(GOOD)
     assert v.promote and v.checks == {"accuracy": True, "win_rate": True, "kl": True, "degenerate": True,
-                                      "relevance": True, "register": True, "document": True}
+                                      "relevance": True, "register": True, "document": None}
     assert "0.75 of 8 held-out prompts" in v.summary and "KL to base 0.050" in v.summary
 
 
@@ -130,23 +130,24 @@ def test_register_is_checked_against_its_limit_and_only_reported_at_zero():
     assert v.promote and v.checks["register"] is None and "not checked" in v.summary
 
 
-def test_document_likelihood_is_checked_against_its_limit_and_only_reported_at_zero():
+def test_document_likelihood_is_reported_by_default_and_checked_against_a_limit():
     """The paired fall of the replies' document likelihood (candidate minus base on the same
-    prompts): below minus the limit (0.15 by default) rejects, a rise never does; a judge that did
-    not report it leaves the check unmeasured; a limit of 0 reports it without a verdict."""
+    prompts): reported without a verdict by default (limit 0); with a limit, a fall below minus it
+    rejects and a rise never does; a judge that did not report it leaves the check unmeasured."""
     talk = worse("judge.document.paired_difference", {"mean": -0.23, "se": 0.074, "replies": 32})
     v = gate(talk)
-    assert not v.promote and v.checks["document"] is False and "< -0.15" in v.summary
+    assert v.promote and v.checks["document"] is None and "not checked" in v.summary
     assert "document likelihood -0.230 ± 0.074 nats/token" in v.summary
+    checked = TrainingDefaults(gate_max_document_drop=0.15)
+    v = gate(talk, checked)
+    assert not v.promote and v.checks["document"] is False and "< -0.15" in v.summary
     assert [k for k, ok in v.checks.items() if ok is False] == ["document"]
-    assert gate(worse("judge.document.paired_difference", {"mean": -0.14, "se": 0.07, "replies": 32})).promote
-    assert gate(worse("judge.document.paired_difference", {"mean": 0.9, "se": 0.07, "replies": 32})).promote
+    assert gate(worse("judge.document.paired_difference", {"mean": -0.14, "se": 0.07, "replies": 32}), checked).promote
+    assert gate(worse("judge.document.paired_difference", {"mean": 0.9, "se": 0.07, "replies": 32}), checked).promote
     unmeasured = copy.deepcopy(GOOD)
     del unmeasured["judge"]["document"]  # a judge of before the check
-    v = gate(unmeasured)
+    v = gate(unmeasured, checked)
     assert v.promote and v.checks["document"] is None
-    v = gate(talk, TrainingDefaults(gate_max_document_drop=0))
-    assert v.promote and v.checks["document"] is None and "not checked" in v.summary
 
 
 def test_non_finite_loss_and_missing_measurements():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -186,17 +188,19 @@ def test_the_gates_register_limit_passes_review_text_and_rejects_talk(fixture_ga
 
 
 @pytest.mark.slow
-def test_the_gates_document_limit_rejects_talk_its_register_let_through(fixture_gaps):
+def test_a_document_limit_rejects_the_talk_the_register_let_through(fixture_gaps):
     """A DPO candidate of the same log learned upbeat assistant talk (79 of 150 replies address the
     reader) that the base model finds unlikely in both framings: its register stays within the
-    limit, its document likelihood falls far below the base's replies'. The default
-    ``gate_max_document_drop`` rejects it and passes the RLOO candidate's review text, on all 60
-    stored prompts and on the first 32; with both checks, both talk candidates are rejected."""
+    limit, its document likelihood falls far below the base's replies'. A
+    ``gate_max_document_drop`` of 0.15 rejects it and passes the RLOO candidate's review text, on all 60
+    stored prompts and on the first 32; with both checks, both talk candidates are rejected. (Off by
+    default: in real cycles at the gate's 32 prompts it passed this DPO talk and failed an RLOO
+    candidate's review text; docs/LOG.md 2026-12-05, evening.)"""
     from chatloop.config import Settings
     from chatloop.evaluate import document_check, register_check
 
-    t = Settings().training
-    assert t.gate_max_document_drop > 0  # checked by default
+    assert Settings().training.gate_max_document_drop == 0  # reported, not checked, by default
+    t = dataclasses.replace(Settings().training, gate_max_document_drop=0.15)
     for first in (None, 32):
         checks = {name: (register_check({"paired_difference": _paired(fixture_gaps[name][1], first)}, t),
                          document_check({"paired_difference": _paired(fixture_gaps[name][2], first)}, t))
