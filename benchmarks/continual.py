@@ -19,8 +19,8 @@ likes), ``lift_se`` (the paired SE, in points, of the change from the version se
 ``verdict`` and ``promoted``, ``candidate_liked_pct`` (the candidate's own share, promoted or not),
 ``kl_to_base``, ``relevance`` and ``register`` (the gate's measurements: candidate's and base
 model's task relevance, the register's shift toward assistant talk), ``document`` (the candidate's
-document likelihood against base, the gate's check of talk unlikely in both framings), ``mean_tokens``, ``served_version``, ``cycle_s``, ``simulate_s``, ``evaluate_s``, and a
-few held-out replies to read. At the end: ``base_liked_pct``, ``final_liked_pct``,
+document likelihood against base: talk unlikely in both framings), ``mean_tokens``,
+``served_version``, ``cycle_s``, ``simulate_s``, ``evaluate_s``, and a few held-out replies to read. At the end: ``base_liked_pct``, ``final_liked_pct``,
 ``total_lift_points``, ``regressions_promoted`` (promoted rounds whose candidate scored more than
 one SE below the version it replaced), ``drops_beyond_one_se`` (rounds that ended more than one SE
 below the round before) and ``wall_s``. A plot of the liked share, KL and relevance per round goes
