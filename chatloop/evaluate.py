@@ -162,40 +162,40 @@ def gate(metrics: dict[str, Any], t: TrainingDefaults | None = None) -> Verdict:
         document_check(judged.get("document"), t))
 
 
+def _paired_shift_check(name: str, label: str, paired: dict[str, Any], framing: str, limit: float, setting: str,
+                        upward: bool, held: str, lost: str) -> Check:
+    """A candidate-minus-base figure over the same prompts (``paired``: mean, se, replies) against
+    ``limit``: at most that far above base (``upward``) or below it; reported without a verdict when
+    the limit is 0. ``held``/``lost`` say what passing or failing means for the replies."""
+    shift, se = paired.get("mean"), paired.get("se")
+    if shift is None:
+        return Check(name, None, f"{label} not measured (no non-empty replies)")
+    figure = (f"{label} {shift:+.3f} ± {se or 0.0:.3f} nats/token against the base model's replies over "
+              f"{paired.get('replies')} prompts ({framing}")
+    if limit <= 0:
+        return Check(name, None, f"{figure}; not checked: {setting} = 0)", shift)
+    ok = shift <= limit if upward else shift >= -limit
+    bound = f"{'<=' if ok else '>'} {limit:g}" if upward else f"{'>=' if ok else '<'} -{limit:g}"
+    return Check(name, ok, f"{figure}, {bound}; replies {held if ok else lost})", shift, limit if upward else -limit)
+
+
 def document_check(doc: dict[str, Any] | None, t: TrainingDefaults) -> Check:
     """The candidate's document likelihood against the base model's replies to the same prompts
     (paired): at most ``gate_max_document_drop`` below it; reported without a verdict when the limit
     is 0, and not measured for a judge that did not report it."""
-    paired = (doc or {}).get("paired_difference") or {}
-    shift, se = paired.get("mean"), paired.get("se")
-    if shift is None:
-        return Check("document", None, "document likelihood not measured (no non-empty replies)")
-    figure = (f"document likelihood {shift:+.3f} ± {se or 0.0:.3f} nats/token against the base model's replies "
-              f"over {paired.get('replies')} prompts (each reply as the plain continuation of the user's text")
-    limit = t.gate_max_document_drop
-    if limit <= 0:
-        return Check("document", None, f"{figure}; not checked: gate_max_document_drop = 0)", shift)
-    ok = shift >= -limit
-    return Check("document", ok, f"{figure}, {'>=' if ok else '<'} -{limit:g}; replies "
-                                 f"{'read' if ok else 'do not read'} as well as the base model's as a continuation)",
-                 shift, -limit)
+    return _paired_shift_check("document", "document likelihood", (doc or {}).get("paired_difference") or {},
+                               "each reply as the plain continuation of the user's text", t.gate_max_document_drop,
+                               "gate_max_document_drop", False, "read as well as the base model's as a continuation",
+                               "do not read as well as the base model's as a continuation")
 
 
 def register_check(reg: dict[str, Any] | None, t: TrainingDefaults) -> Check:
     """The candidate's register against the base model's replies to the same prompts (paired): at
     most ``gate_max_register_shift`` above it; reported without a verdict when the limit is 0."""
-    paired = (reg or {}).get("paired_difference") or {}
-    shift, se = paired.get("mean"), paired.get("se")
-    if shift is None:
-        return Check("register", None, "register not measured (no non-empty replies)")
-    figure = (f"register {shift:+.3f} ± {se or 0.0:.3f} nats/token against the base model's replies over "
-              f"{paired.get('replies')} prompts (chat over plain-document likelihood")
-    limit = t.gate_max_register_shift
-    if limit <= 0:
-        return Check("register", None, f"{figure}; not checked: gate_max_register_shift = 0)", shift)
-    ok = shift <= limit
-    return Check("register", ok, f"{figure}, {'<=' if ok else '>'} {limit:g}; replies "
-                                 f"{'keep' if ok else 'drift from'} the base model's register)", shift, limit)
+    return _paired_shift_check("register", "register", (reg or {}).get("paired_difference") or {},
+                               "chat over plain-document likelihood", t.gate_max_register_shift,
+                               "gate_max_register_shift", True, "keep the base model's register",
+                               "drift from the base model's register")
 
 
 def relevance_check(rel: dict[str, Any] | None, t: TrainingDefaults) -> Check:
