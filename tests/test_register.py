@@ -10,7 +10,7 @@ import torch
 from chatloop.models import load_model
 from chatloop.train import register
 from chatloop.train.register import (FramingTerm, document_penalty, framing_logprobs, plain_prompt_ids,
-                                     register_floor, register_gap, register_penalty, sampled_framing)
+                                     register_gap, register_penalty, sampled_framing, starting_mean)
 
 CONTEXT = [{"role": "user", "content": "Continue this movie review: The film opens on"}]
 
@@ -55,16 +55,16 @@ def test_the_gap_is_chat_minus_plain_log_likelihood_per_reply_token(tiny):
 
 def test_the_register_hinge_penalises_only_rising_above_the_start():
     gaps = torch.tensor([0.1, 0.3, float("nan"), 0.5, -0.2])
-    floor = register_floor(gaps)  # the measured replies' mean; an empty one (NaN) is left out
+    floor = starting_mean(gaps)  # the measured replies' mean; an empty one (NaN) is left out
     assert floor == pytest.approx(0.175)
     got = register_penalty(gaps, 0.2, 4.0)
     assert got.tolist() == pytest.approx([0.0, -0.4, 0.0, -1.2, 0.0])  # 4 x (0.3 - 0.2), 4 x (0.5 - 0.2)
-    assert register_floor(torch.tensor([float("nan")])) is None  # nothing measured: no start yet
+    assert starting_mean(torch.tensor([float("nan")])) is None  # nothing measured: no start yet
 
 
 def test_the_document_hinge_penalises_only_falling_below_the_start():
     docs = torch.tensor([-2.0, -2.5, float("nan"), -1.0])
-    assert register_floor(docs) == pytest.approx(-11 / 6)  # the same start rule as the register's
+    assert starting_mean(docs) == pytest.approx(-11 / 6)  # the same start rule as the register's
     assert document_penalty(docs, -2.0, 3.0).tolist() == pytest.approx([0.0, -1.5, 0.0, 0.0])  # 3 x 0.5
 
 

@@ -91,11 +91,11 @@ def sampled_framing(policy, tokenizer, chat_prompts: Sequence[list[int]], plain_
     return register, document
 
 
-def register_floor(register: torch.Tensor) -> float | None:
+def starting_mean(values: torch.Tensor) -> float | None:
     """Where the policy started: the mean of its first rollout's measured (non-empty) replies (a
     register gap or a document likelihood); None while none was measured (a rollout of empty replies
     leaves the start for the next one)."""
-    measured = register[~register.isnan()]
+    measured = values[~values.isnan()]
     return float(measured.mean()) if measured.numel() else None
 
 
@@ -133,9 +133,9 @@ class FramingTerm:
         document likelihoods (``sampled_framing``)."""
         register, document = sampled_framing(policy, tokenizer, chat_prompts, plain_prompts, replies, device)
         if self.register_floor is None:
-            self.register_floor = register_floor(register)
+            self.register_floor = starting_mean(register)
         if self.document_floor is None:
-            self.document_floor = register_floor(document)
+            self.document_floor = starting_mean(document)
         penalty = torch.zeros_like(register)
         if self.register_coef and self.register_floor is not None:
             penalty = penalty + register_penalty(register, self.register_floor, self.register_coef)
